@@ -1,0 +1,107 @@
+"""The ``rir-finetune`` command line: train, eval, and the data-preparation commands.
+
+Every command takes ``--config FILE`` (YAML or JSON) and any config key as ``--key value``; the command-line value
+wins. Errors in user input print one line (``error: ...``) and exit with code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from rir_finetune.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune bi-encoder retrievers with the Reinforced-IR objective.",
+)
+data_app = typer.Typer(no_args_is_help=True, help="Build training data: `data from-beir`, `data get`.")
+app.add_typer(data_app, name="data")
+
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or JSON config file; --key value overrides it.")
+
+
+@app.command(context_settings=_EXTRA)
+def train(ctx: typer.Context, config: str = ConfigOpt):
+    """Fine-tune a retriever. Keys: FlagEmbedding's names plus every transformers.TrainingArguments field."""
+    from rir_finetune.train import run_train
+
+    run_train(config, ctx.args)
+
+
+@app.command(name="eval", context_settings=_EXTRA)
+def eval_(ctx: typer.Context, config: str = ConfigOpt):
+    """Score a retriever on BEIR-layout data: --model DIR --data DATA_DIR --split test --output_dir OUT."""
+    from rir_finetune.evaluation.run import run_eval
+
+    run_eval(config, ctx.args)
+
+
+@app.command(context_settings=_EXTRA)
+def mine(ctx: typer.Context, config: str = ConfigOpt):
+    """Add hard negatives to training records: --input IN --output OUT --model DIR|bm25 --negatives N."""
+    from rir_finetune.prep.mine import run_mine
+
+    run_mine(config, ctx.args)
+
+
+@app.command(context_settings=_EXTRA)
+def score(ctx: typer.Context, config: str = ConfigOpt):
+    """Add teacher scores (pos_scores / neg_scores) from a cross-encoder or bi-encoder."""
+    from rir_finetune.prep.score import run_score
+
+    run_score(config, ctx.args)
+
+
+@app.command(context_settings=_EXTRA)
+def augment(ctx: typer.Context, config: str = ConfigOpt):
+    """Add an LLM-written answer to every record from a local causal language model."""
+    from rir_finetune.prep.augment import run_augment
+
+    run_augment(config, ctx.args)
+
+
+@data_app.command("from-beir", context_settings=_EXTRA)
+def data_from_beir(ctx: typer.Context, config: str = ConfigOpt):
+    """Training records (query + judged positives) from BEIR data: DATA_DIR --split train --out train.jsonl."""
+    from rir_finetune.prep.beir import run_from_beir
+
+    run_from_beir(config, ctx.args)
+
+
+@data_app.command("get", context_settings=_EXTRA)
+def data_get(ctx: typer.Context, config: str = ConfigOpt):
+    """Download a BEIR dataset by name: NAME --out DIR."""
+    from rir_finetune.prep.beir import run_get
+
+    run_get(config, ctx.args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning :class:`UserError` into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors and the like
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()
