@@ -1,0 +1,64 @@
+"""Result files, each written atomically (temporary file in the same folder, then rename).
+
+- ``metrics.json``: flat ``{"ndcg@10": 0.6451, ...}``;
+- ``metrics.md``: a Markdown table, one row per metric, one column per cut-off;
+- ``run.trec``: ``qid Q0 docid rank score run_name``, one line per retrieved document.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from rir_finetune.evaluation.metrics import METRICS, trec_order
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_metrics_json(path: str | Path, metrics: dict[str, float]) -> None:
+    atomic_write(path, lambda f: f.write(json.dumps(metrics, indent=2) + "\n"))
+
+
+def metrics_table(metrics: dict[str, float], title: str = "") -> str:
+    """Markdown: rows nDCG, MAP, Recall, Precision, MRR; columns @k for every k present."""
+    ks = sorted({int(name.split("@")[1]) for name in metrics if "@" in name})
+    labels = {"ndcg": "nDCG", "map": "MAP", "recall": "Recall", "precision": "Precision", "mrr": "MRR"}
+    lines = [f"# {title}", ""] if title else []
+    lines.append("| metric | " + " | ".join(f"@{k}" for k in ks) + " |")
+    lines.append("|---|" + "---:|" * len(ks))
+    for metric in METRICS:
+        cells = [f"{metrics[f'{metric}@{k}']:.4f}" if f"{metric}@{k}" in metrics else "" for k in ks]
+        if any(cells):
+            lines.append(f"| {labels[metric]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics_md(path: str | Path, metrics: dict[str, float], title: str = "") -> None:
+    atomic_write(path, lambda f: f.write(metrics_table(metrics, title)))
+
+
+def write_trec_run(path: str | Path, run: dict[str, dict[str, float]], run_name: str = "rir-finetune") -> None:
+    """One line per hit, ranks from 1 in trec_eval's order (score descending, ties by doc id descending)."""
+
+    def write(f: IO) -> None:
+        for qid in sorted(run):
+            for rank, (doc_id, score) in enumerate(trec_order(run[qid]), start=1):
+                f.write(f"{qid} Q0 {doc_id} {rank} {score:.9g} {run_name}\n")
+
+    atomic_write(path, write)

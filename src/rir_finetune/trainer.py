@@ -1,0 +1,133 @@
+"""The Trainer: ``compute_loss`` runs the model once and the objectives once, and logs every named term."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from transformers import Trainer
+
+from rir_finetune import distributed
+from rir_finetune.arguments import ObjectiveArguments
+from rir_finetune.errors import UserError
+from rir_finetune.model import BiEncoder
+from rir_finetune.objectives import compute_objectives
+from rir_finetune.saving import save_encoder
+from rir_finetune.sampler import GroupedBatchSampler
+
+
+class NonFiniteLossError(UserError):
+    """Training stopped on a NaN or infinite loss; the last saved checkpoint is kept."""
+
+
+class RIRTrainer(Trainer):
+    def __init__(
+        self,
+        *args: Any,
+        objective_args: ObjectiveArguments,
+        batch_sampler: GroupedBatchSampler,
+        save_info: dict[str, Any],
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.objective_args = objective_args
+        self.batch_sampler = batch_sampler
+        self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
+        self._term_sums: dict[str, float] = {}
+        self._term_count = 0
+
+    # -- data ------------------------------------------------------------------------------------------------------
+
+    def get_train_dataloader(self) -> DataLoader:
+        """Our batch sampler already shards across ranks; accelerate must not shard it again."""
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.batch_sampler,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor if self.args.dataloader_num_workers > 0 else None,
+        )
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not None and getattr(shard, "batch_sampler", None) is self.batch_sampler:
+            shard.num_processes, shard.process_index = 1, 0
+        return prepared
+
+    # -- loss ------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reps = model(**inputs)
+        out = compute_objectives(
+            reps.q_reps,
+            reps.p_reps,
+            self.objective_args,
+            a_reps=reps.a_reps,
+            a_cand_reps=reps.a_cand_reps,
+            teacher_scores=inputs.get("teacher_scores"),
+            in_batch=self.objective_args.use_in_batch_negatives and not inputs.get("no_in_batch_neg", False),
+        )
+        values = {k: float(v.detach()) for k, v in out.terms.items()}
+        for name, value in values.items():
+            if not math.isfinite(value):
+                raise NonFiniteLossError(
+                    f"{name} became {value} at step {self.state.global_step + 1}; training stopped, the last "
+                    f"checkpoint in {self.args.output_dir} is kept (lower learning_rate or raise temperature)"
+                )
+        for name, value in values.items():
+            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        self._term_count += 1
+        return (out.loss, {"reps": reps, "terms": out.terms}) if return_outputs else out.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._term_count:
+            for name, total in self._term_sums.items():
+                mean = torch.tensor(total / self._term_count, device=self.args.device)
+                logs[name] = round(float(distributed.all_reduce_mean(mean)), 6)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    # -- saving and loading ----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model: BiEncoder = self.accelerator.unwrap_model(self.model)
+        backbone = model.backbone
+        if state_dict is not None:
+            prefix = "backbone."
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        save_encoder(output_dir, backbone, self.processing_class, state_dict=state_dict, **self.save_info)
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        model = self.accelerator.unwrap_model(model or self.model)
+        load_backbone_weights(model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        load_backbone_weights(self.accelerator.unwrap_model(self.model), self.state.best_model_checkpoint)
+
+
+def load_backbone_weights(model: BiEncoder, folder: str | os.PathLike) -> None:
+    """Load the weights that :func:`save_encoder` wrote (``model.safetensors`` or sharded) into ``model``."""
+    folder = Path(folder)
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{folder}: no model weights (model*.safetensors) in this checkpoint")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    target = model.backbone
+    base = getattr(target, "base_model_prefix", "")
+    own = target.state_dict()
+    if base and not any(k in own for k in state) and any(k.startswith(base + ".") for k in state):
+        state = {k[len(base) + 1 :]: v for k, v in state.items()}
+    missing, unexpected = target.load_state_dict(state, strict=False)
+    missing = [k for k in missing if "position_ids" not in k]
+    if missing:
+        raise UserError(f"{folder}: checkpoint lacks {len(missing)} weights of the model (e.g. {missing[0]})")
