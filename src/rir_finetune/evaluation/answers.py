@@ -50,7 +50,9 @@ def check_answers(answers: dict[str, str], query_ids: list[str], source: str | P
         raise UserError(f"{source}: no answer for {len(missing)} of {len(query_ids)} queries ({shown})")
 
 
-def fuse(query_reps: np.ndarray, answer_reps: np.ndarray, alpha: float, renormalize: bool = False) -> np.ndarray:
+def fuse(
+    query_reps: np.ndarray, answer_reps: np.ndarray, alpha: float, renormalize: bool = False
+) -> np.ndarray:
     """alpha * query_reps + (1 - alpha) * answer_reps, both (Q, H); optionally L2-normalised. Returns (Q, H)."""
     fused = alpha * query_reps + (1.0 - alpha) * answer_reps  # (Q, H)
     if renormalize:
@@ -78,7 +80,9 @@ def query_side_reps(
     if answers is None:
         raise UserError(f"mode {mode!r} needs answers: pass --answers FILE (JSONL of query id and answer)")
     check_answers(answers, query_ids, answers_source)
-    answer_reps = np.asarray(encode_passages([answer_prefix + answers[q] for q in query_ids]), dtype=np.float32)
+    answer_reps = np.asarray(
+        encode_passages([answer_prefix + answers[q] for q in query_ids]), dtype=np.float32
+    )
     if mode == "answer":
         return answer_reps
     query_reps = np.asarray(encode_queries(query_texts), dtype=np.float32)

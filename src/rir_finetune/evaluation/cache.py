@@ -46,7 +46,12 @@ def cache_key(model_fingerprint: str, settings: EncoderSettings, corpus_digest: 
     fields = dataclasses.asdict(settings)
     fields.pop("transformer_dir")
     fields.pop("query_instruction")  # queries are never cached
-    described = {"version": CACHE_VERSION, "model": model_fingerprint, "settings": fields, "corpus": corpus_digest}
+    described = {
+        "version": CACHE_VERSION,
+        "model": model_fingerprint,
+        "settings": fields,
+        "corpus": corpus_digest,
+    }
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
     return key, described
 

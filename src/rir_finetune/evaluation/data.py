@@ -46,7 +46,11 @@ class RetrievalDataset:
             return self
         keep = sorted(self.queries)[:max_queries]
         return RetrievalDataset(
-            self.corpus, {q: self.queries[q] for q in keep}, {q: self.qrels[q] for q in keep}, self.name, self.split
+            self.corpus,
+            {q: self.queries[q] for q in keep},
+            {q: self.qrels[q] for q in keep},
+            self.name,
+            self.split,
         )
 
 
@@ -90,7 +94,9 @@ def _read_qrels_tsv(path: Path) -> Iterator[tuple[int, str, str, int]]:
             if not cols or not line.strip():
                 continue
             if len(cols) not in (3, 4):
-                raise located(path, lineno, f"expected 3 columns (query-id, corpus-id, score), got {len(cols)}")
+                raise located(
+                    path, lineno, f"expected 3 columns (query-id, corpus-id, score), got {len(cols)}"
+                )
             qid, docid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
             try:
                 rel = int(float(score))
@@ -129,7 +135,9 @@ def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
     corpus_path, queries_path, qrels_path = layout_files(data_dir, split)
     for path in (corpus_path, queries_path):
         if not path.is_file():
-            raise located(path, None, "file not found (expected BEIR layout or FlagEmbedding's custom layout)")
+            raise located(
+                path, None, "file not found (expected BEIR layout or FlagEmbedding's custom layout)"
+            )
     if not qrels_path.is_file():
         raise located(qrels_path, None, f"qrels file of split {split!r} not found")
     corpus = _read_id_texts(corpus_path, with_title=True)

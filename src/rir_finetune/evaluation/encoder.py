@@ -32,7 +32,9 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> tor
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
     if method == "last_token":
         seq_len = attention_mask.shape[1]
-        last = seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)  # (B,) index of last real token
+        last = (
+            seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)
+        )  # (B,) index of last real token
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
     raise ValueError(f"unknown pooling {method!r}")
 

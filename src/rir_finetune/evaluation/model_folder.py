@@ -21,9 +21,20 @@ from rir_finetune.errors import UserError, located
 
 POOLING_METHODS = ("cls", "mean", "last_token")
 _ST_POOLING = {"cls": "cls", "mean": "mean", "lasttoken": "last_token"}
-_LEGACY_POOLING = {"pooling_mode_cls_token": "cls", "pooling_mode_mean_tokens": "mean", "pooling_mode_lasttoken": "lasttoken"}
+_LEGACY_POOLING = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 # files that never change the encoder: skipped by the fingerprint (checkpoints carry optimizer state)
-_NOT_MODEL = {"optimizer.pt", "scheduler.pt", "trainer_state.json", "training_args.bin", "README.md", ".gitattributes"}
+_NOT_MODEL = {
+    "optimizer.pt",
+    "scheduler.pt",
+    "trainer_state.json",
+    "training_args.bin",
+    "README.md",
+    ".gitattributes",
+}
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,9 @@ class EncoderSettings:
     normalize: bool  # L2-normalise embeddings (inner product = cosine)
     max_length: int  # tokens per text, after the instruction is prepended
     query_instruction: str  # prepended to every query
-    passage_instruction: str  # prepended to every passage (and to every answer, which is encoded as a passage)
+    passage_instruction: (
+        str  # prepended to every passage (and to every answer, which is encoded as a passage)
+    )
 
 
 def _read_json(path: Path) -> Any:
@@ -49,11 +62,17 @@ def _st_pooling(pool_dir: Path) -> str:
     cfg = _read_json(pool_dir / "config.json") if (pool_dir / "config.json").is_file() else {}
     mode = cfg.get("pooling_mode")
     if mode is None:  # legacy format: one boolean flag per mode
-        mode = [_LEGACY_POOLING.get(k, k) for k, v in cfg.items() if k.startswith("pooling_mode_") and v] or "mean"
+        mode = [
+            _LEGACY_POOLING.get(k, k) for k, v in cfg.items() if k.startswith("pooling_mode_") and v
+        ] or "mean"
     if isinstance(mode, list):
         mode = mode[0] if len(mode) == 1 else "+".join(map(str, mode))
     if mode not in _ST_POOLING:
-        raise located(pool_dir / "config.json", None, f"pooling {mode!r} is not supported; set --pooling cls|mean|last_token")
+        raise located(
+            pool_dir / "config.json",
+            None,
+            f"pooling {mode!r} is not supported; set --pooling cls|mean|last_token",
+        )
     return _ST_POOLING[mode]
 
 
@@ -107,7 +126,9 @@ def read_settings(
     prompts = st_cfg.get("prompts") or {}
     default_prompt = prompts.get(st_cfg.get("default_prompt_name") or "", "")
     folder_query = prompts.get("query", default_prompt)
-    folder_passage = next((prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default_prompt)
+    folder_passage = next(
+        (prompts[k] for k in ("document", "passage", "corpus") if k in prompts), default_prompt
+    )
     sbert_path = transformer_dir / "sentence_bert_config.json"
     sbert_cfg = _read_json(sbert_path) if sbert_path.is_file() else {}
     pooling = pooling if pooling is not None else folder_pooling
@@ -134,7 +155,11 @@ def model_fingerprint(model_dir: str | Path) -> str:
     h = hashlib.sha256()
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root)
-        if rel.name in _NOT_MODEL or rel.name.startswith("rng_state") or rel.parts[0].startswith("checkpoint-"):
+        if (
+            rel.name in _NOT_MODEL
+            or rel.name.startswith("rng_state")
+            or rel.parts[0].startswith("checkpoint-")
+        ):
             continue
         h.update(str(rel.as_posix()).encode() + b"\0")
         with path.open("rb") as f:

@@ -53,7 +53,9 @@ def write_metrics_md(path: str | Path, metrics: dict[str, float], title: str = "
     atomic_write(path, lambda f: f.write(metrics_table(metrics, title)))
 
 
-def write_trec_run(path: str | Path, run: dict[str, dict[str, float]], run_name: str = "rir-finetune") -> None:
+def write_trec_run(
+    path: str | Path, run: dict[str, dict[str, float]], run_name: str = "rir-finetune"
+) -> None:
     """One line per hit, ranks from 1 in trec_eval's order (score descending, ties by doc id descending)."""
 
     def write(f: IO) -> None:

@@ -53,7 +53,9 @@ def exact_search(
         index.add(corpus_reps)
         scores, indices = index.search(query_reps, k)
         return scores, indices.astype(np.int64)
-    return _torch_search(torch.from_numpy(query_reps), torch.from_numpy(corpus_reps), k, query_chunk, corpus_chunk)
+    return _torch_search(
+        torch.from_numpy(query_reps), torch.from_numpy(corpus_reps), k, query_chunk, corpus_chunk
+    )
 
 
 def _torch_search(

@@ -35,7 +35,9 @@ from rir_finetune.prep.prompts import TASKS, build_prompt, resolve_template
 class AugmentConfig:
     input: str | None = None  # JSONL records with a 'query' field
     output: str | None = None  # JSONL to write: the records plus 'answer'
-    model: str | None = None  # local causal LM folder (or a .gguf file); with api_base: the model name to request
+    model: str | None = (
+        None  # local causal LM folder (or a .gguf file); with api_base: the model name to request
+    )
     gguf_file: str | None = None  # GGUF file inside the 'model' folder (transformers dequantises it)
     task: str = "generic"  # preset of task_description and query_type: a BEIR name (scifact, nfcorpus, ...)
     task_description: str | None = None  # first line of the prompt; None: the task preset's
@@ -50,15 +52,21 @@ class AugmentConfig:
     batch_size: int = 8  # prompts generated together (and written together)
     seed: int = 42  # sampling seed (only matters when temperature > 0)
     device: str | None = None  # cpu, cuda, cuda:1 ...; None: cuda when available
-    api_base: str | None = None  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; None: local model
-    api_key: str | None = field(default_factory=lambda: os.getenv("OPENAI_API_KEY"))  # bearer token for api_base
+    api_base: str | None = (
+        None  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; None: local model
+    )
+    api_key: str | None = field(
+        default_factory=lambda: os.getenv("OPENAI_API_KEY")
+    )  # bearer token for api_base
     api_timeout: float = 300.0  # seconds per request
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise UserError(f"config key 'task': {self.task!r} is not one of {', '.join(TASKS)}")
         task_description, query_type = TASKS[self.task]
-        self.task_description = self.task_description if self.task_description is not None else task_description
+        self.task_description = (
+            self.task_description if self.task_description is not None else task_description
+        )
         self.query_type = self.query_type if self.query_type is not None else query_type
         for key in ("max_new_tokens", "batch_size"):
             if getattr(self, key) <= 0:
@@ -157,8 +165,13 @@ class ApiGenerator:
         messages = [{"role": "user", "content": prompt}]
         if cfg.system_prompt:
             messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        body = {"model": cfg.model, "messages": messages, "max_tokens": cfg.max_new_tokens,
-                "temperature": cfg.temperature, "top_p": cfg.top_p}
+        body = {
+            "model": cfg.model,
+            "messages": messages,
+            "max_tokens": cfg.max_new_tokens,
+            "temperature": cfg.temperature,
+            "top_p": cfg.top_p,
+        }
         headers = {"Content-Type": "application/json"}
         if cfg.api_key:
             headers["Authorization"] = f"Bearer {cfg.api_key}"
@@ -182,7 +195,9 @@ class ApiGenerator:
 
 def load_generator(cfg: AugmentConfig) -> Generator:
     if not cfg.model:
-        raise UserError("config key 'model' is required (a local causal LM folder, or a model name with api_base)")
+        raise UserError(
+            "config key 'model' is required (a local causal LM folder, or a model name with api_base)"
+        )
     return ApiGenerator(cfg) if cfg.api_base else LocalGenerator(cfg)
 
 
@@ -235,7 +250,9 @@ def augment(
             for n, lo in enumerate(range(0, len(pending), cfg.batch_size), start=1):
                 batch = pending[lo : lo + cfg.batch_size]
                 prompts = [
-                    build_prompt(template, records[i]["query"], cfg.task_description, cfg.query_type, cfg.answer_type)
+                    build_prompt(
+                        template, records[i]["query"], cfg.task_description, cfg.query_type, cfg.answer_type
+                    )
                     for i in batch
                 ]
                 outputs = generator.generate(prompts)

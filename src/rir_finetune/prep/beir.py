@@ -4,12 +4,12 @@
     rir-finetune data from-beir data/scifact --split train --out train.jsonl
 
 A record is ``{"query", "pos": [texts], "qid", "pos_ids"}``: a query with every document judged relevant
-(qrels score >= ``min_relevance``, BEIR: > 0), each written as ``(title + " " + text).strip()``.
+(qrels score >= ``min_relevance``, BEIR: > 0), each written as ``(title + " " + text).strip()``. The files are read
+by the evaluation stack's reader (``evaluation.data``), so both commands accept the same layouts.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import tempfile
@@ -23,6 +23,7 @@ from urllib import request
 from tqdm import tqdm
 
 from rir_finetune.errors import UserError, located
+from rir_finetune.evaluation.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, load_beir, read_jsonl
 from rir_finetune.prep.common import load_config, report
 from rir_finetune.prep.io import atomic_jsonl, check_output_path, dump_line, partial_path
 
@@ -30,63 +31,28 @@ BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading BEIR files
+# Reading BEIR files (the evaluation stack's readers; one implementation of the layout)
 
 
-def doc_text(doc: dict) -> str:
-    """The passage text of a BEIR document: ``(title + " " + text).strip()``."""
-    return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
+def load_corpus(data_dir: str | Path) -> tuple[list[str], list[str]]:
+    """Doc ids and passage texts (``(title + " " + text).strip()``) of ``data_dir/corpus.jsonl``, in file order.
 
-
-def _read_beir_jsonl(path: Path) -> list[dict]:
+    Only the corpus is read, so a folder without queries or qrels works (``mine --corpus``).
+    """
+    path = Path(data_dir) / "corpus.jsonl"
     if not path.is_file():
-        raise UserError(f"{path}: not found (BEIR layout: corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise located(path, line_no, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(row, dict) or "_id" not in row:
-                raise located(path, line_no, "expected a JSON object with an '_id' field")
-            rows.append(row)
-    return rows
-
-
-def load_corpus(data_dir: str | Path) -> dict[str, str]:
-    """``{doc_id: passage text}`` from ``corpus.jsonl``, in file order."""
-    return {str(d["_id"]): doc_text(d) for d in _read_beir_jsonl(Path(data_dir) / "corpus.jsonl")}
-
-
-def load_queries(data_dir: str | Path) -> dict[str, str]:
-    """``{query_id: text}`` from ``queries.jsonl``, in file order."""
-    return {str(q["_id"]): str(q.get("text") or "") for q in _read_beir_jsonl(Path(data_dir) / "queries.jsonl")}
-
-
-def load_qrels(data_dir: str | Path, split: str) -> dict[str, dict[str, int]]:
-    """``{query_id: {doc_id: relevance}}`` from ``qrels/<split>.tsv`` (header line, tab-separated)."""
-    path = Path(data_dir) / "qrels" / f"{split}.tsv"
-    if not path.is_file():
-        have = sorted(p.stem for p in (Path(data_dir) / "qrels").glob("*.tsv"))
-        hint = f"; splits here: {', '.join(have)}" if have else ""
-        raise UserError(f"{path}: not found{hint}")
-    qrels: dict[str, dict[str, int]] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            parts = line.rstrip("\n").split("\t")
-            if not line.strip() or (line_no == 1 and parts[0] == "query-id"):
-                continue
-            if len(parts) != 3:
-                raise located(path, line_no, "expected 3 tab-separated columns: query-id, corpus-id, score")
-            try:
-                score = int(float(parts[2]))
-            except ValueError:
-                raise located(path, line_no, f"score {parts[2]!r} is not a number") from None
-            qrels.setdefault(parts[0], {})[parts[1]] = score
-    return qrels
+        raise UserError(f"{path}: not found (a BEIR corpus folder holds corpus.jsonl)")
+    corpus: dict[str, dict[str, str]] = {}
+    for line_no, obj in read_jsonl(path):
+        doc_id = obj.get("_id", obj.get("id"))
+        if doc_id is None or not isinstance(obj.get("text"), str):
+            raise located(path, line_no, "expected '_id' (or 'id') and 'text' fields")
+        if str(doc_id) in corpus:
+            raise located(path, line_no, f"duplicate id {str(doc_id)!r}")
+        corpus[str(doc_id)] = {"title": str(obj.get("title") or ""), "text": obj["text"]}
+    if not corpus:
+        raise UserError(f"{path}: the corpus is empty")
+    return RetrievalDataset(corpus, {}, {}).corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -95,7 +61,9 @@ def load_qrels(data_dir: str | Path, split: str) -> dict[str, dict[str, int]]:
 
 @dataclass
 class FromBeirConfig:
-    data_dir: str | None = None  # BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); the first argument
+    data_dir: str | None = (
+        None  # BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); the first argument
+    )
     split: str = "train"  # which qrels/<split>.tsv gives the positives
     out: str | None = None  # JSONL file to write
     min_relevance: int = 1  # a qrels score at least this counts as a positive (BEIR: relevance > 0)
@@ -104,41 +72,39 @@ class FromBeirConfig:
 def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
     """Write one record per query with at least one judged positive; return the counts."""
     if not cfg.data_dir:
-        raise UserError("data from-beir: give the BEIR folder: rir-finetune data from-beir DATA_DIR --out FILE")
+        raise UserError(
+            "data from-beir: give the BEIR folder: rir-finetune data from-beir DATA_DIR --out FILE"
+        )
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: not a folder (BEIR layout: corpus.jsonl, queries.jsonl, qrels/)")
     out = check_output_path(data_dir / "queries.jsonl", cfg.out, key="out")
     if out.resolve() in {(data_dir / n).resolve() for n in ("corpus.jsonl", "queries.jsonl")}:
         raise UserError(f"{out}: the output would overwrite the BEIR data; write to another path")
-    qrels = load_qrels(data_dir, cfg.split)
-    queries = load_queries(data_dir)
-    corpus = load_corpus(data_dir)
-    counts = {"records": 0, "positives": 0, "no_positive": 0, "query_missing": 0, "doc_missing": 0}
+    dataset = load_beir(data_dir, cfg.split)  # checks that every judged query and document exists
+    doc_ids, doc_texts = dataset.corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
+    text_of = dict(zip(doc_ids, doc_texts, strict=True))
+    counts = {"records": 0, "positives": 0, "no_positive": 0}
     with atomic_jsonl(out) as f:
-        # queries.jsonl order, then any qrels query it lacks (counted as missing)
-        order = [q for q in queries if q in qrels] + [q for q in qrels if q not in queries]
-        for qid in tqdm(order, desc="from-beir", unit="query"):
-            if qid not in queries:
-                counts["query_missing"] += 1
-                continue
-            judged = [d for d, rel in qrels[qid].items() if rel >= cfg.min_relevance]
-            present = [d for d in judged if d in corpus]
-            counts["doc_missing"] += len(judged) - len(present)
-            if not present:
+        for qid in tqdm(dataset.queries, desc="from-beir", unit="query"):
+            pos_ids = [d for d, rel in dataset.qrels[qid].items() if rel >= cfg.min_relevance]
+            if not pos_ids:
                 counts["no_positive"] += 1
                 continue
-            record = {"query": queries[qid], "pos": [corpus[d] for d in present], "qid": qid, "pos_ids": present}
+            record = {
+                "query": dataset.queries[qid],
+                "pos": [text_of[d] for d in pos_ids],
+                "qid": qid,
+                "pos_ids": pos_ids,
+            }
             f.write(dump_line(record))
             counts["records"] += 1
-            counts["positives"] += len(present)
+            counts["positives"] += len(pos_ids)
     report(
         "data from-beir",
         [
             f"{counts['records']} records ({counts['positives']} positives) from {data_dir} split {cfg.split!r}",
-            f"{counts['no_positive']} judged queries without a positive in the corpus skipped",
-            f"{counts['query_missing']} qrels queries missing from queries.jsonl skipped",
-            f"{counts['doc_missing']} judged documents missing from corpus.jsonl",
+            f"{counts['no_positive']} judged queries without a document of relevance >= {cfg.min_relevance} skipped",
             f"wrote {out}",
         ],
     )
@@ -205,7 +171,9 @@ def get(cfg: GetConfig) -> Path:
         _download(url, tmp, cfg.timeout)
     except urlerror.HTTPError as e:
         tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot download {cfg.name!r} from {url}: HTTP {e.code} {e.reason}; {manual}") from None
+        raise UserError(
+            f"cannot download {cfg.name!r} from {url}: HTTP {e.code} {e.reason}; {manual}"
+        ) from None
     except (urlerror.URLError, OSError, ValueError) as e:  # no route, DNS, timeout, refused, bad URL
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
@@ -215,9 +183,13 @@ def get(cfg: GetConfig) -> Path:
         try:
             _safe_extract(zip_path, Path(unpack))
         except zipfile.BadZipFile:
-            raise UserError(f"{zip_path}: not a zip archive (the download is damaged); delete it and retry") from None
+            raise UserError(
+                f"{zip_path}: not a zip archive (the download is damaged); delete it and retry"
+            ) from None
         entries = list(Path(unpack).iterdir())
-        top = entries[0] if len(entries) == 1 and entries[0].is_dir() else Path(unpack)  # BEIR zips hold NAME/
+        top = (
+            entries[0] if len(entries) == 1 and entries[0].is_dir() else Path(unpack)
+        )  # BEIR zips hold NAME/
         if not any(top.rglob("corpus.jsonl")):
             raise UserError(f"{zip_path}: no corpus.jsonl inside; not a BEIR dataset")
         if target.exists():

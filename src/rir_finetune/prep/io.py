@@ -26,7 +26,9 @@ def partial_path(path: str | os.PathLike) -> Path:
     return path.with_name(path.name + PARTIAL_SUFFIX)
 
 
-def read_jsonl(path: str | os.PathLike, validate: Callable[[Record], str | None] | None = None) -> list[Record]:
+def read_jsonl(
+    path: str | os.PathLike, validate: Callable[[Record], str | None] | None = None
+) -> list[Record]:
     """Read one JSON object per line; blank lines are skipped.
 
     ``validate(record)`` returns an error message (or None); any error is a UserError naming ``path:line``.
@@ -83,7 +85,9 @@ def read_records(path: str | os.PathLike, need_pos: bool = True) -> list[Record]
     return read_jsonl(path, lambda r: check_training_record(r, need_pos=need_pos))
 
 
-def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike | None, key: str = "output") -> Path:
+def check_output_path(
+    input_path: str | os.PathLike, output_path: str | os.PathLike | None, key: str = "output"
+) -> Path:
     """The output path, refusing to overwrite the input and creating its folder."""
     if not output_path:
         raise UserError(f"config key {key!r} is required (the file to write)")
@@ -157,8 +161,11 @@ class ResumableJsonl:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise located(self.partial, line_no, f"invalid JSON in an unfinished output ({e.msg}); "
-                              "delete the file to start over") from None
+                raise located(
+                    self.partial,
+                    line_no,
+                    f"invalid JSON in an unfinished output ({e.msg}); delete the file to start over",
+                ) from None
         return records
 
     def append(self, records: list[Record]) -> None:

@@ -1,0 +1,192 @@
+"""``rir-finetune eval``: score a model folder on BEIR-layout data and write the results.
+
+    rir-finetune eval --model DIR --data ../shared/data/scifact --split test --output_dir OUT
+    rir-finetune eval --model DIR --data DATA --answers answers.jsonl --mode fused --alpha 0.8 --output_dir OUT
+
+Writes ``OUT/metrics.json`` (flat: ``ndcg@10``, ``recall@100``, ``mrr@10``, ...), ``OUT/metrics.md``,
+``OUT/run.trec`` and ``OUT/eval_config.json`` (the arguments and the encoder settings actually used).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rir_finetune.config import build_configs, to_dict
+from rir_finetune.errors import UserError
+from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, MODES, check_answers, load_answers
+from rir_finetune.evaluation.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
+from rir_finetune.evaluation.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
+from rir_finetune.evaluation.metrics import DEFAULT_K_VALUES, compute_metrics
+from rir_finetune.evaluation.model_folder import POOLING_METHODS, model_fingerprint, read_settings
+from rir_finetune.evaluation.outputs import (
+    atomic_write,
+    metrics_table,
+    write_metrics_json,
+    write_metrics_md,
+    write_trec_run,
+)
+from rir_finetune.evaluation.retrieval import run_retrieval
+from rir_finetune.evaluation.search import BACKENDS
+
+
+@dataclass
+class EvalArguments:
+    model: str | None = (
+        None  # model folder: ours, any sentence-transformers folder, or a plain transformers one (required)
+    )
+    data: str | None = None  # data folder, BEIR layout or FlagEmbedding's custom layout (required)
+    split: str = "test"  # qrels/<split>.tsv (BEIR) or <split>_queries.jsonl + <split>_qrels.jsonl (custom)
+    output_dir: str | None = None  # where metrics.json, metrics.md, run.trec, eval_config.json go (required)
+    mode: str = "query"  # query | answer | fused (SPEC section 5)
+    answers: str | None = None  # JSONL: _id|qid|query_id and answer|text; needed by answer and fused modes
+    alpha: float = DEFAULT_ALPHA  # fused: alpha * E_query(query) + (1 - alpha) * E_passage(prefix + answer)
+    answer_prefix: str = ANSWER_PREFIX  # prepended to every answer before encoding it as a passage
+    renormalize: bool = False  # L2-normalise the fused vector (changes scores, not rankings)
+    pooling: str | None = None  # cls | mean | last_token; None: what the folder says (plain folder: mean)
+    normalize: bool | None = (
+        None  # L2-normalise embeddings; None: the folder's Normalize module / cosine similarity
+    )
+    max_length: int | None = None  # tokens per text; None: the folder's max_seq_length / model_max_length
+    query_instruction: str | None = None  # None: the folder's "query" prompt, else nothing
+    passage_instruction: str | None = None  # None: the folder's "document"/"passage" prompt, else nothing
+    corpus_text_format: str = DEFAULT_CORPUS_TEXT_FORMAT  # document text, stripped; fields {title} and {text}
+    batch_size: int = 32  # texts per forward pass (length-sorted batches)
+    k_values: list[int] = field(default_factory=lambda: list(DEFAULT_K_VALUES))  # metric cut-offs
+    top_k: int | None = None  # documents retrieved per query; None: max(k_values)
+    ignore_identical_ids: bool = True  # drop a hit whose doc id equals the query id (BEIR's default)
+    search_backend: str = "auto"  # auto (faiss if importable) | faiss | torch
+    max_queries: int | None = None  # evaluate only the first N judged queries (by id), e.g. for a quick look
+    cache_dir: str | None = (
+        None  # corpus-embedding cache; None: $RIR_FINETUNE_CACHE or ~/.cache/rir_finetune/embeddings
+    )
+    use_cache: bool = True  # false: always encode the corpus, store nothing
+    device: str = "cpu"  # torch device of the encoder (fp32)
+    trust_remote_code: bool = False  # allow custom modelling code from the model folder
+    show_progress: bool = True  # tqdm progress bars on stderr
+
+    def __post_init__(self):
+        for key in ("model", "data", "output_dir"):
+            if not getattr(self, key):
+                raise UserError(
+                    f"config key {key!r}: required (rir-finetune eval --model DIR --data DIR --output_dir DIR)"
+                )
+        checks = [
+            ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
+            (
+                "pooling",
+                self.pooling is None or self.pooling in POOLING_METHODS,
+                f"must be one of {', '.join(POOLING_METHODS)}",
+            ),
+            ("search_backend", self.search_backend in BACKENDS, f"must be one of {', '.join(BACKENDS)}"),
+            ("alpha", 0.0 <= self.alpha <= 1.0, "must be between 0 and 1"),
+            ("batch_size", self.batch_size > 0, "must be a positive integer"),
+            ("k_values", bool(self.k_values) and min(self.k_values) > 0, "must be positive integers"),
+            ("max_length", self.max_length is None or self.max_length > 0, "must be a positive integer"),
+        ]
+        for key, ok, msg in checks:
+            if not ok:
+                raise UserError(f"config key {key!r}: {msg}, got {getattr(self, key)!r}")
+        self.top_k = max(self.k_values) if self.top_k is None else self.top_k
+        if self.top_k < max(self.k_values):
+            raise UserError(
+                f"config key 'top_k': {self.top_k} is below the largest k value {max(self.k_values)}"
+            )
+        try:
+            self.corpus_text_format.format(title="", text="")
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(
+                f"config key 'corpus_text_format': only {{title}} and {{text}} may appear ({e})"
+            ) from None
+        if self.mode != "query" and not self.answers:
+            raise UserError(f"config key 'answers': mode {self.mode!r} needs --answers FILE")
+
+
+def run_eval(config_file: str | None, overrides: list[str]) -> dict[str, float]:
+    """The ``eval`` command: build :class:`EvalArguments` from the config file and overrides, then evaluate."""
+    (args,) = build_configs([EvalArguments], config_file, overrides)
+    return evaluate_folder(args)
+
+
+def evaluate_folder(args: EvalArguments) -> dict[str, float]:
+    """Evaluate ``args.model`` on ``args.data`` and write the result files; returns the metrics."""
+    start = time.perf_counter()
+    settings = read_settings(
+        args.model,
+        pooling=args.pooling,
+        normalize=args.normalize,
+        max_length=args.max_length,
+        query_instruction=args.query_instruction,
+        passage_instruction=args.passage_instruction,
+    )
+    dataset = load_beir(args.data, args.split).limit_queries(args.max_queries)
+    answers = None
+    if args.mode != "query":
+        answers = load_answers(args.answers)
+        check_answers(answers, sorted(dataset.queries), args.answers)
+    _warn_identical_relevant(dataset.qrels, args.ignore_identical_ids)
+
+    # transformers is slow to import: only once the inputs are known to be valid
+    from rir_finetune.evaluation.encoder import Encoder
+
+    encoder = Encoder(
+        settings,
+        batch_size=args.batch_size,
+        device=args.device,
+        show_progress=args.show_progress,
+        trust_remote_code=args.trust_remote_code,
+    )
+    doc_ids, doc_texts = dataset.corpus_texts(args.corpus_text_format)
+    key, described = cache_key(model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts))
+    cache_dir = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) if args.use_cache else None
+    corpus_reps, hit = cached_corpus_encode(cache_dir, key, described, doc_texts, encoder.encode_passages)
+    print(
+        f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(doc_ids)} documents)", file=sys.stderr
+    )
+    run = run_retrieval(
+        encoder.encode_queries,
+        encoder.encode_passages,
+        dataset,
+        top_k=args.top_k,
+        ignore_identical_ids=args.ignore_identical_ids,
+        search_backend=args.search_backend,
+        corpus_text_format=args.corpus_text_format,
+        corpus_reps=corpus_reps,
+        mode=args.mode,
+        answers=answers,
+        alpha=args.alpha,
+        answer_prefix=args.answer_prefix,
+        renormalize=args.renormalize,
+        answers_source=str(args.answers),
+    )
+    metrics = compute_metrics(dataset.qrels, run, args.k_values)
+    out = Path(args.output_dir)
+    title = f"{Path(args.model).name} on {dataset.name} ({args.split}, mode {args.mode})"
+    write_metrics_json(out / "metrics.json", metrics)
+    write_metrics_md(out / "metrics.md", metrics, title)
+    write_trec_run(out / "run.trec", run)
+    record = {
+        "arguments": to_dict(args),
+        "encoder": asdict(settings),
+        "queries": len(dataset.queries),
+        "documents": len(doc_ids),
+        "cache": {"dir": str(cache_dir) if cache_dir else None, "key": key, "hit": hit},
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    atomic_write(out / "eval_config.json", lambda f: f.write(json.dumps(record, indent=2) + "\n"))
+    print(metrics_table(metrics, title))
+    return metrics
+
+
+def _warn_identical_relevant(qrels: dict[str, dict[str, int]], ignore_identical_ids: bool) -> None:
+    """ignore_identical_ids drops judged-relevant documents when query and doc ids share one namespace by chance."""
+    clashes = sorted(q for q, docs in qrels.items() if docs.get(q, 0) > 0)
+    if ignore_identical_ids and clashes:
+        print(
+            f"warning: {len(clashes)} queries have a relevant document with their own id ({', '.join(clashes[:5])}); "
+            "ignore_identical_ids drops it from the run. Pass --ignore_identical_ids false if the ids are unrelated.",
+            file=sys.stderr,
+        )

@@ -1,0 +1,166 @@
+"""``rir-finetune score``: teacher scores for distillation (``pos_scores`` / ``neg_scores``).
+
+    rir-finetune score --input train.mined.jsonl --output train.scored.jsonl \
+        --model RERANKER_DIR --model_type cross_encoder --batch_size 32
+
+A cross-encoder (sentence-transformers ``CrossEncoder``, one output) scores every (query, passage) pair, raw logits
+by default; a bi-encoder scores with the dot product of the query and passage embeddings. The scores are aligned
+with ``pos`` / ``neg`` and every record names its teacher in the field ``teacher``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rir_finetune.errors import UserError
+from rir_finetune.prep.common import load_config, min_mean_max, report
+from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
+
+MODEL_TYPES = ("cross_encoder", "bi_encoder")
+
+
+@dataclass
+class ScoreConfig:
+    input: str | None = None  # JSONL records with 'query', 'pos' and (usually) 'neg'
+    output: str | None = None  # JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'
+    model: str | None = None  # local folder of the teacher
+    model_type: str = (
+        "cross_encoder"  # cross_encoder (pairs through one model) | bi_encoder (embedding dot product)
+    )
+    teacher: str | None = None  # name recorded in every record's 'teacher'; None: the model folder's name
+    batch_size: int = 32  # pairs (cross-encoder) or texts (bi-encoder) per forward pass
+    max_length: int | None = None  # tokens per pair / text; None: the model's own limit
+    apply_sigmoid: bool = (
+        False  # cross-encoder: squash logits to (0, 1); off keeps raw logits (upstream rerankers)
+    )
+    query_instruction_for_retrieval: str = ""  # bi-encoder: text put in front of every query
+    records_per_chunk: int = 256  # records scored (and written) together
+    device: str | None = None  # cpu, cuda...; None: the library's choice
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise UserError(
+                f"config key 'model_type': {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
+            )
+        for key in ("batch_size", "records_per_chunk"):
+            if getattr(self, key) <= 0:
+                raise UserError(f"config key {key!r}: must be a positive integer")
+
+
+def _check_model(model: str | None) -> Path:
+    if not model:
+        raise UserError("config key 'model' is required (a local teacher model folder)")
+    if not Path(model).is_dir():
+        raise UserError(f"{model}: model folder not found (give a local folder with --model)")
+    return Path(model)
+
+
+class CrossEncoderTeacher:
+    def __init__(self, cfg: ScoreConfig):
+        import torch
+        from sentence_transformers import CrossEncoder
+
+        self.model = CrossEncoder(str(_check_model(cfg.model)), device=cfg.device, max_length=cfg.max_length)
+        if self.model.num_labels != 1:
+            raise UserError(
+                f"{cfg.model}: a teacher cross-encoder needs one output, this one has {self.model.num_labels}"
+            )
+        self.activation = torch.nn.Sigmoid() if cfg.apply_sigmoid else torch.nn.Identity()
+        self.batch_size = cfg.batch_size
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        scores = self.model.predict(
+            pairs, batch_size=self.batch_size, show_progress_bar=False, activation_fn=self.activation
+        )
+        return np.asarray(scores, dtype=np.float64).reshape(len(pairs))  # (pairs,)
+
+
+class BiEncoderTeacher:
+    def __init__(self, cfg: ScoreConfig):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(_check_model(cfg.model)), device=cfg.device)
+        if cfg.max_length is not None:
+            self.model.max_seq_length = cfg.max_length
+        self.batch_size = cfg.batch_size
+        self.instruction = cfg.query_instruction_for_retrieval
+
+    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
+        unique = list(dict.fromkeys(texts))
+        emb = self.model.encode(
+            unique, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
+        )
+        return dict(zip(unique, np.asarray(emb, dtype=np.float32), strict=True))
+
+    def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        q_reps = self._encode([self.instruction + q for q, _ in pairs])
+        p_reps = self._encode([p for _, p in pairs])
+        return np.array(
+            [float(q_reps[self.instruction + q] @ p_reps[p]) for q, p in pairs], dtype=np.float64
+        )  # (pairs,)
+
+
+def score_records(records: list[Record], teacher, name: str) -> list[Record]:
+    """The records with ``pos_scores`` / ``neg_scores`` (aligned with ``pos`` / ``neg``) and ``teacher``."""
+    pairs = [(r["query"], p) for r in records for p in [*r["pos"], *(r.get("neg") or [])]]
+    scores = teacher.score(pairs).tolist() if pairs else []
+    out, k = [], 0
+    for r in records:
+        n_pos, n_neg = len(r["pos"]), len(r.get("neg") or [])
+        out.append(
+            {
+                **r,
+                "pos_scores": scores[k : k + n_pos],
+                "neg_scores": scores[k + n_pos : k + n_pos + n_neg],
+                "teacher": name,
+            }
+        )
+        k += n_pos + n_neg
+    return out
+
+
+def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
+    """Score every record of ``cfg.input`` and write ``cfg.output``; return the counts."""
+    if not cfg.input:
+        raise UserError("config key 'input' is required (the JSONL records to score)")
+    records = read_records(cfg.input)
+    out = check_output_path(cfg.input, cfg.output)
+    model_dir = _check_model(cfg.model)
+    name = cfg.teacher or model_dir.resolve().name
+    if teacher is None:
+        teacher = CrossEncoderTeacher(cfg) if cfg.model_type == "cross_encoder" else BiEncoderTeacher(cfg)
+    start = time.time()
+    n_pairs, pos_wins, with_neg = 0, 0, 0
+    all_scores: list[float] = []
+    with atomic_jsonl(out) as f, tqdm(total=len(records), desc="score", unit="record") as bar:
+        for lo in range(0, len(records), cfg.records_per_chunk):
+            for r in score_records(records[lo : lo + cfg.records_per_chunk], teacher, name):
+                f.write(dump_line(r))
+                n_pairs += len(r["pos_scores"]) + len(r["neg_scores"])
+                all_scores += r["pos_scores"] + r["neg_scores"]
+                if r["neg_scores"]:
+                    with_neg += 1
+                    pos_wins += max(r["pos_scores"]) > max(r["neg_scores"])
+                bar.update(1)
+    counts = {"records": len(records), "pairs": n_pairs, "positive_ranked_first": pos_wins}
+    per_record = [len(r["pos"]) + len(r.get("neg") or []) for r in records]
+    report(
+        "score",
+        [
+            f"{len(records)} records, {n_pairs} (query, passage) pairs; passages per record {min_mean_max(per_record)}",
+            f"teacher {name} ({cfg.model_type}, {model_dir})",
+            f"scores: min {min(all_scores, default=0):.4f} / mean {np.mean(all_scores) if all_scores else 0:.4f} / "
+            f"max {max(all_scores, default=0):.4f}; a positive above every negative in {pos_wins} of {with_neg} records",
+            f"wrote {out} ({time.time() - start:.1f} s)",
+        ],
+    )
+    return counts
+
+
+def run_score(config_file: str | None, overrides: list[str]) -> dict[str, float]:
+    return score(load_config(ScoreConfig, config_file, overrides))

@@ -1,0 +1,107 @@
+"""Config loading: YAML/JSON files, command-line overrides, type conversion, unknown keys, upstream launch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rir_finetune.arguments import CONFIG_CLASSES
+from rir_finetune.config import build_configs, parse_overrides
+from rir_finetune.errors import UserError
+
+UPSTREAM_LAUNCH = """
+--output_dir OUT --model_name_or_path facebook/contriever --train_data data/train.jsonl
+--same_dataset_within_batch --learning_rate 1e-5 --fp16 --num_train_epochs 1 --per_device_train_batch_size 16
+--dataloader_drop_last True --normalize_embeddings False --temperature 0.02 --query_max_len 512
+--passage_max_len 512 --gradient_checkpointing --deepspeed ds.json --train_group_size 16 --negatives_cross_device
+--logging_steps 1 --save_steps 1000 --query_instruction_for_retrieval EMPTY --sentence_pooling_method mean
+--knowledge_distillation True --kd_loss_type m3_kd_loss --training_type retrieval_answer
+""".split()
+
+
+def _build(tokens, config_file=None):
+    return build_configs(list(CONFIG_CLASSES), config_file, tokens)
+
+
+def test_upstream_launch_accepted_option_for_option(tmp_path):
+    tokens = [("" if t == "EMPTY" else t.replace("OUT", str(tmp_path / "o"))) for t in UPSTREAM_LAUNCH]
+    tokens = [t.replace("ds.json", str(tmp_path / "ds.json")) for t in tokens]
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
+    # deepspeed needs the package; everything else is checked without it
+    tokens = tokens[: tokens.index("--deepspeed")] + tokens[tokens.index("--deepspeed") + 2 :]
+    model, data, obj, train = _build(tokens + ["--use_cpu", "true"])
+    assert model.sentence_pooling_method == "mean" and model.normalize_embeddings is False
+    assert data.train_group_size == 16 and data.query_max_len == 512 and data.answer_max_len == 512
+    assert data.same_dataset_within_batch and data.knowledge_distillation
+    assert data.query_instruction_for_retrieval == ""
+    assert obj.negatives_cross_device and obj.kd_loss_type == "m3_kd_loss" and obj.temperature == 0.02
+    assert train.learning_rate == 1e-5 and train.fp16 and train.gradient_checkpointing
+    assert train.per_device_train_batch_size == 16 and train.dataloader_drop_last and train.save_steps == 1000
+
+
+def test_yaml_reads_scientific_notation_strings_as_floats(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'o'}\nlearning_rate: 1e-5\ntemperature: 2e-2\nuse_cpu: true\n")
+    _, _, obj, train = _build([], cfg)
+    assert train.learning_rate == pytest.approx(1e-5) and obj.temperature == pytest.approx(0.02)
+
+
+def test_command_line_overrides_file(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"output_dir": str(tmp_path / "o"), "train_group_size": 4, "use_cpu": True}))
+    _, data, _, _ = _build(["--train_group_size", "2"], cfg)
+    assert data.train_group_size == 2
+
+
+def test_sectioned_yaml_is_flattened(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"model:\n  sentence_pooling_method: mean\ntraining:\n  output_dir: {tmp_path}/o\n  use_cpu: true\n")
+    model, *_ = _build([], cfg)
+    assert model.sentence_pooling_method == "mean"
+
+
+def test_unset_instruction_is_none_not_the_text_none(tmp_path):
+    _, data, _, _ = _build(["--output_dir", str(tmp_path / "o"), "--use_cpu", "true"])
+    assert data.query_instruction_for_retrieval is None
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (["--learning_rat", "1e-5"], "unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
+        (["--train_group_sise", "4"], "did you mean 'train_group_size'?"),
+        (["--learning_rate", "fast"], "config key 'learning_rate': expected a number, got 'fast'"),
+        (["--train_group_size", "2.5"], "config key 'train_group_size': expected an integer"),
+        (["--fp16", "maybe"], "config key 'fp16': expected true or false"),
+        (["--training_type", "retreival"], "'retreival' is not one of retrieval, retrieval_answer"),
+        (["--kd_loss_type", "kl"], "config key 'kd_loss_type'"),
+        (["--temperature", "0"], "config key 'temperature': must be greater than 0"),
+        (["--answer_temperature", "-1"], "config key 'answer_temperature': must be greater than 0"),
+        (["--sentence_pooling_method", "max"], "config key 'sentence_pooling_method'"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(tmp_path, tokens, message):
+    with pytest.raises(UserError) as e:
+        _build(["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", *tokens])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_unknown_key_in_file_names_the_file(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("output_dir: o\nqurey_max_len: 32\n")
+    with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'qurey_max_len'; did you mean 'query_max_len'"):
+        _build([], cfg)
+
+
+def test_broken_yaml_names_file_and_line(tmp_path):
+    cfg = tmp_path / "broken.yaml"
+    cfg.write_text("output_dir: o\nlearning_rate: [1e-5\n")
+    with pytest.raises(UserError, match=r"broken.yaml:\d+: invalid YAML"):
+        _build([], cfg)
+
+
+def test_parse_overrides_forms():
+    got = parse_overrides(["--a", "1", "--flag", "--b=x", "--lst", "p", "q", "--neg", "-1"])
+    assert got == {"a": "1", "flag": True, "b": "x", "lst": ["p", "q"], "neg": "-1"}
