@@ -158,6 +158,8 @@ class RIRTrainingArguments(TrainingArguments):
                 self.warmup_steps = self.warmup_ratio
         # we log per-term losses ourselves and never need the `labels` column
         self.remove_unused_columns = False
+        if self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = False  # every trainable parameter reaches the loss (pooler frozen)
         super().__post_init__()
 
 

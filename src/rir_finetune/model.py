@@ -112,15 +112,21 @@ class BiEncoder(nn.Module):
 
     # -- trainer hooks ---------------------------------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        kwargs = gradient_checkpointing_kwargs or {"use_reentrant": False}
-        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kw) -> None:
+        """Recompute activations in backward (``gradient_checkpointing``); non-reentrant by default."""
+        kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
+        if hasattr(self.backbone, "activation_checkpointing_enable"):
+            self.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, **kw)
+        else:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.backbone.gradient_checkpointing_disable()
+    gradient_checkpointing_enable = activation_checkpointing_enable
 
     @property
-    def is_gradient_checkpointing(self) -> bool:
+    def is_activation_checkpointing(self) -> bool:
+        flag = getattr(type(self.backbone), "is_activation_checkpointing", None)
+        if flag is not None:
+            return bool(self.backbone.is_activation_checkpointing)
         return bool(getattr(self.backbone, "is_gradient_checkpointing", False))
 
     def enable_input_require_grads(self) -> None:

@@ -4,7 +4,8 @@
         --model RERANKER_DIR --model_type cross_encoder --batch_size 32
 
 A cross-encoder (sentence-transformers ``CrossEncoder``, one output) scores every (query, passage) pair, raw logits
-by default; a bi-encoder scores with the dot product of the query and passage embeddings. The scores are aligned
+by default; a bi-encoder (the evaluation stack's encoder: the folder's pooling, normalisation and prompts) scores
+with the dot product of the query and passage embeddings. The scores are aligned
 with ``pos`` / ``neg`` and every record names its teacher in the field ``teacher``.
 """
 
@@ -38,9 +39,14 @@ class ScoreConfig:
     apply_sigmoid: bool = (
         False  # cross-encoder: squash logits to (0, 1); off keeps raw logits (upstream rerankers)
     )
-    query_instruction_for_retrieval: str = ""  # bi-encoder: text put in front of every query
+    query_instruction: str | None = (
+        None  # bi-encoder: prepended to queries; None: the folder's "query" prompt
+    )
+    passage_instruction: str | None = (
+        None  # bi-encoder: prepended to passages; None: the folder's passage prompt
+    )
     records_per_chunk: int = 256  # records scored (and written) together
-    device: str | None = None  # cpu, cuda...; None: the library's choice
+    device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available, else cpu
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -50,6 +56,12 @@ class ScoreConfig:
         for key in ("batch_size", "records_per_chunk"):
             if getattr(self, key) <= 0:
                 raise UserError(f"config key {key!r}: must be a positive integer")
+
+
+def _device(cfg: ScoreConfig) -> str:
+    import torch
+
+    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _check_model(model: str | None) -> Path:
@@ -65,7 +77,9 @@ class CrossEncoderTeacher:
         import torch
         from sentence_transformers import CrossEncoder
 
-        self.model = CrossEncoder(str(_check_model(cfg.model)), device=cfg.device, max_length=cfg.max_length)
+        self.model = CrossEncoder(
+            str(_check_model(cfg.model)), device=_device(cfg), max_length=cfg.max_length
+        )
         if self.model.num_labels != 1:
             raise UserError(
                 f"{cfg.model}: a teacher cross-encoder needs one output, this one has {self.model.num_labels}"
@@ -81,28 +95,30 @@ class CrossEncoderTeacher:
 
 
 class BiEncoderTeacher:
+    """The evaluation stack's encoder (the folder's pooling, normalisation and prompts); score = dot product."""
+
     def __init__(self, cfg: ScoreConfig):
-        from sentence_transformers import SentenceTransformer
+        from rir_finetune.evaluation.encoder import Encoder
+        from rir_finetune.evaluation.model_folder import read_settings
 
-        self.model = SentenceTransformer(str(_check_model(cfg.model)), device=cfg.device)
-        if cfg.max_length is not None:
-            self.model.max_seq_length = cfg.max_length
-        self.batch_size = cfg.batch_size
-        self.instruction = cfg.query_instruction_for_retrieval
-
-    def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        unique = list(dict.fromkeys(texts))
-        emb = self.model.encode(
-            unique, batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True
+        settings = read_settings(
+            _check_model(cfg.model),
+            max_length=cfg.max_length,
+            query_instruction=cfg.query_instruction,
+            passage_instruction=cfg.passage_instruction,
         )
-        return dict(zip(unique, np.asarray(emb, dtype=np.float32), strict=True))
+        self.encoder = Encoder(settings, batch_size=cfg.batch_size, device=_device(cfg), show_progress=False)
 
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        q_reps = self._encode([self.instruction + q for q, _ in pairs])
-        p_reps = self._encode([p for _, p in pairs])
-        return np.array(
-            [float(q_reps[self.instruction + q] @ p_reps[p]) for q, p in pairs], dtype=np.float64
-        )  # (pairs,)
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        passages = list(dict.fromkeys(p for _, p in pairs))
+        q_reps = self.encoder.encode_queries(queries)  # (unique queries, H)
+        p_reps = self.encoder.encode_passages(passages)  # (unique passages, H)
+        q_row = {q: i for i, q in enumerate(queries)}
+        p_row = {p: i for i, p in enumerate(passages)}
+        qi = np.array([q_row[q] for q, _ in pairs])
+        pi = np.array([p_row[p] for _, p in pairs])
+        return np.einsum("nh,nh->n", q_reps[qi], p_reps[pi]).astype(np.float64)  # (pairs,)
 
 
 def score_records(records: list[Record], teacher, name: str) -> list[Record]:

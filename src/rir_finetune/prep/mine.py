@@ -1,0 +1,344 @@
+"""``rir-finetune mine``: hard negatives for every training record, from a dense model or BM25.
+
+    rir-finetune mine --input train.jsonl --output train.mined.jsonl \
+        --model all-MiniLM-L6-v2/ --corpus data/scifact --negatives 15 --range_for_sampling 10-210
+
+Every query is searched against the candidate pool (a BEIR ``corpus.jsonl`` with ``--corpus``, else every passage
+of the records, pos and neg): a dense model by exact inner product (faiss ``IndexFlatIP``; the corpus embeddings are
+cached on disk by the evaluation stack), or BM25 (``--model bm25``, bm25s). Candidates come from the ranks
+``range_for_sampling`` = ``START-END`` (0-based, END excluded, as FlagEmbedding's ``hn_mine``). Skipped: every judged
+positive of the query (by id when the record has ``pos_ids`` and the pool has ids, and always by text), copies of the
+query or of an earlier candidate, and candidates scoring above ``negative_threshold`` x the best positive's score
+(likely unjudged positives; Reinforced-IR uses 0.95). ``negatives`` are drawn from what is left, with one
+``random.Random(seed)`` in record order, and kept in rank order. When the window holds too few, the next ranks
+below it fill the gap. The output replaces ``neg`` (plus ``neg_ids`` when the pool has ids) and drops teacher scores,
+which belonged to the old negatives.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rir_finetune.errors import UserError
+from rir_finetune.prep.beir import load_corpus
+from rir_finetune.prep.common import load_config, min_mean_max, report
+from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
+
+BM25 = "bm25"
+STALE_FIELDS = ("pos_scores", "neg_scores", "teacher")  # teacher scores of the old negatives
+
+
+@dataclass
+class MineConfig:
+    input: str | None = None  # JSONL records: query, pos (and pos_ids / qid from `data from-beir`)
+    output: str | None = None  # JSONL to write: the records with mined 'neg'
+    model: str | None = None  # a dense model folder (sentence-transformers or transformers), or "bm25"
+    corpus: str | None = (
+        None  # BEIR folder whose corpus.jsonl is the candidate pool; None: the records' passages
+    )
+    negatives: int = 15  # negatives per record (upstream negative_number)
+    range_for_sampling: str = "10-210"  # candidate ranks START-END, 0-based, END excluded (upstream hn_mine)
+    negative_threshold: float | None = (
+        0.95  # drop candidates scoring above this x the positive's score; None: off
+    )
+    seed: int = 42  # sampling seed; the same input and seed give the same negatives
+    batch_size: int = 32  # dense: texts per forward pass
+    max_length: int | None = None  # dense: tokens per text; None: the model folder's limit
+    query_instruction: str | None = None  # dense: prepended to queries; None: the folder's "query" prompt
+    passage_instruction: str | None = None  # dense: prepended to passages; None: the folder's passage prompt
+    cache_dir: str | None = None  # dense: corpus-embedding cache; None: the evaluation default (~/.cache/...)
+    use_cache: bool = True  # dense: false encodes the corpus every time and stores nothing
+    search_backend: str = "auto"  # dense: auto (faiss when importable) | faiss | torch
+    device: str = "cpu"  # dense: torch device of the encoder
+    sample_range: tuple[int, int] = field(init=False, repr=False)  # parsed range_for_sampling
+
+    def __post_init__(self):
+        m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(self.range_for_sampling))
+        if not m or int(m.group(1)) >= int(m.group(2)):
+            raise UserError(
+                f"config key 'range_for_sampling': {self.range_for_sampling!r} is not START-END with START < END "
+                "(0-based ranks, e.g. 10-210)"
+            )
+        self.sample_range = (int(m.group(1)), int(m.group(2)))
+        if self.negatives <= 0:
+            raise UserError("config key 'negatives': must be a positive integer")
+        if self.negative_threshold is not None and self.negative_threshold <= 0:
+            self.negative_threshold = None
+        if self.batch_size <= 0:
+            raise UserError("config key 'batch_size': must be a positive integer")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The candidate pool and the two rankers
+
+
+@dataclass
+class Pool:
+    texts: list[str]  # passage texts, one per row of the index
+    ids: list[str] | None  # doc ids (BEIR corpus) or None (the records' own passages: text is the identity)
+    source: str  # for the summary
+
+    def __post_init__(self):
+        self.row_of_text = {}
+        for row, text in enumerate(self.texts):
+            self.row_of_text.setdefault(text, row)
+        self.row_of_id = {d: row for row, d in enumerate(self.ids)} if self.ids is not None else {}
+
+
+def build_pool(cfg: MineConfig, records: list[Record]) -> Pool:
+    if cfg.corpus:
+        ids, texts = load_corpus(cfg.corpus)
+        return Pool(texts, ids, f"{cfg.corpus}/corpus.jsonl")
+    texts = list(dict.fromkeys(t for r in records for t in [*r["pos"], *(r.get("neg") or [])]))
+    return Pool(texts, None, "the records' passages (pos + neg)")
+
+
+# rank(query rows, k) -> (scores, pool rows), both (len(rows), k), best first
+RankFn = Callable[[list[int], int], tuple[np.ndarray, np.ndarray]]
+# score(query row, pool rows) -> scores of those passages for that query
+ScoreFn = Callable[[int, list[int]], list[float]]
+
+
+class Bm25Ranker:
+    """BM25 (bm25s, Lucene variant, English stopwords, no stemming) over the pool."""
+
+    def __init__(self, pool: Pool, queries: list[str]):
+        import bm25s
+        from bm25s.tokenization import Tokenizer
+
+        self.tokenizer = Tokenizer(stopwords="en")
+        corpus_tokens = self.tokenizer.tokenize(pool.texts, return_as="tuple", show_progress=False)
+        self.retriever = bm25s.BM25()
+        self.retriever.index(corpus_tokens, show_progress=False)
+        self.query_ids = self.tokenizer.tokenize(
+            queries, update_vocab=False, return_as="ids", show_progress=False
+        )
+        self.query_tokens = self.tokenizer.tokenize(
+            queries, update_vocab=False, return_as="string", show_progress=False
+        )
+        self.n = len(pool.texts)
+
+    def rank(self, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        indices, scores = self.retriever.retrieve(
+            [self.query_ids[r] for r in rows], k=min(k, self.n), show_progress=False, n_threads=1
+        )
+        return np.asarray(scores), np.asarray(indices)
+
+    def score(self, row: int, doc_rows: list[int]) -> list[float]:
+        all_scores = self.retriever.get_scores(self.query_tokens[row])  # (N,)
+        return [float(all_scores[d]) for d in doc_rows]
+
+
+class DenseRanker:
+    """A dense encoder (the evaluation stack's, with its corpus cache) and exact inner-product search."""
+
+    def __init__(self, cfg: MineConfig, pool: Pool, queries: list[str]):
+        from rir_finetune.evaluation.cache import (
+            cache_key,
+            cached_corpus_encode,
+            corpus_hash,
+            default_cache_dir,
+        )
+        from rir_finetune.evaluation.encoder import Encoder
+        from rir_finetune.evaluation.model_folder import model_fingerprint, read_settings
+
+        settings = read_settings(
+            cfg.model,
+            max_length=cfg.max_length,
+            query_instruction=cfg.query_instruction,
+            passage_instruction=cfg.passage_instruction,
+        )
+        encoder = Encoder(settings, batch_size=cfg.batch_size, device=cfg.device)
+        ids = pool.ids if pool.ids is not None else [str(i) for i in range(len(pool.texts))]
+        key, described = cache_key(model_fingerprint(cfg.model), settings, corpus_hash(ids, pool.texts))
+        cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
+        self.corpus_reps, hit = cached_corpus_encode(
+            cache_dir, key, described, pool.texts, encoder.encode_passages
+        )  # (N, H)
+        self.cache_note = (
+            f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(pool.texts)} passages)"
+        )
+        print(self.cache_note, file=sys.stderr)
+        self.query_reps = encoder.encode_queries(queries)  # (Q, H)
+        self.backend = cfg.search_backend
+
+    def rank(self, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        from rir_finetune.evaluation.search import exact_search
+
+        return exact_search(self.query_reps[rows], self.corpus_reps, k, backend=self.backend)
+
+    def score(self, row: int, doc_rows: list[int]) -> list[float]:
+        return (self.corpus_reps[doc_rows] @ self.query_reps[row]).tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing negatives
+
+
+@dataclass
+class Candidates:
+    window: list[tuple[int, int]]  # (rank, pool row) of usable candidates inside the sampling window
+    below: list[tuple[int, int]]  # usable candidates below the window, best first (to fill a short window)
+    false_negatives: int = 0  # skipped: score above negative_threshold x positive score
+    positives: int = 0  # skipped: a judged positive of the query
+    copies: int = 0  # skipped: the query's own text or a text already taken
+
+
+def judged_rows(record: Record, pool: Pool) -> set[int]:
+    """Pool rows of the record's judged positives: by id when both sides have ids, and by text."""
+    rows = {pool.row_of_text[t] for t in record["pos"] if t in pool.row_of_text}
+    if pool.ids is not None:
+        rows |= {pool.row_of_id[str(d)] for d in record.get("pos_ids") or [] if str(d) in pool.row_of_id}
+    return rows
+
+
+def collect(
+    record: Record,
+    scores: np.ndarray,
+    rows: np.ndarray,
+    pool: Pool,
+    positive_rows: set[int],
+    limit: float | None,
+    sample_range: tuple[int, int],
+    need: int,
+) -> Candidates:
+    """Walk one query's ranking (scores, rows: (k,)) and sort candidates into window / below / skipped."""
+    start, end = sample_range
+    positive_texts = set(record["pos"])
+    out = Candidates([], [])
+    taken: set[str] = {record["query"]}
+    for rank, (score, row) in enumerate(zip(scores.tolist(), rows.tolist(), strict=True)):
+        if row < 0:  # faiss pads missing hits with -1
+            break
+        if rank >= end and len(out.window) + len(out.below) >= need:
+            break
+        if rank < start:
+            continue
+        text = pool.texts[row]
+        if row in positive_rows or text in positive_texts:
+            out.positives += 1
+        elif text in taken:
+            out.copies += 1
+        elif limit is not None and score > limit:
+            out.false_negatives += 1
+        else:
+            taken.add(text)
+            (out.window if rank < end else out.below).append((rank, row))
+    return out
+
+
+def mine(cfg: MineConfig) -> dict[str, float]:
+    """Mine negatives for every record of ``cfg.input`` and write ``cfg.output``; return the counts."""
+    for key in ("input", "model"):
+        if not getattr(cfg, key):
+            raise UserError(
+                f"config key {key!r} is required: rir-finetune mine --input IN --output OUT --model DIR|bm25"
+            )
+    records = read_records(cfg.input)
+    out = check_output_path(cfg.input, cfg.output)
+    if cfg.model != BM25 and not Path(cfg.model).is_dir():
+        raise UserError(f"{cfg.model}: model folder not found (give a dense model folder, or --model bm25)")
+    start_time = time.time()
+    pool = build_pool(cfg, records)
+    queries = [r["query"] for r in records]
+    ranker = Bm25Ranker(pool, queries) if cfg.model == BM25 else DenseRanker(cfg, pool, queries)
+    n = len(pool.texts)
+
+    positive_rows = [judged_rows(r, pool) for r in records]
+    limits: list[float | None] = []
+    no_positive_score = 0
+    for i, rows in enumerate(positive_rows):
+        pos_score = max(ranker.score(i, sorted(rows)), default=None) if rows else None
+        if cfg.negative_threshold is None or pos_score is None or pos_score <= 0:
+            no_positive_score += cfg.negative_threshold is not None
+            limits.append(None)
+        else:
+            limits.append(cfg.negative_threshold * pos_score)
+
+    # search deep enough for the window, the positives inside it and a fill; search deeper for the few that need it
+    need = cfg.negatives
+    max_pos = max(len(r) for r in positive_rows)
+    k = min(n, cfg.sample_range[1] + max_pos + 2 * need)
+    found: dict[int, Candidates] = {}
+    pending = list(range(len(records)))
+    with tqdm(total=len(records), desc="mine", unit="query") as bar:
+        while pending:
+            retry = []
+            for lo in range(0, len(pending), 1024):
+                chunk = pending[lo : lo + 1024]
+                scores, rows = ranker.rank(chunk, k)  # (len(chunk), k)
+                for j, i in enumerate(chunk):
+                    c = collect(
+                        records[i],
+                        scores[j],
+                        rows[j],
+                        pool,
+                        positive_rows[i],
+                        limits[i],
+                        cfg.sample_range,
+                        need,
+                    )
+                    if len(c.window) + len(c.below) < need and k < n:
+                        retry.append(i)
+                    else:
+                        found[i] = c
+                        bar.update(1)
+            pending, k = retry, min(n, 4 * k)
+
+    rng = random.Random(cfg.seed)
+    counts = {"false_negatives": 0, "positives": 0, "copies": 0, "filled": 0, "short": 0}
+    per_record: list[int] = []
+    with atomic_jsonl(out) as f:
+        for i, record in enumerate(records):
+            c = found[i]
+            if len(c.window) >= need:
+                chosen = sorted(rng.sample(c.window, need))  # rank order
+            else:
+                chosen = c.window + c.below[: need - len(c.window)]
+                counts["filled"] += bool(c.below)
+                counts["short"] += len(chosen) < need
+            for key in ("false_negatives", "positives", "copies"):
+                counts[key] += getattr(c, key)
+            result = {k: v for k, v in record.items() if k not in STALE_FIELDS and k != "neg_ids"}
+            result["neg"] = [pool.texts[row] for _, row in chosen]
+            if pool.ids is not None:
+                result["neg_ids"] = [pool.ids[row] for _, row in chosen]
+            f.write(dump_line(result))
+            per_record.append(len(chosen))
+    stale = sum(any(k in r for k in STALE_FIELDS) for r in records)
+    seconds = time.time() - start_time
+    threshold = f"score > {cfg.negative_threshold} x positive" if cfg.negative_threshold else "threshold off"
+    lines = [
+        f"{len(records)} records; negatives per record {min_mean_max(per_record)} (asked {need})",
+        f"pool: {n} passages from {pool.source}; {'BM25' if cfg.model == BM25 else cfg.model}; "
+        f"ranks {cfg.sample_range[0]}-{cfg.sample_range[1]}",
+        f"{counts['false_negatives']} candidates dropped as likely false negatives ({threshold})",
+        f"{counts['positives']} judged positives skipped; {counts['copies']} copies of the query or of a taken passage",
+        f"{counts['filled']} records filled from below the window; {counts['short']} records short of {need}",
+    ]
+    if no_positive_score and cfg.negative_threshold is not None:
+        lines.append(
+            f"{no_positive_score} records without a positive score in the pool: threshold not applied"
+        )
+    if stale:
+        lines.append(
+            f"{stale} records had teacher scores for their old negatives: removed (run `score` again)"
+        )
+    lines.append(f"wrote {out} ({seconds:.1f} s)")
+    report("mine", lines)
+    return {"records": len(records), "seconds": seconds, **counts,
+            "min_negatives": min(per_record), "max_negatives": max(per_record),
+            "mean_negatives": sum(per_record) / len(per_record)}  # fmt: skip
+
+
+def run_mine(config_file: str | None, overrides: list[str]) -> dict[str, float]:
+    return mine(load_config(MineConfig, config_file, overrides))

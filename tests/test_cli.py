@@ -1,0 +1,58 @@
+"""The command line: one-line errors, exit code 2, no traceback, nothing written; `python -m` works."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import make_records, write_jsonl
+
+from rir_finetune.cli import main
+
+
+def _run_cli(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    err = capsys.readouterr().err
+    return e.value.code, err
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key",
+    [
+        ("learning_rat: 1e-5\n", "unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
+        ("learning_rate: fast\n", "config key 'learning_rate': expected a number"),
+        ("training_type: retrival_answer\n", "config key 'training_type'"),
+        ("kd_loss_type: m3\n", "config key 'kd_loss_type'"),
+        ("temperature: -0.1\n", "config key 'temperature': must be greater than 0"),
+    ],
+)
+def test_bad_config_one_line_exit_2(tmp_path, capsys, tiny_bert_dir, yaml_text, key):
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(4))
+    cfg = tmp_path / "bad.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(f"model_name_or_path: {tiny_bert_dir}\ntrain_data: {data}\noutput_dir: {out}\n" + yaml_text)
+    code, err = _run_cli(["train", "--config", str(cfg)], capsys)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("error: ") and key in err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_broken_jsonl_line_7_named(tmp_path, capsys, tiny_bert_dir):
+    lines = make_records(6) + ['{"query": "q", "pos": ["p"'] + make_records(2)
+    data = write_jsonl(tmp_path / "t.jsonl", lines)
+    code, err = _run_cli(["train", "--model_name_or_path", str(tiny_bert_dir), "--train_data", str(data),
+                          "--output_dir", str(tmp_path / "o"), "--training_type", "retrieval"], capsys)  # fmt: skip
+    assert code == 2 and f"{data}:7: malformed JSON" in err and err.count("\n") == 1
+
+
+def test_python_dash_m_entry_point_and_console_script(tmp_path):
+    for cmd in ([sys.executable, "-m", "rir_finetune", "train", "--learning_rat", "1"],):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1].startswith("error: command line: unknown config key 'learning_rat'")
+        assert "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "rir_finetune", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout
