@@ -1,0 +1,199 @@
+"""`rir-finetune mine`: hard negatives from BM25 or a dense model, never a judged positive, deterministic."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rir_finetune.errors import UserError
+from rir_finetune.prep.beir import run_from_beir
+from rir_finetune.prep.mine import Pool, collect, run_mine
+
+SLICE_QUERIES = 20
+SLICE_DOCS = 300
+
+
+def read_out(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def check_negatives(records: list[dict], n: int) -> None:
+    """Every record has n distinct negatives, none of them a judged positive (by id and by text)."""
+    for r in records:
+        assert len(r["neg"]) == n and len(set(r["neg"])) == n, r["qid"]
+        assert not set(r["neg"]) & set(r["pos"])
+        if "neg_ids" in r:
+            assert len(r["neg_ids"]) == n and not set(r["neg_ids"]) & set(r["pos_ids"])
+
+
+@pytest.fixture(scope="module")
+def scifact_train(scifact_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("scifact") / "train.jsonl"
+    run_from_beir(None, [str(scifact_dir), "--split", "train", "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def scifact_slice(scifact_dir, tmp_path_factory) -> Path:
+    """20 train queries and a 300-document corpus (their positives plus the first documents), BEIR layout."""
+    folder = tmp_path_factory.mktemp("scifact_slice")
+    rows = (scifact_dir / "qrels" / "train.tsv").read_text().splitlines()[1:]
+    qids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[:SLICE_QUERIES]
+    keep_rows = [r for r in rows if r.split("\t")[0] in qids]
+    pos_ids = {r.split("\t")[1] for r in keep_rows}
+    docs = [json.loads(line) for line in (scifact_dir / "corpus.jsonl").open()]
+    chosen = [d for d in docs if d["_id"] in pos_ids]
+    chosen += [d for d in docs if d["_id"] not in pos_ids][: SLICE_DOCS - len(chosen)]
+    queries = [json.loads(line) for line in (scifact_dir / "queries.jsonl").open()]
+    (folder / "qrels").mkdir()
+    (folder / "corpus.jsonl").write_text("".join(json.dumps(d) + "\n" for d in chosen))
+    (folder / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries if q["_id"] in qids))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\n" + "\n".join(keep_rows) + "\n")
+    run_from_beir(None, [str(folder), "--out", str(folder / "train.jsonl")])
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing candidates from one ranking (no model)
+
+
+def test_collect_skips_positives_false_negatives_and_copies():
+    pool = Pool(
+        texts=["p", "a", "b", "q", "a", "c", "d", "e"], ids=[f"d{i}" for i in range(8)], source="test"
+    )
+    record = {"query": "q", "pos": ["p"], "pos_ids": ["d0"]}
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])  # rank r holds pool row r
+    rows = np.arange(8)
+    # window ranks 0-5, positive score 9.0, threshold 0.75 -> limit 6.75: rows 1 (8.0) and 2 (7.0) dropped
+    c = collect(record, scores, rows, pool, {0}, limit=6.75, sample_range=(0, 5), need=3)
+    assert c.positives == 1  # row 0
+    assert c.false_negatives == 2  # rows 1, 2
+    assert (
+        c.copies == 2
+    )  # row 3 is the query's text; row 4 repeats row 1's text "a"... (dropped earlier, so taken?)
+    assert c.window == [] and c.below == [(5, 5), (6, 6), (7, 7)]
+
+
+def test_collect_window_and_fill():
+    pool = Pool(texts=[f"t{i}" for i in range(10)], ids=None, source="test")
+    record = {"query": "q", "pos": ["t3"]}
+    c = collect(
+        record, np.linspace(1, 0, 10), np.arange(10), pool, {3}, limit=None, sample_range=(2, 5), need=4
+    )
+    assert c.window == [(2, 2), (4, 4)]  # rank 3 is the positive
+    assert c.below == [(5, 5), (6, 6)]  # just enough to fill 4, nothing more
+    assert c.positives == 1 and c.false_negatives == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# BM25 (fast on the whole SciFact corpus)
+
+
+def test_bm25_mining_on_scifact(scifact_dir, scifact_train, tmp_path, capsys):
+    out = tmp_path / "bm25.jsonl"
+    args = [
+        "--input",
+        str(scifact_train),
+        "--model",
+        "bm25",
+        "--corpus",
+        str(scifact_dir),
+        "--negatives",
+        "7",
+    ]
+    counts = run_mine(None, [*args, "--output", str(out)])
+    records = read_out(out)
+    assert len(records) == counts["records"] == 809
+    check_negatives(records, 7)
+    assert counts["positives"] > 0  # judged positives do appear in the windows, and were skipped
+    printed = capsys.readouterr().out
+    assert "809 records; negatives per record min 7 / mean 7.00 / max 7" in printed
+    assert "likely false negatives" in printed and "judged positives skipped" in printed
+    # deterministic, and the seed matters
+    run_mine(None, [*args, "--output", str(tmp_path / "again.jsonl")])
+    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
+    run_mine(None, [*args, "--output", str(tmp_path / "seed.jsonl"), "--seed", "7"])
+    assert (tmp_path / "seed.jsonl").read_text() != out.read_text()
+
+
+def test_bm25_pool_of_the_records_own_passages(tmp_path):
+    topics = ["cell", "gene", "heart", "brain", "virus", "liver"]
+    records = []
+    for i, t in enumerate(topics):
+        records.append(
+            {
+                "query": f"{t} study {i}",
+                "pos": [f"{t} study {i} result"],
+                "neg": [f"{t} unrelated note {j}" for j in range(3)]
+                + [f"{topics[i - 1]} study {i - 1} result"],
+            }
+        )
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "out.jsonl"
+    run_mine(None, ["--input", str(src), "--output", str(out), "--model", "bm25", "--negatives", "3",
+                    "--range_for_sampling", "0-10", "--negative_threshold", "none"])  # fmt: skip
+    mined = read_out(out)
+    pool = {t for r in records for t in r["pos"] + r["neg"]}
+    for r, m in zip(records, mined, strict=True):
+        assert len(m["neg"]) == 3 and r["pos"][0] not in m["neg"] and set(m["neg"]) <= pool
+        assert "neg_ids" not in m  # the records' own passages have no ids
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--range_for_sampling", "50-10"], "START-END with START < END"),
+        (["--negatives", "0"], "'negatives': must be a positive integer"),
+        (["--model", "no/such/dir"], "model folder not found"),
+        (["--output", "{input}"], "the output is the input file"),
+        (["--negativs", "3"], "did you mean 'negatives'"),
+    ],
+)
+def test_mine_config_errors(tmp_path, extra, message):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "pos": ["p"]}\n')
+    tokens = ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", "bm25"]
+    with pytest.raises(UserError, match=message):
+        run_mine(None, tokens + [t.format(input=src) for t in extra])
+
+
+def test_mine_malformed_input_names_the_line(tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "pos": ["p"]}\n{"query": "q" "pos": ["p"]}\n')
+    with pytest.raises(UserError, match=r"in.jsonl:2: invalid JSON"):
+        run_mine(None, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", "bm25"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense (all-MiniLM-L6-v2): a 300-document slice here, the whole corpus in the slow test
+
+
+def test_dense_mining_on_a_scifact_slice(minilm_dir, scifact_slice, tmp_path, capsys):
+    args = ["--input", str(scifact_slice / "train.jsonl"), "--model", str(minilm_dir),
+            "--corpus", str(scifact_slice), "--negatives", "15", "--range_for_sampling", "10-100",
+            "--max_length", "128", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    counts = run_mine(None, [*args, "--output", str(tmp_path / "a.jsonl")])
+    assert "corpus embeddings: encoded (300 passages)" in capsys.readouterr().err
+    records = read_out(tmp_path / "a.jsonl")
+    assert len(records) == counts["records"] == SLICE_QUERIES
+    check_negatives(records, 15)
+    assert counts["short"] == 0
+    # the second run reads the corpus embeddings from the cache and gives the same negatives
+    run_mine(None, [*args, "--output", str(tmp_path / "b.jsonl")])
+    assert "corpus embeddings: cache hit (300 passages)" in capsys.readouterr().err
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+@pytest.mark.slow
+def test_dense_mining_on_the_whole_scifact_corpus(minilm_dir, scifact_dir, scifact_train, tmp_path, capsys):
+    out = tmp_path / "mined.jsonl"
+    counts = run_mine(None, ["--input", str(scifact_train), "--output", str(out), "--model", str(minilm_dir),
+                             "--corpus", str(scifact_dir), "--negatives", "15"])  # fmt: skip
+    records = read_out(out)
+    assert len(records) == 809
+    check_negatives(records, 15)
+    print(capsys.readouterr().out, counts)
