@@ -45,7 +45,9 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
     return build_tiny_bert(tmp_path_factory.mktemp("tiny_bert"))
 
 
-def make_records(n: int = 12, n_neg: int = 4, answers: bool = True, scores: bool = False, seed: int = 0) -> list[dict]:
+def make_records(
+    n: int = 12, n_neg: int = 4, answers: bool = True, scores: bool = False, seed: int = 0
+) -> list[dict]:
     import random
 
     rng = random.Random(seed)

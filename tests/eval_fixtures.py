@@ -9,7 +9,20 @@ import numpy as np
 import pytest
 
 DATA_DIR = Path(__file__).parents[2] / "shared" / "data"  # ../shared/data from the repository root
-TINY_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "apple", "banana", "cherry", "the", "a", "is", "of"]
+TINY_VOCAB = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "apple",
+    "banana",
+    "cherry",
+    "the",
+    "a",
+    "is",
+    "of",
+]
 
 
 def minilm_dir() -> Path:
@@ -36,7 +49,9 @@ class KeywordEncoder:
     def __call__(self, texts: list[str]) -> np.ndarray:
         self.calls.append(list(texts))
         words = [t.lower().split() for t in texts]
-        return np.array([[w.count(k) for k in self.keywords] for w in words], dtype=np.float32).reshape(len(texts), -1)
+        return np.array([[w.count(k) for k in self.keywords] for w in words], dtype=np.float32).reshape(
+            len(texts), -1
+        )
 
 
 def write_beir(
@@ -86,7 +101,11 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     vocab.write_text("\n".join(TINY_VOCAB) + "\n")
     tokenizer = BertTokenizer(vocab=str(vocab))  # transformers 5 ignores vocab_file=
     config = BertConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37, vocab_size=len(TINY_VOCAB)
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=len(TINY_VOCAB),
     )
     torch.manual_seed(seed)
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
@@ -108,7 +127,9 @@ def add_st_files(
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "1_Pooling").mkdir(exist_ok=True)
     if legacy_pooling:
@@ -117,7 +138,8 @@ def add_st_files(
     else:
         pool_cfg = {"embedding_dimension": 32, "pooling_mode": pooling, "include_prompt": True}
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
-    similarity = "cosine" if normalize else "dot"  # without Normalize, cosine would still mean normalised vectors
+    # without a Normalize module, "cosine" would still mean normalised vectors
+    similarity = "cosine" if normalize else "dot"
     st_cfg = {"prompts": prompts or {}, "default_prompt_name": None, "similarity_fn_name": similarity}
     (folder / "config_sentence_transformers.json").write_text(json.dumps(st_cfg))
     if max_seq_length is not None:

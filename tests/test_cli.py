@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import make_records, write_jsonl
 
+from conftest import make_records, write_jsonl
 from rir_finetune.cli import main
 
 
@@ -32,7 +32,9 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, tiny_bert_dir, yaml_text, 
     data = write_jsonl(tmp_path / "t.jsonl", make_records(4))
     cfg = tmp_path / "bad.yaml"
     out = tmp_path / "out"
-    cfg.write_text(f"model_name_or_path: {tiny_bert_dir}\ntrain_data: {data}\noutput_dir: {out}\n" + yaml_text)
+    cfg.write_text(
+        f"model_name_or_path: {tiny_bert_dir}\ntrain_data: {data}\noutput_dir: {out}\n" + yaml_text
+    )
     code, err = _run_cli(["train", "--config", str(cfg)], capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: ") and key in err
@@ -52,7 +54,13 @@ def test_python_dash_m_entry_point_and_console_script(tmp_path):
     for cmd in ([sys.executable, "-m", "rir_finetune", "train", "--learning_rat", "1"],):
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2
-        assert r.stderr.strip().splitlines()[-1].startswith("error: command line: unknown config key 'learning_rat'")
+        assert (
+            r.stderr.strip()
+            .splitlines()[-1]
+            .startswith("error: command line: unknown config key 'learning_rat'")
+        )
         assert "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "rir_finetune", "--help"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "rir_finetune", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout

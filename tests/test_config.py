@@ -27,7 +27,9 @@ def _build(tokens, config_file=None):
 def test_upstream_launch_accepted_option_for_option(tmp_path):
     tokens = [("" if t == "EMPTY" else t.replace("OUT", str(tmp_path / "o"))) for t in UPSTREAM_LAUNCH]
     tokens = [t.replace("ds.json", str(tmp_path / "ds.json")) for t in tokens]
-    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"}))
+    (tmp_path / "ds.json").write_text(
+        json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": "auto"})
+    )
     # deepspeed needs the package; everything else is checked without it
     tokens = tokens[: tokens.index("--deepspeed")] + tokens[tokens.index("--deepspeed") + 2 :]
     model, data, obj, train = _build(tokens + ["--use_cpu", "true"])
@@ -56,7 +58,9 @@ def test_command_line_overrides_file(tmp_path):
 
 def test_sectioned_yaml_is_flattened(tmp_path):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model:\n  sentence_pooling_method: mean\ntraining:\n  output_dir: {tmp_path}/o\n  use_cpu: true\n")
+    cfg.write_text(
+        f"model:\n  sentence_pooling_method: mean\ntraining:\n  output_dir: {tmp_path}/o\n  use_cpu: true\n"
+    )
     model, *_ = _build([], cfg)
     assert model.sentence_pooling_method == "mean"
 
@@ -91,7 +95,9 @@ def test_bad_keys_and_values_name_the_key(tmp_path, tokens, message):
 def test_unknown_key_in_file_names_the_file(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("output_dir: o\nqurey_max_len: 32\n")
-    with pytest.raises(UserError, match=r"bad.yaml: unknown config key 'qurey_max_len'; did you mean 'query_max_len'"):
+    with pytest.raises(
+        UserError, match=r"bad.yaml: unknown config key 'qurey_max_len'; did you mean 'query_max_len'"
+    ):
         _build([], cfg)
 
 

@@ -6,8 +6,8 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import make_records, write_jsonl
 
+from conftest import make_records, write_jsonl
 from rir_finetune.arguments import DataArguments
 from rir_finetune.data import TrainDataset, load_train_data
 from rir_finetune.errors import UserError
@@ -22,7 +22,14 @@ def _load(paths, needs_answer=False, **kw):
     return load_train_data(_data_args(paths, **kw), needs_answer=needs_answer, seed=42)
 
 
-GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "answer": "a", "pos_scores": [1.0], "neg_scores": [0.5, 0.2]}
+GOOD = {
+    "query": "q",
+    "pos": ["p"],
+    "neg": ["n1", "n2"],
+    "answer": "a",
+    "pos_scores": [1.0],
+    "neg_scores": [0.5, 0.2],
+}
 
 
 @pytest.mark.parametrize(
@@ -36,12 +43,36 @@ GOOD = {"query": "q", "pos": ["p"], "neg": ["n1", "n2"], "answer": "a", "pos_sco
         (json.dumps({"query": "q", "pos": ["p"], "neg": [1]}), {}, "'neg' must be a list of strings"),
         (json.dumps({"query": 3, "pos": ["p"]}), {}, "missing or empty 'query'"),
         (json.dumps({"query": "q", "pos": ["p"]}), {"needs_answer": True}, "missing 'answer'"),
-        (json.dumps({**GOOD, "pos_scores": [1.0, 2.0]}), {"knowledge_distillation": True}, "'pos_scores' has 2 values but 'pos' has 1"),
-        (json.dumps({**GOOD, "neg_scores": [0.1]}), {"knowledge_distillation": True}, "'neg_scores' has 1 values but 'neg' has 2"),
-        (json.dumps({k: v for k, v in GOOD.items() if k != "pos_scores"}), {"knowledge_distillation": True}, "'pos_scores' must be a list of numbers"),
-        (json.dumps({**GOOD, "neg_scores": ["x", 1]}), {"knowledge_distillation": True}, "'neg_scores' must be a list of numbers"),
-        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [NaN], "neg_scores": [1]}', {"knowledge_distillation": True}, "NaN or infinite"),
-        ('{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": [Infinity]}', {"knowledge_distillation": True}, "NaN or infinite"),
+        (
+            json.dumps({**GOOD, "pos_scores": [1.0, 2.0]}),
+            {"knowledge_distillation": True},
+            "'pos_scores' has 2 values but 'pos' has 1",
+        ),
+        (
+            json.dumps({**GOOD, "neg_scores": [0.1]}),
+            {"knowledge_distillation": True},
+            "'neg_scores' has 1 values but 'neg' has 2",
+        ),
+        (
+            json.dumps({k: v for k, v in GOOD.items() if k != "pos_scores"}),
+            {"knowledge_distillation": True},
+            "'pos_scores' must be a list of numbers",
+        ),
+        (
+            json.dumps({**GOOD, "neg_scores": ["x", 1]}),
+            {"knowledge_distillation": True},
+            "'neg_scores' must be a list of numbers",
+        ),
+        (
+            '{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [NaN], "neg_scores": [1]}',
+            {"knowledge_distillation": True},
+            "NaN or infinite",
+        ),
+        (
+            '{"query": "q", "pos": ["p"], "neg": ["n"], "pos_scores": [1], "neg_scores": [Infinity]}',
+            {"knowledge_distillation": True},
+            "NaN or infinite",
+        ),
         ("[1, 2]", {}, "must be a JSON object"),
     ],
 )

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from eval_fixtures import KEYWORD_CORPUS, KEYWORD_QRELS, KEYWORD_QUERIES, data_dir, write_beir
 
+from eval_fixtures import KEYWORD_CORPUS, KEYWORD_QRELS, KEYWORD_QUERIES, data_dir, write_beir
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.data import load_beir
 
@@ -53,7 +53,10 @@ def test_unknown_document_names_file_and_line(beir_dir):
     with (beir_dir / "qrels" / "test.tsv").open("a") as f:
         f.write("q1\tnope\t1\n")
     # header is line 1, the 4 judgements lines 2-5, the bad one line 6
-    assert _error(beir_dir) == f"{beir_dir / 'qrels' / 'test.tsv'}:6: document 'nope' is not in {beir_dir / 'corpus.jsonl'}"
+    assert (
+        _error(beir_dir)
+        == f"{beir_dir / 'qrels' / 'test.tsv'}:6: document 'nope' is not in {beir_dir / 'corpus.jsonl'}"
+    )
 
 
 def test_unknown_query_names_file_and_line(beir_dir):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from eval_fixtures import add_st_files, make_tiny_bert
 
+from eval_fixtures import add_st_files, make_tiny_bert
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.encoder import Encoder, pool
 from rir_finetune.evaluation.model_folder import EncoderSettings, read_settings
@@ -31,10 +31,15 @@ def test_settings_of_a_plain_folder(plain_dir):
 
 def test_settings_of_a_sentence_transformers_folder(st_cls_dir, tmp_path):
     assert read_settings(st_cls_dir) == EncoderSettings(str(st_cls_dir), "cls", True, 8, "Q: ", "D: ")
-    overridden = read_settings(st_cls_dir, pooling="mean", normalize=False, max_length=4, query_instruction="")
+    overridden = read_settings(
+        st_cls_dir, pooling="mean", normalize=False, max_length=4, query_instruction=""
+    )
     assert overridden == EncoderSettings(str(st_cls_dir), "mean", False, 4, "", "D: ")
-    legacy = add_st_files(make_tiny_bert(tmp_path / "legacy"), pooling="cls", normalize=False, legacy_pooling=True)
-    assert read_settings(legacy) == EncoderSettings(str(legacy), "cls", False, 512, "", "")  # "dot": not normalised
+    legacy = add_st_files(
+        make_tiny_bert(tmp_path / "legacy"), pooling="cls", normalize=False, legacy_pooling=True
+    )
+    # similarity "dot" and no Normalize module: not normalised
+    assert read_settings(legacy) == EncoderSettings(str(legacy), "cls", False, 512, "", "")
 
 
 def test_unsupported_pooling_and_missing_folder(st_cls_dir, tmp_path):
@@ -50,7 +55,8 @@ def test_pool_by_hand():
     right = torch.tensor([[1, 1, 0], [1, 1, 1]])  # right padding
     left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding
     assert pool(hidden, right, "cls").tolist() == [[0, 1], [6, 7]]
-    assert pool(hidden, right, "mean").tolist() == [[1, 2], [8, 9]]  # ([0,1] + [2,3]) / 2; ([6,7]+[8,9]+[10,11]) / 3
+    # mean: ([0,1] + [2,3]) / 2 = [1,2]; ([6,7] + [8,9] + [10,11]) / 3 = [8,9]
+    assert pool(hidden, right, "mean").tolist() == [[1, 2], [8, 9]]
     assert pool(hidden, right, "last_token").tolist() == [[2, 3], [10, 11]]
     assert pool(hidden, left, "last_token").tolist() == [[4, 5], [10, 11]]
 
@@ -69,13 +75,16 @@ def test_plain_folder_matches_sentence_transformers_folder_and_library(plain_dir
 def test_cls_prompts_and_truncation_match_sentence_transformers(st_cls_dir):
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(st_cls_dir), device="cpu")
-    model.max_seq_length = 8  # sentence-transformers 6 reads it from the tokenizer, not sentence_bert_config.json
+    # sentence-transformers 6 reads the max length from the tokenizer, not from sentence_bert_config.json
+    model.max_seq_length = 8
     enc = Encoder(read_settings(st_cls_dir), batch_size=2, show_progress=False)
     np.testing.assert_allclose(
         enc.encode_queries(TEXTS), model.encode(TEXTS, prompt_name="query", convert_to_numpy=True), atol=1e-5
     )
     np.testing.assert_allclose(
-        enc.encode_passages(TEXTS), model.encode(TEXTS, prompt_name="document", convert_to_numpy=True), atol=1e-5
+        enc.encode_passages(TEXTS),
+        model.encode(TEXTS, prompt_name="document", convert_to_numpy=True),
+        atol=1e-5,
     )
 
 
@@ -85,4 +94,3 @@ def test_length_sorted_batches_return_input_order(plain_dir):
     one_by_one = np.concatenate([enc.encode([t]) for t in TEXTS])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
     assert enc.encode([]).shape == (0, 32)
-

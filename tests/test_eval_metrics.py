@@ -29,7 +29,8 @@ def test_per_query_values_by_hand():
     assert m["q1"]["precision@3"] == pytest.approx(2 / 3)
     assert m["q1"]["precision@5"] == pytest.approx(2 / 5)  # P@k divides by k even with 4 hits
     assert m["q1"]["mrr@1"] == 0.0 and m["q1"]["mrr@3"] == 0.5
-    assert m["q1"]["map@3"] == pytest.approx((1 / 2 + 2 / 3) / 2)  # precision at each relevant hit / #relevant
+    # AP: precision at each relevant hit, summed, / number of relevant documents
+    assert m["q1"]["map@3"] == pytest.approx((1 / 2 + 2 / 3) / 2)
     # q2: the only relevant document at rank 4: nDCG@5 = (1/log2(5)) / 1 = 0.430677, MRR@5 = 1/4, MAP@5 = 1/4
     assert m["q2"]["ndcg@3"] == 0.0 and m["q2"]["mrr@3"] == 0.0 and m["q2"]["recall@3"] == 0.0
     assert m["q2"]["ndcg@5"] == pytest.approx(1 / math.log2(5), abs=1e-9)
@@ -47,7 +48,9 @@ def test_averages_count_judged_queries_without_hits_as_zero():
     assert m["mrr@3"] == pytest.approx(0.5 / 3) and m["mrr@5"] == pytest.approx((0.5 + 0.25) / 3)
     assert m["precision@5"] == pytest.approx((2 / 5 + 1 / 5) / 3)
     assert m["map@5"] == pytest.approx(((1 / 2 + 2 / 3) / 2 + 1 / 4) / 3)
-    assert list(m) == [f"{name}@{k}" for name in ("ndcg", "map", "recall", "precision", "mrr") for k in (3, 5)]
+    assert list(m) == [
+        f"{name}@{k}" for name in ("ndcg", "map", "recall", "precision", "mrr") for k in (3, 5)
+    ]
 
 
 def test_mrr_cut_breaks_ties_like_trec_eval():

@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-from eval_fixtures import KEYWORD_CORPUS, KEYWORD_QRELS, KEYWORD_QUERIES, KEYWORDS, KeywordEncoder, write_beir
 
+from eval_fixtures import KEYWORD_CORPUS, KEYWORD_QRELS, KEYWORD_QUERIES, KEYWORDS, KeywordEncoder, write_beir
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation import evaluate_retrieval, load_beir, run_retrieval
 from rir_finetune.evaluation.answers import fuse, load_answers
@@ -60,12 +60,16 @@ def test_answers_are_encoded_as_passages_with_prefix(dataset):
 def test_fuse_and_renormalize():
     q, a = np.array([[1.0, 0.0]], dtype=np.float32), np.array([[0.0, 2.0]], dtype=np.float32)
     np.testing.assert_allclose(fuse(q, a, 0.8), [[0.8, 0.4]])  # 0.8 * q + 0.2 * a
-    np.testing.assert_allclose(fuse(q, a, 0.8, renormalize=True), [[0.8, 0.4] / np.hypot(0.8, 0.4)], rtol=1e-6)
+    np.testing.assert_allclose(
+        fuse(q, a, 0.8, renormalize=True), [[0.8, 0.4] / np.hypot(0.8, 0.4)], rtol=1e-6
+    )
 
 
 def test_missing_answers_are_an_error(dataset, tmp_path):
     path = tmp_path / "answers.jsonl"
-    path.write_text(json.dumps({"qid": "q1", "answer": "apple"}) + "\n" + json.dumps({"_id": "q2", "text": "x"}) + "\n")
+    path.write_text(
+        json.dumps({"qid": "q1", "answer": "apple"}) + "\n" + json.dumps({"_id": "q2", "text": "x"}) + "\n"
+    )
     answers = load_answers(path)
     assert answers == {"q1": "apple", "q2": "x"}
     enc = KeywordEncoder(KEYWORDS)
@@ -81,7 +85,8 @@ def test_faiss_and_torch_give_the_same_ranking(monkeypatch):
     rng = np.random.default_rng(0)
     q, c = rng.standard_normal((7, 16)).astype(np.float32), rng.standard_normal((300, 16)).astype(np.float32)
     fs, fi = exact_search(q, c, 50, backend="faiss")
-    ts, ti = exact_search(q, c, 50, backend="torch", query_chunk=3, corpus_chunk=64)  # several chunks each way
+    # several chunks each way
+    ts, ti = exact_search(q, c, 50, backend="torch", query_chunk=3, corpus_chunk=64)
     np.testing.assert_array_equal(fi, ti)
     np.testing.assert_allclose(fs, ts, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ti[:, 0], (q @ c.T).argmax(axis=1))
@@ -96,6 +101,8 @@ def test_ignore_identical_ids_drops_the_query_itself():
     scores = np.array([[0.9, 0.8, 0.7]], dtype=np.float32)
     indices = np.array([[1, 0, 2]])
     doc_ids = ["a", "q", "b"]
-    assert build_run(["q"], doc_ids, scores, indices, top_k=2) == {"q": {"a": pytest.approx(0.8), "b": pytest.approx(0.7)}}
+    assert build_run(["q"], doc_ids, scores, indices, top_k=2) == {
+        "q": {"a": pytest.approx(0.8), "b": pytest.approx(0.7)}
+    }
     kept = build_run(["q"], doc_ids, scores, indices, top_k=2, ignore_identical_ids=False)
     assert list(kept["q"]) == ["q", "a"]

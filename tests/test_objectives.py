@@ -84,7 +84,9 @@ def test_m3_own_group_single_query_hand_value():
     step1 = math.log(E + 1) - 0  # pick 2 among {1,2}: 1.313262
     step2 = 0.0  # pick 1 among {1}
     expected = (step0 + step1 + step2) / 3  # = 0.573623
-    assert listwise_kd_loss(s, order, group_size=3, in_batch=False).item() == pytest.approx(expected, abs=1e-6)
+    assert listwise_kd_loss(s, order, group_size=3, in_batch=False).item() == pytest.approx(
+        expected, abs=1e-6
+    )
 
 
 def test_m3_in_batch_two_queries_hand_value():
@@ -173,7 +175,9 @@ def test_terms_per_training_type(training_type, kd, expected_terms):
 
 
 def test_weighted_sum_uses_configured_weights():
-    cfg = _cfg(training_type="retrieval_answer_passage", qp_weight=2.0, qa_weight=0.5, ap_weight=0.3, norm_weight=4.0)
+    cfg = _cfg(
+        training_type="retrieval_answer_passage", qp_weight=2.0, qa_weight=0.5, ap_weight=0.3, norm_weight=4.0
+    )
     out = compute_objectives(Q, P, cfg, a_reps=A)
     t = out.terms
     expected = 2.0 * t["loss_qp"] + 0.5 * t["loss_qa"] + 0.3 * t["loss_ap"] + 4.0 * t["loss_norm"]
@@ -188,7 +192,12 @@ def test_weighted_sum_uses_configured_weights():
 
 def test_default_weights_are_upstream():
     cfg = ObjectiveArguments()
-    assert (cfg.temperature, cfg.answer_temperature, cfg.ap_weight, cfg.norm_weight) == (0.02, 0.05, 0.25, 1.0)
+    assert (cfg.temperature, cfg.answer_temperature, cfg.ap_weight, cfg.norm_weight) == (
+        0.02,
+        0.05,
+        0.25,
+        1.0,
+    )
     assert cfg.training_type == "retrieval_answer"
 
 
@@ -203,7 +212,9 @@ def test_kl_div_term_uses_own_group_student_scores():
 def test_no_in_batch_negatives_changes_qp_to_own_group():
     cfg = _cfg(training_type="retrieval")
     out = compute_objectives(Q, P, cfg, in_batch=False)
-    assert out.terms["loss_qp"].item() == pytest.approx((math.log(1 + math.exp(-1)) + math.log(2)) / 2, abs=1e-6)
+    assert out.terms["loss_qp"].item() == pytest.approx(
+        (math.log(1 + math.exp(-1)) + math.log(2)) / 2, abs=1e-6
+    )
 
 
 def test_scores_are_fp32_under_half_inputs():

@@ -61,20 +61,17 @@ def scifact_slice(scifact_dir, tmp_path_factory) -> Path:
 
 
 def test_collect_skips_positives_false_negatives_and_copies():
-    pool = Pool(
-        texts=["p", "a", "b", "q", "a", "c", "d", "e"], ids=[f"d{i}" for i in range(8)], source="test"
-    )
+    texts = ["p", "a", "b", "q", "c", "c", "d", "e"]
+    pool = Pool(texts=texts, ids=[f"d{i}" for i in range(8)], source="test")
     record = {"query": "q", "pos": ["p"], "pos_ids": ["d0"]}
     scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])  # rank r holds pool row r
-    rows = np.arange(8)
-    # window ranks 0-5, positive score 9.0, threshold 0.75 -> limit 6.75: rows 1 (8.0) and 2 (7.0) dropped
-    c = collect(record, scores, rows, pool, {0}, limit=6.75, sample_range=(0, 5), need=3)
-    assert c.positives == 1  # row 0
-    assert c.false_negatives == 2  # rows 1, 2
-    assert (
-        c.copies == 2
-    )  # row 3 is the query's text; row 4 repeats row 1's text "a"... (dropped earlier, so taken?)
-    assert c.window == [] and c.below == [(5, 5), (6, 6), (7, 7)]
+    # window ranks 0-4 (END 5 excluded); positive score 9.0 x threshold 0.75 = limit 6.75
+    c = collect(record, scores, np.arange(8), pool, {0}, limit=6.75, sample_range=(0, 5), need=3)
+    assert c.positives == 1  # rank 0, the judged positive
+    assert c.false_negatives == 2  # ranks 1 and 2 score above 6.75
+    assert c.copies == 2  # rank 3 is the query's own text, rank 5 repeats rank 4's text
+    assert c.window == [(4, 4)]  # the only usable candidate inside the window
+    assert c.below == [(6, 6), (7, 7)]  # the fill, best first
 
 
 def test_collect_window_and_fill():
@@ -190,10 +187,31 @@ def test_dense_mining_on_a_scifact_slice(minilm_dir, scifact_slice, tmp_path, ca
 
 @pytest.mark.slow
 def test_dense_mining_on_the_whole_scifact_corpus(minilm_dir, scifact_dir, scifact_train, tmp_path, capsys):
-    out = tmp_path / "mined.jsonl"
-    counts = run_mine(None, ["--input", str(scifact_train), "--output", str(out), "--model", str(minilm_dir),
-                             "--corpus", str(scifact_dir), "--negatives", "15"])  # fmt: skip
+    """The shared file train_hn_minilm.ids.jsonl was mined with the same recipe as ranks 10-60, no threshold, seed 42:
+    every record must get exactly its negatives (kept here in rank order, there in drawing order)."""
+    base = [
+        "--input",
+        str(scifact_train),
+        "--model",
+        str(minilm_dir),
+        "--corpus",
+        str(scifact_dir),
+        "--negatives",
+        "15",
+    ]
+    out = tmp_path / "parity.jsonl"
+    run_mine(
+        None, [*base, "--output", str(out), "--range_for_sampling", "10-60", "--negative_threshold", "none"]
+    )
     records = read_out(out)
     assert len(records) == 809
     check_negatives(records, 15)
-    print(capsys.readouterr().out, counts)
+    reference = {
+        str(r["qid"]): r["neg"] for r in map(json.loads, (scifact_dir / "train_hn_minilm.ids.jsonl").open())
+    }
+    assert all(sorted(r["neg_ids"]) == sorted(reference[r["qid"]]) for r in records)
+    # the default recipe (ranks 10-210, threshold 0.95) reads the cached corpus embeddings
+    counts = run_mine(None, [*base, "--output", str(tmp_path / "mined.jsonl")])
+    assert "cache hit (5183 passages)" in capsys.readouterr().err
+    check_negatives(read_out(tmp_path / "mined.jsonl"), 15)
+    assert counts["false_negatives"] > 0 and counts["short"] == 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_records, write_jsonl
 
+from conftest import make_records, write_jsonl
 from rir_finetune.errors import UserError
 from rir_finetune.train import RESOLVED_CONFIG, run_train
 
@@ -54,7 +54,9 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
 )
 def test_every_training_type_trains(tmp_path, tiny_bert_dir, train_file, training_type, kd):
     extra = {"knowledge_distillation": True, "kd_loss_type": kd} if kd else {}
-    out = run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", training_type=training_type, **extra))
+    out = run_train(
+        None, _opts(tiny_bert_dir, train_file, tmp_path / "o", training_type=training_type, **extra)
+    )
     assert (out / "modules.json").is_file()
     cfg = (out / RESOLVED_CONFIG).read_text()
     assert f"training_type: {training_type}" in cfg
@@ -96,7 +98,9 @@ def test_training_lowers_loss_on_a_fixed_batch(tmp_path, tiny_bert_dir, train_fi
     assert loss_of(out) < loss_of(tiny_bert_dir) - 0.05
 
 
-def test_saved_model_loads_in_sentence_transformers_with_equal_embeddings(tmp_path, tiny_bert_dir, train_file):
+def test_saved_model_loads_in_sentence_transformers_with_equal_embeddings(
+    tmp_path, tiny_bert_dir, train_file
+):
     from sentence_transformers import SentenceTransformer
     from transformers import AutoModel
 
@@ -150,14 +154,18 @@ def test_per_term_losses_are_logged(tmp_path, tiny_bert_dir, train_file):
     first = logs[0]
     assert {"loss", "loss_qp", "loss_qa", "loss_ap", "loss_norm", "loss_kd"} <= set(first)
     # the logged total is the weighted sum of the logged terms (defaults: 1, 1, 0.25, 1, 1)
-    total = first["loss_qp"] + first["loss_qa"] + 0.25 * first["loss_ap"] + first["loss_norm"] + first["loss_kd"]
+    total = (
+        first["loss_qp"] + first["loss_qa"] + 0.25 * first["loss_ap"] + first["loss_norm"] + first["loss_kd"]
+    )
     assert first["loss"] == pytest.approx(total, rel=1e-3)
 
 
 def test_records_without_negatives_train(tmp_path, tiny_bert_dir):
     recs = make_records(8, n_neg=0)
     f = write_jsonl(tmp_path / "t.jsonl", recs)
-    out = run_train(None, _opts(tiny_bert_dir, f, tmp_path / "o", train_group_size=1, training_type="retrieval"))
+    out = run_train(
+        None, _opts(tiny_bert_dir, f, tmp_path / "o", train_group_size=1, training_type="retrieval")
+    )
     assert (out / "model.safetensors").is_file()
 
 

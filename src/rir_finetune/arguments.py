@@ -60,7 +60,9 @@ class DataArguments:
     answer_max_len: int | None = None  # tokens per answer; None: same as query_max_len (upstream)
     pad_to_multiple_of: int | None = None  # pad sequence lengths to a multiple of this
     max_example_num_per_dataset: int = 100_000_000  # cap on records read from each file
-    query_instruction_for_retrieval: str | None = None  # prepended to queries (and answers); None adds nothing
+    query_instruction_for_retrieval: str | None = (
+        None  # prepended to queries (and answers); None adds nothing
+    )
     query_instruction_format: str = "{}{}"  # how instruction and query are joined
     passage_instruction_for_retrieval: str | None = None  # prepended to passages; None adds nothing
     passage_instruction_format: str = "{}{}"
@@ -103,9 +105,13 @@ class ObjectiveArguments:
     kd_weight: float = 1.0  # weight of L_kd
     kd_loss_type: str = "kl_div"  # kl_div | m3_kd_loss | m3_kd_loss_weighted
     teacher_temperature: float = 1.0  # teacher probs = softmax(scores / teacher_temperature) (kl_div)
-    pos_score_shrink: float = 0.2  # upstream: a positive scored above every negative moves this far toward the best negative
+    pos_score_shrink: float = (
+        0.2  # upstream: a positive scored above every negative moves this far toward the best negative
+    )
     negatives_cross_device: bool = False  # share passages and answers across processes
-    use_in_batch_negatives: bool = True  # False: every query sees only its own group (also: `no_in_batch_neg` files)
+    use_in_batch_negatives: bool = (
+        True  # False: every query sees only its own group (also: `no_in_batch_neg` files)
+    )
 
     def __post_init__(self):
         if self.training_type not in TRAINING_TYPES:
@@ -142,10 +148,12 @@ class RIRTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the run-control keys of upstream launches."""
 
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "allow training into a non-empty output_dir (its checkpoints are kept)"}
+        default=False,
+        metadata={"help": "allow training into a non-empty output_dir (its checkpoints are kept)"},
     )
     warmup_ratio: float | None = field(
-        default=None, metadata={"help": "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)"}
+        default=None,
+        metadata={"help": "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)"},
     )
 
     def __post_init__(self):
@@ -159,7 +167,9 @@ class RIRTrainingArguments(TrainingArguments):
         # we log per-term losses ourselves and never need the `labels` column
         self.remove_unused_columns = False
         if self.ddp_find_unused_parameters is None:
-            self.ddp_find_unused_parameters = False  # every trainable parameter reaches the loss (pooler frozen)
+            self.ddp_find_unused_parameters = (
+                False  # every trainable parameter reaches the loss (pooler frozen)
+            )
         super().__post_init__()
 
 

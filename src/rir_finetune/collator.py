@@ -60,7 +60,9 @@ class RIRCollator:
                 else None
             ),
             teacher_scores=(
-                torch.tensor([it["teacher_scores"] for it in items], dtype=torch.float32) if has_teacher else None
+                torch.tensor([it["teacher_scores"] for it in items], dtype=torch.float32)
+                if has_teacher
+                else None
             ),
             no_in_batch_neg=flags.pop(),
         )

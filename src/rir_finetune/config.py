@@ -22,6 +22,7 @@ import yaml
 
 from rir_finetune.errors import UserError
 
+_NONE_IS_A_VALUE = {"report_to"}  # keys where the text "none" is a real value, not null
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off", "none", ""}
 
@@ -85,7 +86,9 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             continue
         values = []
         i += 1
-        while i < len(tokens) and not (tokens[i].startswith("--") and len(tokens[i]) > 2 and not _is_number(tokens[i])):
+        while i < len(tokens) and not (
+            tokens[i].startswith("--") and len(tokens[i]) > 2 and not _is_number(tokens[i])
+        ):
             values.append(tokens[i])
             i += 1
         key = key.replace("-", "_")
@@ -121,7 +124,8 @@ def convert_value(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null"}):
+        none_text = isinstance(value, str) and value.strip().lower() in {"none", "null"}
+        if value is None or (none_text and key not in _NONE_IS_A_VALUE):
             if type(None) in args:
                 return None
         errors = []

@@ -95,7 +95,9 @@ def validate_record(
     if answer is not None and not isinstance(answer, str):
         raise located(path, line, "'answer' must be a string")
     if needs_answer and not (answer or "").strip():
-        raise located(path, line, "missing 'answer' (the training_type uses answers; set training_type retrieval)")
+        raise located(
+            path, line, "missing 'answer' (the training_type uses answers; set training_type retrieval)"
+        )
     prompt = obj.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise located(path, line, "'prompt' must be a string")
@@ -164,7 +166,9 @@ def load_train_data(args: DataArguments, needs_answer: bool, seed: int) -> Train
     for i, f in enumerate(files):
         recs = read_jsonl(f, **checks)
         if len(recs) > args.max_example_num_per_dataset:
-            keep = sorted(random.Random(f"{seed}-{i}-subset").sample(range(len(recs)), args.max_example_num_per_dataset))
+            keep = sorted(
+                random.Random(f"{seed}-{i}-subset").sample(range(len(recs)), args.max_example_num_per_dataset)
+            )
             recs = [recs[j] for j in keep]
         per_file.append(recs)
 

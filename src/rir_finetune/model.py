@@ -72,7 +72,9 @@ class BiEncoder(nn.Module):
         try:
             backbone = AutoModel.from_pretrained(path, **hf_kwargs)
         except OSError as e:
-            raise UserError(f"config key 'model_name_or_path': cannot load a model from {path!r} ({e})") from None
+            raise UserError(
+                f"config key 'model_name_or_path': cannot load a model from {path!r} ({e})"
+            ) from None
         freeze_unused(backbone)
         return cls(backbone, pooling=pooling, normalize=normalize, sub_batch_size=sub_batch_size)
 
@@ -112,7 +114,9 @@ class BiEncoder(nn.Module):
 
     # -- trainer hooks ---------------------------------------------------------------------------------------------
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kw) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **kw
+    ) -> None:
         """Recompute activations in backward (``gradient_checkpointing``); non-reentrant by default."""
         kwargs = activation_checkpointing_kwargs or {"use_reentrant": False}
         if hasattr(self.backbone, "activation_checkpointing_enable"):

@@ -25,7 +25,12 @@ POOLING_FLAGS = {
 
 
 def sentence_transformers_files(
-    dim: int, pooling: str, normalize: bool, max_seq_length: int, query_prompt: str | None, passage_prompt: str | None
+    dim: int,
+    pooling: str,
+    normalize: bool,
+    max_seq_length: int,
+    query_prompt: str | None,
+    passage_prompt: str | None,
 ) -> dict[str, dict | list]:
     """The JSON files of the sentence-transformers layout, by relative path."""
     modules = [
@@ -33,7 +38,9 @@ def sentence_transformers_files(
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
     ]
     if normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        modules.append(
+            {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+        )
     pool_cfg = {"word_embedding_dimension": dim, "include_prompt": True}
     pool_cfg.update({flag: name == pooling for name, flag in POOLING_FLAGS.items()})
     pool_cfg.update({"pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False})
@@ -75,7 +82,9 @@ def save_encoder(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         dim = backbone.config.hidden_size
-        files = sentence_transformers_files(dim, pooling, normalize, max_seq_length, query_prompt, passage_prompt)
+        files = sentence_transformers_files(
+            dim, pooling, normalize, max_seq_length, query_prompt, passage_prompt
+        )
         for rel, content in files.items():
             if rel == "modules.json":
                 continue

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -45,12 +46,10 @@ def resolve_resume(train_args: RIRTrainingArguments) -> str | None:
 
     Refuses a non-empty output_dir unless resuming or ``overwrite_output_dir`` is set.
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     out = Path(train_args.output_dir)
     resume = train_args.resume_from_checkpoint
     if resume is not None and str(resume).lower() in {"auto", "latest", "true"}:
-        resume = get_last_checkpoint(str(out)) if out.is_dir() else None
+        resume = latest_complete_checkpoint(out)
         if resume is None:
             logger.info("resume_from_checkpoint auto: no checkpoint in %s, starting from scratch", out)
     elif resume is not None and not Path(resume).is_dir():
@@ -63,6 +62,31 @@ def resolve_resume(train_args: RIRTrainingArguments) -> str | None:
                 "or pass --overwrite_output_dir true, or choose another folder"
             )
     return resume
+
+
+def checkpoint_is_complete(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last: a checkpoint is complete when it parses and weights exist."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return any(folder.glob("model*.safetensors"))
+
+
+def latest_complete_checkpoint(out: Path) -> str | None:
+    """Newest ``checkpoint-N`` in ``out`` that was written completely (a kill mid-save leaves an incomplete one)."""
+    if not out.is_dir():
+        return None
+    found = []
+    for p in out.iterdir():
+        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    for _, p in sorted(found, reverse=True):
+        if checkpoint_is_complete(p):
+            return str(p)
+        logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", p)
+    return None
 
 
 def write_resolved_config(out: Path, parts: list) -> None:
@@ -80,7 +104,9 @@ def write_resolved_config(out: Path, parts: list) -> None:
 def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     """Train and save; returns the output folder. Raises :class:`UserError` for bad input."""
     model_args, data_args, obj_args, train_args = load_configs(config_file, overrides)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    level = logging.INFO if train_args.process_index == 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
+    logger.setLevel(level)
 
     from rir_finetune.model import check_model_path
 

@@ -4,25 +4,37 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from rir_finetune import distributed
 from rir_finetune.arguments import ObjectiveArguments
 from rir_finetune.errors import UserError
 from rir_finetune.model import BiEncoder
 from rir_finetune.objectives import compute_objectives
-from rir_finetune.saving import save_encoder
 from rir_finetune.sampler import GroupedBatchSampler
+from rir_finetune.saving import save_encoder
 
 
 class NonFiniteLossError(UserError):
     """Training stopped on a NaN or infinite loss; the last saved checkpoint is kept."""
+
+
+class KillAfterSave(TrainerCallback):
+    """Test hook: ``RIR_FINETUNE_KILL_AFTER_SAVE=N`` SIGKILLs the process right after checkpoint N is saved."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 class RIRTrainer(Trainer):
@@ -40,6 +52,8 @@ class RIRTrainer(Trainer):
         self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
         self._term_sums: dict[str, float] = {}
         self._term_count = 0
+        if os.environ.get("RIR_FINETUNE_KILL_AFTER_SAVE"):
+            self.add_callback(KillAfterSave(int(os.environ["RIR_FINETUNE_KILL_AFTER_SAVE"])))
 
     # -- data ------------------------------------------------------------------------------------------------------
 
@@ -51,8 +65,11 @@ class RIRTrainer(Trainer):
             collate_fn=self.data_collator,
             num_workers=self.args.dataloader_num_workers,
             pin_memory=self.args.dataloader_pin_memory,
-            persistent_workers=self.args.dataloader_persistent_workers and self.args.dataloader_num_workers > 0,
-            prefetch_factor=self.args.dataloader_prefetch_factor if self.args.dataloader_num_workers > 0 else None,
+            persistent_workers=self.args.dataloader_persistent_workers
+            and self.args.dataloader_num_workers > 0,
+            prefetch_factor=self.args.dataloader_prefetch_factor
+            if self.args.dataloader_num_workers > 0
+            else None,
         )
         prepared = self.accelerator.prepare(loader)
         shard = getattr(prepared, "batch_sampler", None)

@@ -57,6 +57,8 @@ class Encoder:
         self.show_progress = show_progress
         path = settings.transformer_dir
         self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:  # decoder-only tokenizers: padding is masked out anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
 

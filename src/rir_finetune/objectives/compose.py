@@ -9,7 +9,12 @@ from torch import Tensor
 from rir_finetune import distributed
 from rir_finetune.arguments import ObjectiveArguments
 from rir_finetune.objectives.contrastive import info_nce
-from rir_finetune.objectives.distill import kl_div_loss, listwise_kd_loss, teacher_order, weighted_listwise_kd_loss
+from rir_finetune.objectives.distill import (
+    kl_div_loss,
+    listwise_kd_loss,
+    teacher_order,
+    weighted_listwise_kd_loss,
+)
 from rir_finetune.objectives.norm import answer_norm_loss
 from rir_finetune.objectives.scores import batch_scores, group_scores
 
@@ -50,7 +55,10 @@ def compute_objectives(
 
     if in_batch and cfg.negatives_cross_device and distributed.is_distributed():
         distributed.check_same_across_ranks(
-            queries=b, group_size=group_size, answer_group=answer_group, has_teacher=teacher_scores is not None
+            queries=b,
+            group_size=group_size,
+            answer_group=answer_group,
+            has_teacher=teacher_scores is not None,
         )
         q_reps, p_reps = distributed.gather_with_grad(q_reps), distributed.gather_with_grad(p_reps)
         if uses_answers:
@@ -76,7 +84,9 @@ def compute_objectives(
                 else group_scores(q_reps, p_reps, group_size, cfg.temperature)  # (N, G)
             )
             if cfg.kd_loss_type == "m3_kd_loss":
-                terms["loss_kd"] = listwise_kd_loss(scores, teacher_order(teacher_scores), group_size, in_batch)
+                terms["loss_kd"] = listwise_kd_loss(
+                    scores, teacher_order(teacher_scores), group_size, in_batch
+                )
             else:
                 terms["loss_kd"] = weighted_listwise_kd_loss(
                     scores, teacher_scores, group_size, in_batch, cfg.teacher_temperature

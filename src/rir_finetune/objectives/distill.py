@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def kl_div_loss(student_group_scores: Tensor, teacher_scores: Tensor, teacher_temperature: float = 1.0) -> Tensor:
+def kl_div_loss(
+    student_group_scores: Tensor, teacher_scores: Tensor, teacher_temperature: float = 1.0
+) -> Tensor:
     """Soft cross-entropy between the teacher's and the student's distributions over each query's own group.
 
     student_group_scores: (N, G) student scores s_ij / tau of query i against its group.
@@ -42,7 +44,11 @@ def listwise_kd_loss(scores: Tensor, order: Tensor, group_size: int, in_batch: b
     """
     scores = scores.float()
     n = scores.size(0)
-    base = torch.arange(n, device=scores.device) * group_size if in_batch else torch.zeros(n, device=scores.device)
+    base = (
+        torch.arange(n, device=scores.device) * group_size
+        if in_batch
+        else torch.zeros(n, device=scores.device)
+    )
     cols = base.long().unsqueeze(1) + order  # (N, G) column of each ranked member
     ranked = torch.zeros_like(scores, dtype=torch.bool)  # (N, M) members already ranked
     rows = torch.arange(n, device=scores.device)
@@ -56,7 +62,11 @@ def listwise_kd_loss(scores: Tensor, order: Tensor, group_size: int, in_batch: b
 
 
 def weighted_listwise_kd_loss(
-    scores: Tensor, teacher_scores: Tensor, group_size: int, in_batch: bool = True, teacher_temperature: float = 1.0
+    scores: Tensor,
+    teacher_scores: Tensor,
+    group_size: int,
+    in_batch: bool = True,
+    teacher_temperature: float = 1.0,
 ) -> Tensor:
     """The base library's ``m3_kd_loss``: each listwise step weighted by the teacher probability, summed.
 
@@ -67,7 +77,11 @@ def weighted_listwise_kd_loss(
     scores = scores.float()
     n = scores.size(0)
     probs = F.softmax(teacher_scores.float() / teacher_temperature, dim=-1)  # (N, G)
-    base = torch.arange(n, device=scores.device) * group_size if in_batch else torch.zeros(n, device=scores.device)
+    base = (
+        torch.arange(n, device=scores.device) * group_size
+        if in_batch
+        else torch.zeros(n, device=scores.device)
+    )
     rows = torch.arange(n, device=scores.device)
     ranked = torch.zeros_like(scores, dtype=torch.bool)
     loss = scores.new_zeros(())
