@@ -111,3 +111,35 @@ def test_broken_yaml_names_file_and_line(tmp_path):
 def test_parse_overrides_forms():
     got = parse_overrides(["--a", "1", "--flag", "--b=x", "--lst", "p", "q", "--neg", "-1"])
     assert got == {"a": "1", "flag": True, "b": "x", "lst": ["p", "q"], "neg": "-1"}
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+def test_shipped_configs_load_and_open_with_their_command(tmp_path, path):
+    header = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        header.append(line)
+    # the opening comment holds the command that runs this config
+    assert any(("rir-finetune train" in h or "-m rir_finetune train" in h) and path.name in "".join(header) for h in header)
+    overrides = ["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--fp16", "false"]
+    overrides += ["--train_data", "x.jsonl", "--model_name_or_path", "m"]
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        overrides += ["--deepspeed", "none"]
+    model, data, obj, train = _build(overrides, path)
+    assert obj.training_type in path.read_text()
+
+
+def test_deepspeed_without_the_package_is_a_clean_error(tmp_path):
+    try:
+        import deepspeed  # noqa: F401
+
+        pytest.skip("deepspeed is installed")
+    except ImportError:
+        pass
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 1}}')
+    with pytest.raises(UserError, match="not installed"):
+        _build(["--output_dir", str(tmp_path / "o"), "--deepspeed", str(ds)])

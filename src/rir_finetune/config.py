@@ -261,6 +261,9 @@ def build_configs(
         except (ValueError, TypeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"invalid configuration ({cls.__name__}): {msg}") from None
+        except ImportError as e:  # e.g. `deepspeed` set but the package is not installed
+            msg = " ".join(str(e).split())
+            raise UserError(f"a configured feature needs a package that is not installed: {msg}") from None
     return out
 
 
