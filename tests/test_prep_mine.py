@@ -13,7 +13,7 @@ from rir_finetune.prep.beir import run_from_beir
 from rir_finetune.prep.mine import Pool, collect, run_mine
 
 SLICE_QUERIES = 20
-SLICE_DOCS = 300
+SLICE_DOCS = 160
 
 
 def read_out(path: Path) -> list[dict]:
@@ -38,7 +38,7 @@ def scifact_train(scifact_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scifact_slice(scifact_dir, tmp_path_factory) -> Path:
-    """20 train queries and a 300-document corpus (their positives plus the first documents), BEIR layout."""
+    """20 train queries and a 160-document corpus (their positives plus the first documents), BEIR layout."""
     folder = tmp_path_factory.mktemp("scifact_slice")
     rows = (scifact_dir / "qrels" / "train.tsv").read_text().splitlines()[1:]
     qids = list(dict.fromkeys(r.split("\t")[0] for r in rows))[:SLICE_QUERIES]
@@ -109,11 +109,17 @@ def test_bm25_mining_on_scifact(scifact_dir, scifact_train, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "809 records; negatives per record min 7 / mean 7.00 / max 7" in printed
     assert "likely false negatives" in printed and "judged positives skipped" in printed
-    # deterministic, and the seed matters
-    run_mine(None, [*args, "--output", str(tmp_path / "again.jsonl")])
-    assert (tmp_path / "again.jsonl").read_text() == out.read_text()
-    run_mine(None, [*args, "--output", str(tmp_path / "seed.jsonl"), "--seed", "7"])
-    assert (tmp_path / "seed.jsonl").read_text() != out.read_text()
+
+
+def test_bm25_mining_is_seeded_and_deterministic(scifact_slice, tmp_path):
+    args = ["--input", str(scifact_slice / "train.jsonl"), "--model", "bm25", "--corpus", str(scifact_slice),
+            "--negatives", "5", "--range_for_sampling", "5-60"]  # fmt: skip
+    outs = [tmp_path / f"{name}.jsonl" for name in ("a", "b", "seed7")]
+    for out, seed in zip(outs, ["42", "42", "7"], strict=True):
+        run_mine(None, [*args, "--output", str(out), "--seed", seed])
+    check_negatives(read_out(outs[0]), 5)
+    assert outs[0].read_text() == outs[1].read_text()
+    assert outs[0].read_text() != outs[2].read_text()
 
 
 def test_bm25_pool_of_the_records_own_passages(tmp_path):
@@ -166,22 +172,22 @@ def test_mine_malformed_input_names_the_line(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Dense (all-MiniLM-L6-v2): a 300-document slice here, the whole corpus in the slow test
+# Dense (all-MiniLM-L6-v2): a 160-document slice here, the whole corpus in the slow test
 
 
 def test_dense_mining_on_a_scifact_slice(minilm_dir, scifact_slice, tmp_path, capsys):
     args = ["--input", str(scifact_slice / "train.jsonl"), "--model", str(minilm_dir),
             "--corpus", str(scifact_slice), "--negatives", "15", "--range_for_sampling", "10-100",
-            "--max_length", "128", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+            "--max_length", "64", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
     counts = run_mine(None, [*args, "--output", str(tmp_path / "a.jsonl")])
-    assert "corpus embeddings: encoded (300 passages)" in capsys.readouterr().err
+    assert "corpus embeddings: encoded (160 passages)" in capsys.readouterr().err
     records = read_out(tmp_path / "a.jsonl")
     assert len(records) == counts["records"] == SLICE_QUERIES
     check_negatives(records, 15)
     assert counts["short"] == 0
     # the second run reads the corpus embeddings from the cache and gives the same negatives
     run_mine(None, [*args, "--output", str(tmp_path / "b.jsonl")])
-    assert "corpus embeddings: cache hit (300 passages)" in capsys.readouterr().err
+    assert "corpus embeddings: cache hit (160 passages)" in capsys.readouterr().err
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
 
 

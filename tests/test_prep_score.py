@@ -65,7 +65,8 @@ def test_cross_encoder_scores_are_raw_logits_aligned_with_pos_and_neg(
     records = read_out(out)
     assert counts["records"] == 3 and counts["pairs"] == 7
     assert [(len(r["pos_scores"]), len(r["neg_scores"])) for r in records] == [(1, 2), (2, 1), (1, 0)]
-    assert {r["teacher"] for r in records} == {tiny_cross_encoder.name}
+    name = f"{tiny_cross_encoder.parent.name}/{tiny_cross_encoder.name}"
+    assert {r["teacher"] for r in records} == {name}
     assert records[0]["qid"] == "1" and records[1]["pos"] == ["virus risk w4", "the virus"]  # fields kept
     import torch
 
@@ -75,7 +76,7 @@ def test_cross_encoder_scores_are_raw_logits_aligned_with_pos_and_neg(
         [(r["query"], p) for p in r["pos"] + r["neg"]], activation_fn=torch.nn.Identity()
     )
     np.testing.assert_allclose(r["pos_scores"] + r["neg_scores"], expected, rtol=1e-5, atol=1e-6)
-    assert f"teacher {tiny_cross_encoder.name} (cross_encoder" in capsys.readouterr().out
+    assert f"teacher {name} (cross_encoder" in capsys.readouterr().out
     assert not partial_path(out).exists()
 
 
@@ -100,7 +101,7 @@ def test_bi_encoder_scores_are_embedding_dot_products(tiny_bert_dir, records_fil
     q = encoder.encode_queries([r["query"]])[0]
     expected = encoder.encode_passages(r["pos"] + r["neg"]) @ q
     np.testing.assert_allclose(r["pos_scores"] + r["neg_scores"], expected, rtol=1e-5, atol=1e-6)
-    assert r["teacher"] == tiny_bert_dir.name
+    assert r["teacher"] == f"{tiny_bert_dir.parent.name}/{tiny_bert_dir.name}"
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ class ScoreConfig:
     model_type: str = (
         "cross_encoder"  # cross_encoder (pairs through one model) | bi_encoder (embedding dot product)
     )
-    teacher: str | None = None  # name recorded in every record's 'teacher'; None: the model folder's name
+    teacher: str | None = None  # written to every record's 'teacher'; None: PARENT/FOLDER of the model path
     batch_size: int = 32  # pairs (cross-encoder) or texts (bi-encoder) per forward pass
     max_length: int | None = None  # tokens per pair / text; None: the model's own limit
     apply_sigmoid: bool = (
@@ -147,7 +147,8 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
     records = read_records(cfg.input)
     out = check_output_path(cfg.input, cfg.output)
     model_dir = _check_model(cfg.model)
-    name = cfg.teacher or model_dir.resolve().name
+    resolved = model_dir.resolve()
+    name = cfg.teacher or f"{resolved.parent.name}/{resolved.name}"  # e.g. models/bge-reranker-base
     if teacher is None:
         teacher = CrossEncoderTeacher(cfg) if cfg.model_type == "cross_encoder" else BiEncoderTeacher(cfg)
     start = time.time()
