@@ -113,7 +113,9 @@ def test_parse_overrides_forms():
     assert got == {"a": "1", "flag": True, "b": "x", "lst": ["p", "q"], "neg": "-1"}
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml")))
+@pytest.mark.parametrize(
+    "path", sorted((__import__("pathlib").Path(__file__).parents[1] / "configs").glob("*.yaml"))
+)
 def test_shipped_configs_load_and_open_with_their_command(tmp_path, path):
     header = []
     for line in path.read_text().splitlines():
@@ -121,7 +123,10 @@ def test_shipped_configs_load_and_open_with_their_command(tmp_path, path):
             break
         header.append(line)
     # the opening comment holds the command that runs this config
-    assert any(("rir-finetune train" in h or "-m rir_finetune train" in h) and path.name in "".join(header) for h in header)
+    assert any(
+        ("rir-finetune train" in h or "-m rir_finetune train" in h) and path.name in "".join(header)
+        for h in header
+    )
     overrides = ["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--fp16", "false"]
     overrides += ["--train_data", "x.jsonl", "--model_name_or_path", "m"]
     try:

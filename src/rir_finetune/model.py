@@ -34,6 +34,23 @@ def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
     raise ValueError(f"unknown pooling method {method!r}")
 
 
+def trim_padding(features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop padding columns that no row needs (right or left padding): (n, L) -> (n, L')."""
+    mask = features["attention_mask"]
+    longest = int(mask.sum(dim=1).max())
+    if longest == mask.size(1):
+        return features
+    right = bool((mask[:, 0] == 1).all())
+    cut = slice(0, longest) if right else slice(mask.size(1) - longest, mask.size(1))
+    return {k: (v[:, cut] if v.dim() == 2 and v.size(1) == mask.size(1) else v) for k, v in features.items()}
+
+
+def split_features(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
+    """Chunks of ``size`` rows, each padded only to its own longest text."""
+    n = features["input_ids"].size(0)
+    return [trim_padding({k: v[i : i + size] for k, v in features.items()}) for i in range(0, n, size)]
+
+
 @dataclass
 class Reps:
     """Embeddings of one batch, fp32."""
@@ -82,13 +99,11 @@ class BiEncoder(nn.Module):
 
     def encode(self, features: dict[str, Tensor]) -> Tensor:
         """Tokenised texts -> (n, D) fp32 embeddings, in chunks of ``sub_batch_size`` when set."""
-        n = features["input_ids"].size(0)
-        step = self.sub_batch_size or n
-        chunks = []
-        for start in range(0, n, step):
-            part = {k: v[start : start + step] for k, v in features.items()}
-            chunks.append(self._encode_once(part))
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=0)
+        if not self.sub_batch_size or self.sub_batch_size >= features["input_ids"].size(0):
+            return self._encode_once(features)
+        return torch.cat(
+            [self._encode_once(ch) for ch in split_features(features, self.sub_batch_size)], dim=0
+        )
 
     def _encode_once(self, features: dict[str, Tensor]) -> Tensor:
         out = self.backbone(**features, return_dict=True)
@@ -97,12 +112,16 @@ class BiEncoder(nn.Module):
 
     def forward(
         self,
-        queries: dict[str, Tensor],
-        passages: dict[str, Tensor],
+        queries: dict[str, Tensor] | None = None,
+        passages: dict[str, Tensor] | None = None,
         answers: dict[str, Tensor] | None = None,
         answer_candidates: dict[str, Tensor] | None = None,
+        features: dict[str, Tensor] | None = None,
         **_: object,
-    ) -> Reps:
+    ) -> Reps | Tensor:
+        """Embed a batch's parts (-> :class:`Reps`), or one tokenised chunk ``features`` (-> (n, D))."""
+        if features is not None:
+            return self.encode(features)
         q_reps = self.encode(queries)  # (B, D)
         p_reps = self.encode(passages)  # (B*G, D)
         a_reps = self.encode(answers) if answers is not None else None  # (B, D)

@@ -122,6 +122,10 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
             "random passages of other records (no duplicates)",
             data.short_records, len(data.dataset), data_args.train_group_size - 1,
         )  # fmt: skip
+    if model_args.gradient_cache and train_args.deepspeed:
+        raise UserError(
+            "config keys 'gradient_cache' and 'deepspeed': gradient caching is not supported with DeepSpeed"
+        )
     if data_args.knowledge_distillation and data_args.train_group_size < 2:
         raise UserError("config key 'train_group_size': distillation needs at least 2 passages per query")
 
@@ -204,6 +208,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         objective_args=obj_args,
         batch_sampler=sampler,
         save_info=save_info,
+        gradient_cache_chunk_size=model_args.gradient_cache_chunk_size if model_args.gradient_cache else None,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))

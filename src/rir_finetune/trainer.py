@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from rir_finetune import distributed
 from rir_finetune.arguments import ObjectiveArguments
 from rir_finetune.errors import UserError
+from rir_finetune.gradcache import cached_step
 from rir_finetune.model import BiEncoder
 from rir_finetune.objectives import compute_objectives
 from rir_finetune.sampler import GroupedBatchSampler
@@ -44,10 +46,12 @@ class RIRTrainer(Trainer):
         objective_args: ObjectiveArguments,
         batch_sampler: GroupedBatchSampler,
         save_info: dict[str, Any],
+        gradient_cache_chunk_size: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.objective_args = objective_args
+        self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
         self.batch_sampler = batch_sampler
         self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
         self._term_sums: dict[str, float] = {}
@@ -79,9 +83,8 @@ class RIRTrainer(Trainer):
 
     # -- loss ------------------------------------------------------------------------------------------------------
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        reps = model(**inputs)
-        out = compute_objectives(
+    def _objectives(self, reps, inputs):
+        return compute_objectives(
             reps.q_reps,
             reps.p_reps,
             self.objective_args,
@@ -90,7 +93,35 @@ class RIRTrainer(Trainer):
             teacher_scores=inputs.get("teacher_scores"),
             in_batch=self.objective_args.use_in_batch_negatives and not inputs.get("no_in_batch_neg", False),
         )
-        values = {k: float(v.detach()) for k, v in out.terms.items()}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        reps = model(**inputs)
+        out = self._objectives(reps, inputs)
+        self._record_terms(out.terms)
+        return (out.loss, {"reps": reps, "terms": out.terms}) if return_outputs else out.loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self.gradient_cache_chunk_size:
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        no_sync = getattr(model, "no_sync", None) or contextlib.nullcontext
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        with self.compute_loss_context_manager():
+            loss, out = cached_step(
+                encode=lambda feats: model(features=feats),
+                batch=inputs,
+                chunk_size=self.gradient_cache_chunk_size,
+                loss_fn=lambda reps: self._objectives(reps, inputs),
+                backward=self.accelerator.backward,
+                no_sync=no_sync,
+                scale=scale,
+            )
+        self._record_terms(out.terms)
+        return loss * scale
+
+    def _record_terms(self, terms: dict[str, torch.Tensor]) -> None:
+        values = {k: float(v.detach()) for k, v in terms.items()}
         for name, value in values.items():
             if not math.isfinite(value):
                 raise NonFiniteLossError(
@@ -100,7 +131,6 @@ class RIRTrainer(Trainer):
         for name, value in values.items():
             self._term_sums[name] = self._term_sums.get(name, 0.0) + value
         self._term_count += 1
-        return (out.loss, {"reps": reps, "terms": out.terms}) if return_outputs else out.loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:
