@@ -221,3 +221,13 @@ def test_small_datasets_merged_and_dropped(tmp_path):
     assert Counter(data.dataset["dataset_id"]) == {0: 10, 1: 5}
     data = _load([tmp_path / "d"], same_dataset_within_batch=True, small_threshold=5, drop_threshold=6)
     assert Counter(data.dataset["dataset_id"]) == {0: 10}
+
+
+def test_answers_get_the_inference_prefix(tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", make_records(3))
+    args = _data_args([f], train_group_size=2, query_instruction_for_retrieval="Q: ")
+    ds = TrainDataset(load_train_data(args, needs_answer=True, seed=1), args, seed=1, uses_answers=True)
+    rec = make_records(3)[0]
+    assert ds[(0, 0)]["answer"] == "Q: Generate the topic about this passage: " + rec["answer"]
+    args.answer_prefix = ""
+    assert ds[(0, 0)]["answer"] == "Q: " + rec["answer"]

@@ -66,6 +66,7 @@ class DataArguments:
     query_instruction_format: str = "{}{}"  # how instruction and query are joined
     passage_instruction_for_retrieval: str | None = None  # prepended to passages; None adds nothing
     passage_instruction_format: str = "{}{}"
+    answer_prefix: str = "Generate the topic about this passage: "  # before each answer, as at inference (SPEC 5)
     knowledge_distillation: bool = False  # use pos_scores / neg_scores from the data
     shuffle_ratio: float = 0.0  # probability of shuffling a positive's text chunks (upstream augmentation)
     same_dataset_within_batch: bool = False  # every batch drawn from one file

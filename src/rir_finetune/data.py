@@ -283,7 +283,7 @@ class TrainDataset:
             "answer_candidates": None,
         }  # fmt: skip
         if self.uses_answers:
-            item["answer"] = _format(args.query_instruction_format, instr, rec["answer"])
+            item["answer"] = _format(args.query_instruction_format, instr, args.answer_prefix + rec["answer"])
             if args.answer_inbatch and g > 1:
                 na = rec["neg_answer"]
                 picks = rng.sample(range(len(na)), min(g - 1, len(na)))
