@@ -122,6 +122,23 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
             "random passages of other records (no duplicates)",
             data.short_records, len(data.dataset), data_args.train_group_size - 1,
         )  # fmt: skip
+    if train_args.eval_strategy != "no" and not data_args.eval_data:
+        raise UserError("config key 'eval_strategy': evaluation needs eval_data (a BEIR-layout folder)")
+    evaluator = None
+    if data_args.eval_data:  # loaded now: a bad eval set fails here, not at step eval_steps
+        from rir_finetune.train_eval import TrainingEvaluator
+
+        evaluator = TrainingEvaluator(
+            data_args.eval_data,
+            data_args.eval_split,
+            data_args.eval_name or "",
+            data_args.query_instruction_for_retrieval,
+            data_args.passage_instruction_for_retrieval,
+            data_args.query_max_len,
+            data_args.passage_max_len,
+            max_queries=data_args.eval_max_queries,
+            batch_size=train_args.per_device_eval_batch_size,
+        )
     if model_args.gradient_cache and train_args.deepspeed:
         raise UserError(
             "config keys 'gradient_cache' and 'deepspeed': gradient caching is not supported with DeepSpeed"
@@ -129,10 +146,10 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     if data_args.knowledge_distillation and data_args.train_group_size < 2:
         raise UserError("config key 'train_group_size': distillation needs at least 2 passages per query")
 
-    return _train(model_args, data_args, obj_args, train_args, data, resume, TrainDataset)
+    return _train(model_args, data_args, obj_args, train_args, data, resume, TrainDataset, evaluator)
 
 
-def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cls) -> Path:
+def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cls, evaluator) -> Path:
     from transformers import set_seed
 
     from rir_finetune.collator import RIRCollator
@@ -209,6 +226,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         batch_sampler=sampler,
         save_info=save_info,
         gradient_cache_chunk_size=model_args.gradient_cache_chunk_size if model_args.gradient_cache else None,
+        retrieval_evaluator=evaluator,
     )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))

@@ -47,9 +47,11 @@ class RIRTrainer(Trainer):
         batch_sampler: GroupedBatchSampler,
         save_info: dict[str, Any],
         gradient_cache_chunk_size: int | None = None,
+        retrieval_evaluator: Any = None,
         **kwargs: Any,
     ):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, eval_dataset=retrieval_evaluator, **kwargs)
+        self.retrieval_evaluator = retrieval_evaluator
         self.objective_args = objective_args
         self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
         self.batch_sampler = batch_sampler
@@ -139,6 +141,17 @@ class RIRTrainer(Trainer):
                 logs[name] = round(float(distributed.all_reduce_mean(mean)), 6)
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
+
+    # -- evaluation during training ------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        if self.retrieval_evaluator is None:
+            raise UserError("evaluation needs an eval set: set eval_data (a BEIR-layout folder) or eval_strategy no")
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = self.retrieval_evaluator.evaluate(model, self.processing_class, metric_key_prefix)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # -- saving and loading ----------------------------------------------------------------------------------------
 
