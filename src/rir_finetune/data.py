@@ -205,8 +205,24 @@ def load_train_data(args: DataArguments, needs_answer: bool, seed: int) -> Train
     if plain:
         batch_groups.insert(0, plain)
     short = sum(1 for r in rows if len(r["neg"]) < args.train_group_size - 1)
+    if short:
+        _check_fillable(rows, args.train_group_size)
     ds = datasets.Dataset.from_list(rows, features=FEATURES)
     return TrainData(ds, group_files, flags, batch_groups, short)
+
+
+def _check_fillable(rows: list[dict[str, Any]], group_size: int) -> None:
+    """Refuse before training when some record's group cannot be filled without duplicates."""
+    distinct: dict[int, set[str]] = {}
+    for r in rows:
+        distinct.setdefault(r["dataset_id"], set()).update(r["pos"], r["neg"])
+    bad = [r for r in rows if len(distinct[r["dataset_id"]]) - len(set(r["pos"])) < group_size - 1]
+    if bad:
+        have = min(len(distinct[r["dataset_id"]]) - len(set(r["pos"])) for r in bad)
+        raise UserError(
+            f"config key 'train_group_size': {len(bad)} records cannot fill a group of {group_size} without "
+            f"duplicates (as few as {have} other distinct passages in their dataset); lower train_group_size"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
