@@ -133,7 +133,9 @@ def memory_one(batch: int, cached: bool) -> dict:
 
     t0 = time.perf_counter()
     if cached:
-        cached_step(lambda f: model(features=f), data, 32, lambda r: compute_objectives(r.q_reps, r.p_reps, cfg))
+        cached_step(
+            lambda f: model(features=f), data, 32, lambda r: compute_objectives(r.q_reps, r.p_reps, cfg)
+        )
     else:
         reps = model(**data)
         compute_objectives(reps.q_reps, reps.p_reps, cfg).loss.backward()
@@ -151,8 +153,11 @@ def memory(args) -> list[dict]:
                 continue
             cmd = [sys.executable, __file__, "memory-one", str(b), "1" if cached else "0"]
             r = subprocess.run(cmd, capture_output=True, text=True)
-            row = json.loads(r.stdout.strip().splitlines()[-1]) if r.returncode == 0 else {
-                "batch": b, "gradient_cache": cached, "error": r.stderr.strip().splitlines()[-1:]}
+            row = (
+                json.loads(r.stdout.strip().splitlines()[-1])
+                if r.returncode == 0
+                else {"batch": b, "gradient_cache": cached, "error": r.stderr.strip().splitlines()[-1:]}
+            )
             print(row, flush=True)
             rows.append(row)
     return rows

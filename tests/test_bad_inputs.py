@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_records, write_jsonl
 
+from conftest import make_records, write_jsonl
 from rir_finetune.cli import main
 
 GOOD = make_records(6, scores=True)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conftest import make_records, write_jsonl
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_records, write_jsonl
 
+from conftest import make_records, write_jsonl
 from rir_finetune.errors import UserError
 from rir_finetune.train import run_train
 

@@ -66,7 +66,9 @@ class DataArguments:
     query_instruction_format: str = "{}{}"  # how instruction and query are joined
     passage_instruction_for_retrieval: str | None = None  # prepended to passages; None adds nothing
     passage_instruction_format: str = "{}{}"
-    answer_prefix: str = "Generate the topic about this passage: "  # before each answer, as at inference (SPEC 5)
+    answer_prefix: str = (
+        "Generate the topic about this passage: "  # before each answer, as at inference (SPEC 5)
+    )
     knowledge_distillation: bool = False  # use pos_scores / neg_scores from the data
     shuffle_ratio: float = 0.0  # probability of shuffling a positive's text chunks (upstream augmentation)
     same_dataset_within_batch: bool = False  # every batch drawn from one file
@@ -151,6 +153,10 @@ class RIRTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "allow training into a non-empty output_dir (its checkpoints are kept)"},
+    )
+    dataloader_num_workers: int = field(
+        default=1,
+        metadata={"help": "tokenisation runs in this many worker processes, off the training thread"},
     )
     warmup_ratio: float | None = field(
         default=None,

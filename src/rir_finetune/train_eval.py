@@ -62,7 +62,9 @@ class TrainingEvaluator:
     def __len__(self) -> int:  # the Trainer checks that an eval dataset exists
         return len(self.dataset.queries)
 
-    def evaluate(self, model: BiEncoder, tokenizer: PreTrainedTokenizerBase, prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, model: BiEncoder, tokenizer: PreTrainedTokenizerBase, prefix: str = "eval"
+    ) -> dict[str, float]:
         """Metrics on rank 0, broadcast to every rank."""
         metrics: dict[str, float] = {}
         if distributed.rank() == 0:
@@ -73,8 +75,12 @@ class TrainingEvaluator:
             qi, pi = self.query_instruction or "", self.passage_instruction or ""
             try:
                 raw = evaluate_retrieval(
-                    lambda t: encode_texts(model, tokenizer, [qi + x for x in t], self.query_max_len, self.batch_size),
-                    lambda t: encode_texts(model, tokenizer, [pi + x for x in t], self.passage_max_len, self.batch_size),
+                    lambda t: encode_texts(
+                        model, tokenizer, [qi + x for x in t], self.query_max_len, self.batch_size
+                    ),
+                    lambda t: encode_texts(
+                        model, tokenizer, [pi + x for x in t], self.passage_max_len, self.batch_size
+                    ),
                     self.dataset,
                     k_values=self.k_values,
                 )

@@ -56,7 +56,8 @@ class RIRTrainer(Trainer):
         self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
         self.batch_sampler = batch_sampler
         self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
-        self._term_sums: dict[str, float] = {}
+        self._term_values: torch.Tensor | None = None  # running sum of the named terms since the last log
+        self._term_names: list[str] = []
         self._term_count = 0
         if os.environ.get("RIR_FINETUNE_KILL_AFTER_SAVE"):
             self.add_callback(KillAfterSave(int(os.environ["RIR_FINETUNE_KILL_AFTER_SAVE"])))
@@ -123,30 +124,36 @@ class RIRTrainer(Trainer):
         return loss * scale
 
     def _record_terms(self, terms: dict[str, torch.Tensor]) -> None:
-        values = {k: float(v.detach()) for k, v in terms.items()}
-        for name, value in values.items():
-            if not math.isfinite(value):
-                raise NonFiniteLossError(
-                    f"{name} became {value} at step {self.state.global_step + 1}; training stopped, the last "
-                    f"checkpoint in {self.args.output_dir} is kept (lower learning_rate or raise temperature)"
-                )
-        for name, value in values.items():
-            self._term_sums[name] = self._term_sums.get(name, 0.0) + value
+        """Accumulate the terms on their device; one host sync per step, for the non-finite check."""
+        names = list(terms)
+        values = torch.stack([terms[k].detach().float() for k in names])  # (T,)
+        if not bool(torch.isfinite(values).all()):
+            bad = next(n for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
+            raise NonFiniteLossError(
+                f"{bad} became {terms[bad].item()} at step {self.state.global_step + 1}; training stopped, the last "
+                f"checkpoint in {self.args.output_dir} is kept (lower learning_rate or raise temperature)"
+            )
+        self._term_values = values if self._term_values is None else self._term_values + values
+        self._term_names = names
         self._term_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._term_count:
-            for name, total in self._term_sums.items():
-                mean = torch.tensor(total / self._term_count, device=self.args.device)
-                logs[name] = round(float(distributed.all_reduce_mean(mean)), 6)
-            self._term_sums, self._term_count = {}, 0
+            means = distributed.all_reduce_mean(self._term_values / self._term_count).tolist()
+            for name, value in zip(self._term_names, means, strict=True):
+                logs[name] = round(value, 6)
+            self._term_values, self._term_count = None, 0
         super().log(logs, start_time)
 
     # -- evaluation during training ------------------------------------------------------------------------------
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+    def evaluate(
+        self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         if self.retrieval_evaluator is None:
-            raise UserError("evaluation needs an eval set: set eval_data (a BEIR-layout folder) or eval_strategy no")
+            raise UserError(
+                "evaluation needs an eval set: set eval_data (a BEIR-layout folder) or eval_strategy no"
+            )
         model = self.accelerator.unwrap_model(self.model)
         metrics = self.retrieval_evaluator.evaluate(model, self.processing_class, metric_key_prefix)
         self.log(metrics)
