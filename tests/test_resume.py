@@ -77,3 +77,27 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     (good / "trainer_state.json").write_text("{}")
     (bad / "trainer_state.json").write_text('{"log_hist')  # killed while writing
     assert latest_complete_checkpoint(tmp_path) == str(good)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [4.0, 7.5, 11.0])
+def test_sigkill_at_a_random_moment_then_resume(tmp_path, tiny_bert_dir, delay):
+    """A kill at an arbitrary moment (mid-step, mid-save or before the first checkpoint) loses nothing."""
+    import signal
+    import time
+
+    from conftest import make_records, write_jsonl
+
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(12, scores=True))
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    _run(_cmd(tiny_bert_dir, data, ref, max_steps=12, save_steps=1))
+    proc = subprocess.Popen(_cmd(tiny_bert_dir, data, run, max_steps=12, save_steps=1), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)  # fmt: skip
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _run(_cmd(tiny_bert_dir, data, run, max_steps=12, save_steps=1, resume_from_checkpoint="auto"))
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert _losses(ref, 12) == _losses(run, 12)
