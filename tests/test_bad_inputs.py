@@ -20,7 +20,7 @@ def _line(**over):
 
 # (name, lines of the data file or None for a special case, extra command-line options, expected text)
 CASES = [
-    ("malformed json", ["{broken"], [], "t.jsonl:7: malformed JSON"),
+    ("malformed json", ["{broken"], [], "t.jsonl:7: invalid JSON"),
     ("missing query", [_line(query=None)], [], "t.jsonl:7: missing or empty 'query'"),
     ("empty query", [_line(query="  ")], [], "t.jsonl:7: missing or empty 'query'"),
     ("missing pos", [_line(pos=None)], [], "t.jsonl:7: 'pos' must be a non-empty list of strings"),

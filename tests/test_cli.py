@@ -47,7 +47,7 @@ def test_broken_jsonl_line_7_named(tmp_path, capsys, tiny_bert_dir):
     data = write_jsonl(tmp_path / "t.jsonl", lines)
     code, err = _run_cli(["train", "--model_name_or_path", str(tiny_bert_dir), "--train_data", str(data),
                           "--output_dir", str(tmp_path / "o"), "--training_type", "retrieval"], capsys)  # fmt: skip
-    assert code == 2 and f"{data}:7: malformed JSON" in err and err.count("\n") == 1
+    assert code == 2 and f"{data}:7: invalid JSON" in err and err.count("\n") == 1
 
 
 def test_python_dash_m_entry_point_and_console_script(tmp_path):

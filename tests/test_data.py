@@ -35,7 +35,7 @@ GOOD = {
 @pytest.mark.parametrize(
     "bad_line, kw, message",
     [
-        ("{not json", {}, "malformed JSON"),
+        ("{not json", {}, "invalid JSON"),
         (json.dumps({"pos": ["p"]}), {}, "missing or empty 'query'"),
         (json.dumps({"query": "q"}), {}, "'pos' must be a non-empty list"),
         (json.dumps({"query": "q", "pos": []}), {}, "'pos' must be a non-empty list"),
@@ -73,7 +73,7 @@ GOOD = {
             {"knowledge_distillation": True},
             "NaN or infinite",
         ),
-        ("[1, 2]", {}, "must be a JSON object"),
+        ("[1, 2]", {}, "expected a JSON object"),
     ],
 )
 def test_bad_record_names_file_and_line_7(tmp_path, bad_line, kw, message):

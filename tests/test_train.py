@@ -172,7 +172,7 @@ def test_records_without_negatives_train(tmp_path, tiny_bert_dir):
 def test_bad_data_fails_before_anything_is_written(tmp_path, tiny_bert_dir):
     f = write_jsonl(tmp_path / "t.jsonl", make_records(6)[:6] + ["{broken"])
     out = tmp_path / "o"
-    with pytest.raises(UserError, match=r"t.jsonl:7: malformed JSON"):
+    with pytest.raises(UserError, match=r"t.jsonl:7: invalid JSON"):
         run_train(None, _opts(tiny_bert_dir, f, out))
     assert not out.exists()
 

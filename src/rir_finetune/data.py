@@ -7,7 +7,6 @@ and a resumed run sees what an uninterrupted one would have.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import datasets
 
 from rir_finetune.arguments import DataArguments
 from rir_finetune.errors import UserError, located
+from rir_finetune.jsonl import iter_jsonl
 
 DATA_SUFFIXES = (".jsonl", ".json")
 NO_IN_BATCH_NEG = "no_in_batch_neg"
@@ -80,8 +80,6 @@ def validate_record(
     obj: Any, path: Path, line: int, needs_answer: bool, needs_scores: bool, needs_neg_answer: bool = False
 ) -> dict[str, Any]:
     """Check one parsed JSON line against SPEC section 1 and return it normalised (every field present)."""
-    if not isinstance(obj, dict):
-        raise located(path, line, "each line must be a JSON object")
     q = obj.get("query")
     if not isinstance(q, str) or not q.strip():
         raise located(path, line, "missing or empty 'query' (a non-empty string)")
@@ -118,20 +116,7 @@ def validate_record(
 
 def read_jsonl(path: Path, **checks: bool) -> list[dict[str, Any]]:
     """Parse and validate every line of ``path``; blank lines are skipped."""
-    records = []
-    try:
-        handle = path.open(encoding="utf-8")
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror})") from None
-    with handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise located(path, line_no, f"malformed JSON ({e.msg} at column {e.colno})") from None
-            records.append(validate_record(obj, path, line_no, **checks))
+    records = [validate_record(obj, path, line_no, **checks) for line_no, obj in iter_jsonl(path)]
     if not records:
         raise UserError(f"{path}: no records (empty file)")
     return records

@@ -13,13 +13,13 @@ unknown document or query, a duplicate id, an empty corpus.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rir_finetune.errors import UserError, located
+from rir_finetune.jsonl import iter_jsonl
 
 DEFAULT_CORPUS_TEXT_FORMAT = "{title} {text}"
 
@@ -56,17 +56,7 @@ class RetrievalDataset:
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield ``(line number, object)`` for every non-blank line; malformed lines raise ``path:line`` errors."""
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise located(path, lineno, f"invalid JSON: {e.msg}") from None
-            if not isinstance(obj, dict):
-                raise located(path, lineno, "expected a JSON object")
-            yield lineno, obj
+    return iter_jsonl(path)
 
 
 def _field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rir_finetune.errors import UserError, located
+from rir_finetune.jsonl import iter_jsonl
 
 Record = dict[str, Any]
 PARTIAL_SUFFIX = ".partial"
@@ -37,20 +38,11 @@ def read_jsonl(
     if not path.is_file():
         raise UserError(f"{path}: input file not found")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise located(path, line_no, f"invalid JSON: {e.msg} (column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise located(path, line_no, f"expected a JSON object, got {type(record).__name__}")
-            problem = validate(record) if validate else None
-            if problem:
-                raise located(path, line_no, problem)
-            records.append(record)
+    for line_no, record in iter_jsonl(path):
+        problem = validate(record) if validate else None
+        if problem:
+            raise located(path, line_no, problem)
+        records.append(record)
     if not records:
         raise UserError(f"{path}: no records (the file is empty)")
     return records
