@@ -26,10 +26,8 @@ def pool(hidden: Tensor, attention_mask: Tensor, method: str) -> Tensor:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (n, L, 1)
         return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
     if method == "last_token":
-        left_padded = bool((attention_mask[:, -1] == 1).all())
-        if left_padded:
-            return hidden[:, -1]
-        last = attention_mask.sum(dim=1) - 1  # (n,)
+        seq_len = attention_mask.size(1)
+        last = seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)  # (n,) last real token
         return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
     raise ValueError(f"unknown pooling method {method!r}")
 

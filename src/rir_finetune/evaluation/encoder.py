@@ -14,29 +14,9 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from rir_finetune.evaluation.model_folder import EncoderSettings, read_settings
+from rir_finetune.model import pool
 
 TOKENIZE_CHUNK = 32_768  # texts tokenized and sorted together; bounds the memory held by token ids
-
-
-def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, method: str) -> torch.Tensor:
-    """Pool token states into one vector per text.
-
-    hidden: (B, L, H) last hidden states; attention_mask: (B, L), 1 for real tokens. Returns (B, H).
-    ``cls`` takes the first token, ``mean`` averages real tokens, ``last_token`` takes the last real token
-    (works with left or right padding).
-    """
-    if method == "cls":
-        return hidden[:, 0]  # (B, H)
-    if method == "mean":
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
-        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, H)
-    if method == "last_token":
-        seq_len = attention_mask.shape[1]
-        last = (
-            seq_len - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)
-        )  # (B,) index of last real token
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-    raise ValueError(f"unknown pooling {method!r}")
 
 
 class Encoder:
