@@ -154,3 +154,32 @@ def test_cached_equals_plain_under_two_processes(tiny_bert_dir):
         for case, (ref_loss, loss, rel_diff) in results[rank].items():
             assert loss == pytest.approx(ref_loss, rel=1e-5), case
             assert rel_diff < 1e-4, case
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_trainer_gradient_cache_under_ddp_matches_chunked_plain(tmp_path, tiny_bert_dir, train_file):
+    """torchrun, 2 processes, cross-device negatives: GradCache (one DDP sync per step) == plain chunked step."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    common = ["--model_name_or_path", str(tiny_bert_dir), "--train_data", str(train_file), "--max_steps", "2",
+              "--per_device_train_batch_size", "2", "--train_group_size", "3", "--query_max_len", "16",
+              "--passage_max_len", "24", "--learning_rate", "1e-3", "--use_cpu", "true", "--save_strategy", "no",
+              "--report_to", "none", "--training_type", "retrieval_answer_passage", "--knowledge_distillation", "true",
+              "--kd_loss_type", "m3_kd_loss", "--negatives_cross_device", "true", "--dataloader_drop_last", "true",
+              "--seed", "5"]  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "rir_finetune", "train", "--ddp_backend", "gloo"]  # fmt: skip
+    runs = {"plain": ["--sub_batch_size", str(CHUNK)],
+            "gc": ["--gradient_cache", "true", "--gradient_cache_chunk_size", str(CHUNK)]}  # fmt: skip
+    for name, extra in runs.items():
+        r = subprocess.run(launch + common + extra + ["--output_dir", str(tmp_path / name)], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        assert r.returncode == 0, r.stderr[-3000:]
+    wa = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "gc" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-6, rtol=1e-5)

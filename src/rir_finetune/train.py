@@ -52,10 +52,18 @@ def resolve_resume(train_args: RIRTrainingArguments) -> str | None:
     if auto:
         resume = latest_complete_checkpoint(out)
         if resume is None:
-            logger.info("resume_from_checkpoint auto: no complete checkpoint in %s, starting from scratch", out)
+            logger.info(
+                "resume_from_checkpoint auto: no complete checkpoint in %s, starting from scratch", out
+            )
     elif resume is not None and not Path(resume).is_dir():
         raise UserError(f"config key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
-    if resume is None and not auto and out.is_dir() and any(out.iterdir()) and not train_args.overwrite_output_dir:
+    if (
+        resume is None
+        and not auto
+        and out.is_dir()
+        and any(out.iterdir())
+        and not train_args.overwrite_output_dir
+    ):
         only_ours = {p.name for p in out.iterdir()} <= {RESOLVED_CONFIG}
         if not only_ours:
             raise UserError(
