@@ -26,7 +26,7 @@ class Encoder:
         self,
         settings: EncoderSettings,
         *,
-        batch_size: int = 32,
+        batch_size: int = 64,
         device: str = "cpu",
         show_progress: bool = True,
         trust_remote_code: bool = False,

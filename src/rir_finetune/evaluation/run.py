@@ -54,7 +54,9 @@ class EvalArguments:
     query_instruction: str | None = None  # None: the folder's "query" prompt, else nothing
     passage_instruction: str | None = None  # None: the folder's "document"/"passage" prompt, else nothing
     corpus_text_format: str = DEFAULT_CORPUS_TEXT_FORMAT  # document text, stripped; fields {title} and {text}
-    batch_size: int = 32  # texts per forward pass (length-sorted batches)
+    batch_size: int = (
+        64  # texts per forward pass (length-sorted); 64 is ~12% faster than 32 on CPU (benchmarks/)
+    )
     k_values: list[int] = field(default_factory=lambda: list(DEFAULT_K_VALUES))  # metric cut-offs
     top_k: int | None = None  # documents retrieved per query; None: max(k_values)
     ignore_identical_ids: bool = True  # drop a hit whose doc id equals the query id (BEIR's default)
