@@ -186,3 +186,49 @@ def test_missing_answers_for_answer_training_type(tmp_path, tiny_bert_dir):
 def test_missing_model_path(tmp_path, train_file):
     with pytest.raises(UserError, match="model_name_or_path': .* does not exist"):
         run_train(None, _opts(tmp_path / "nope", train_file, tmp_path / "o"))
+
+
+def test_lora_trains_adapters_only_and_saves_merged_weights_that_load_anywhere(
+    tmp_path, tiny_bert_dir, train_file
+):
+    """use_lora: base weights stay, adapters move; the saved (merged) model embeds exactly like the adapted model."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from rir_finetune.arguments import ModelArguments
+    from rir_finetune.lora import apply_lora
+    from rir_finetune.model import BiEncoder, load_tokenizer
+    from rir_finetune.trainer import load_backbone_weights
+
+    base = _weights(tiny_bert_dir)
+    out = run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", max_steps=3, use_lora=True, lora_rank=4,
+                                lora_alpha=8, lora_dropout=0.0, lora_target_modules=["query", "value"],
+                                normalize_embeddings=True))  # fmt: skip
+    merged = _weights(out)
+    assert not any("lora" in k for k in merged) and set(merged) <= set(base) | {"embeddings.position_ids"}
+    changed = {k for k in base if k in merged and not torch.equal(base[k], merged[k])}
+    assert changed and all(k.endswith(("query.weight", "value.weight")) for k in changed), changed
+    assert any(k.endswith("query.weight") for k in changed) and any(
+        k.endswith("value.weight") for k in changed
+    )
+
+    # the adapter itself, reloaded into a fresh wrapped model, embeds exactly like the merged folder
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    adapted = BiEncoder.from_pretrained(str(tiny_bert_dir), pooling="mean", normalize=True)
+    apply_lora(adapted, ModelArguments(model_name_or_path=str(tiny_bert_dir), lora_rank=4, lora_alpha=8,
+                                       lora_dropout=0.0, lora_target_modules=["query", "value"]))  # fmt: skip
+    load_backbone_weights(adapted, out)
+    tok = load_tokenizer(str(out))
+    texts = ["cell protein level", "heart risk w3 and blood glucose in women"]
+    feats = dict(tok(texts, padding=True, truncation=True, max_length=24, return_tensors="pt"))
+    with torch.no_grad():
+        expected = adapted.eval().encode(feats)
+    st = SentenceTransformer(str(out), device="cpu").encode(texts, convert_to_tensor=True)
+    torch.testing.assert_close(st, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_target_that_matches_nothing_is_a_config_error(tmp_path, tiny_bert_dir, train_file):
+    with pytest.raises(UserError, match="lora_target_modules"):
+        run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", use_lora=True,
+                              lora_target_modules=["no_such_layer"]))  # fmt: skip

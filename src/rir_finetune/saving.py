@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -72,8 +73,12 @@ def save_encoder(
     query_prompt: str | None = None,
     passage_prompt: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write weights, tokenizer and sentence-transformers config files into ``output_dir``."""
+    """Write weights, tokenizer and sentence-transformers config files into ``output_dir``.
+
+    ``extra(folder)`` may add files (the LoRA adapter); they are moved in with the rest, before modules.json.
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".saving-", dir=out))
@@ -92,6 +97,8 @@ def save_encoder(
             (tmp / rel).write_text(json.dumps(content, indent=2) + "\n")
         if normalize:
             (tmp / "2_Normalize").mkdir(exist_ok=True)
+        if extra is not None:
+            extra(tmp)
         (out / "modules.json").unlink(missing_ok=True)  # the folder is incomplete until modules.json returns
         for item in sorted(tmp.rglob("*")):
             if item.is_file():

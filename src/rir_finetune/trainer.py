@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from rir_finetune import distributed
 from rir_finetune.arguments import ObjectiveArguments
 from rir_finetune.errors import UserError
 from rir_finetune.gradcache import cached_step
+from rir_finetune.lora import is_lora, load_adapter, merged_state_dict, save_adapter
 from rir_finetune.model import BiEncoder
 from rir_finetune.objectives import compute_objectives
 from rir_finetune.sampler import GroupedBatchSampler
@@ -166,10 +168,17 @@ class RIRTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         model: BiEncoder = self.accelerator.unwrap_model(self.model)
         backbone = model.backbone
-        if state_dict is not None:
+        extra = None
+        if is_lora(backbone):  # merged weights for loading anywhere, the adapter for resuming
+            state_dict = merged_state_dict(backbone)
+            extra = functools.partial(save_adapter, backbone)
+            backbone = backbone.get_base_model()
+        elif state_dict is not None:
             prefix = "backbone."
             state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        save_encoder(output_dir, backbone, self.processing_class, state_dict=state_dict, **self.save_info)
+        save_encoder(
+            output_dir, backbone, self.processing_class, state_dict=state_dict, extra=extra, **self.save_info
+        )
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -183,6 +192,9 @@ class RIRTrainer(Trainer):
 def load_backbone_weights(model: BiEncoder, folder: str | os.PathLike) -> None:
     """Load the weights that :func:`save_encoder` wrote (``model.safetensors`` or sharded) into ``model``."""
     folder = Path(folder)
+    if is_lora(model.backbone):
+        load_adapter(model.backbone, folder)
+        return
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no model weights (model*.safetensors) in this checkpoint")
