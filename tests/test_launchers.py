@@ -39,3 +39,34 @@ def test_accelerate_launch(tmp_path, tiny_bert_dir):
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (tmp_path / "o" / "modules.json").is_file()
+
+
+def test_accelerate_launch_two_processes_sgd_step_equals_one_process(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU (gloo): 2 x batch 2 gives the weights of 1 x batch 4."""
+    import torch
+    from safetensors.torch import load_file
+
+    from test_distributed import _write_no_dropout_bert
+
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+    model = _write_no_dropout_bert(tmp_path / "m")
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(8))
+    common = ["--model_name_or_path", str(model), "--train_data", str(data), "--max_steps", "1", "--train_group_size",
+              "3", "--optim", "sgd", "--learning_rate", "0.5", "--use_cpu", "true", "--save_strategy", "no",
+              "--negatives_cross_device", "true", "--training_type", "retrieval_answer", "--dataloader_drop_last",
+              "true", "--report_to", "none", "--sentence_pooling_method", "mean"]  # fmt: skip
+    two = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+           "no", "--dynamo_backend", "no", "-m", "rir_finetune", "train", *common, "--output_dir",
+           str(tmp_path / "two"), "--per_device_train_batch_size", "2", "--ddp_backend", "gloo"]  # fmt: skip
+    one = [sys.executable, "-m", "rir_finetune", "train", *common, "--output_dir", str(tmp_path / "one"),
+           "--per_device_train_batch_size", "4"]  # fmt: skip
+    runs = [subprocess.run(cmd, capture_output=True, text=True, timeout=300) for cmd in (two, one)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 processes x 2 queries = 4 queries per step" in runs[0].stderr
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "model.safetensors"))
+    base = load_file(str(model / "model.safetensors"))
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
