@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -70,3 +71,41 @@ def test_accelerate_launch_two_processes_sgd_step_equals_one_process(tmp_path):
     assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["zero1", "zero2"])
+def test_deepspeed_zero_two_processes_equal_ddp(tmp_path, config):
+    """configs/deepspeed/zero{1,2}.json under torchrun x 2 (DeepSpeed's CPU accelerator, gloo) train the same weights
+    as plain DDP: the configs leave optimizer and schedule to the Trainer, and saving writes the full weights."""
+    pytest.importorskip("deepspeed")
+    import torch
+    from safetensors.torch import load_file
+
+    from test_distributed import _write_no_dropout_bert
+
+    model = _write_no_dropout_bert(tmp_path / "m")
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(8))
+    common = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+              "rir_finetune", "train", "--model_name_or_path", str(model), "--train_data", str(data), "--max_steps",
+              "3", "--train_group_size", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+              "--negatives_cross_device", "true", "--training_type", "retrieval_answer", "--save_strategy", "no",
+              "--dataloader_drop_last", "true", "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo",
+              "--sentence_pooling_method", "mean"]  # fmt: skip
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    runs = {
+        "ds": common + ["--output_dir", str(tmp_path / "ds"), "--deepspeed", str(root / f"configs/deepspeed/{config}.json")],
+        "ddp": common + ["--output_dir", str(tmp_path / "ddp")],
+    }  # fmt: skip
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("DeepSpeed ZeRO stage " + config[-1] in r.stderr) == (name == "ds")
+    a = load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ds" / "model.safetensors"))
+    base = load_file(str(model / "model.safetensors"))
+    assert set(a) == set(b)
+    assert max((a[k] - base[k]).abs().max().item() for k in a) > 1e-4
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+    assert (tmp_path / "ds" / "modules.json").is_file()

@@ -237,6 +237,9 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         gradient_cache_chunk_size=model_args.gradient_cache_chunk_size if model_args.gradient_cache else None,
         retrieval_evaluator=evaluator,
     )
+    if trainer.is_deepspeed_enabled and train_args.process_index == 0:
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        logger.info("DeepSpeed ZeRO stage %s (%s)", plugin.zero_stage, train_args.deepspeed)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
     distributed.barrier()
