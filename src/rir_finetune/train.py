@@ -162,10 +162,12 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
     from transformers import set_seed
 
     from rir_finetune.collator import RIRCollator
+    from rir_finetune.cpu_memory import keep_freed_memory
     from rir_finetune.model import BiEncoder, load_tokenizer
     from rir_finetune.sampler import GroupedBatchSampler
     from rir_finetune.trainer import RIRTrainer
 
+    keep_freed_memory()  # CPU steps reuse their freed activation memory (cpu_memory.py)
     set_seed(train_args.seed)
     out = Path(train_args.output_dir)
     if train_args.process_index == 0:

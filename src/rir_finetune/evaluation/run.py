@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rir_finetune.config import build_configs, to_dict
+from rir_finetune.cpu_memory import keep_freed_memory
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, MODES, check_answers, load_answers
 from rir_finetune.evaluation.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
@@ -115,6 +116,7 @@ def run_eval(config_file: str | None, overrides: list[str]) -> dict[str, float]:
 
 def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     """Evaluate ``args.model`` on ``args.data`` and write the result files; returns the metrics."""
+    keep_freed_memory()
     start = time.perf_counter()
     settings = read_settings(
         args.model,

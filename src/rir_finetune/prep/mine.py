@@ -341,4 +341,7 @@ def mine(cfg: MineConfig) -> dict[str, float]:
 
 
 def run_mine(config_file: str | None, overrides: list[str]) -> dict[str, float]:
+    from rir_finetune.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
     return mine(load_config(MineConfig, config_file, overrides))

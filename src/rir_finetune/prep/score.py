@@ -180,4 +180,7 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
 
 
 def run_score(config_file: str | None, overrides: list[str]) -> dict[str, float]:
+    from rir_finetune.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()
     return score(load_config(ScoreConfig, config_file, overrides))
