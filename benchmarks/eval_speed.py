@@ -72,7 +72,7 @@ def st_worker(model: str, data: str, split: str, batch_size: int) -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
-    from rir_finetune.evaluation.data import load_beir  # the same parsed data; reading it takes milliseconds
+    from rir_finetune.retrieval.data import load_beir  # the same parsed data; reading it takes milliseconds
 
     dataset = load_beir(data, split)
     doc_ids, texts = dataset.corpus_texts()

@@ -36,11 +36,11 @@ def speed(args) -> dict:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MultipleNegativesRankingLoss
 
-    from rir_finetune.arguments import ObjectiveArguments
-    from rir_finetune.collator import RIRCollator
-    from rir_finetune.gradcache import cached_step
-    from rir_finetune.model import BiEncoder, load_tokenizer
-    from rir_finetune.objectives import compute_objectives
+    from rir_finetune.training.arguments import ObjectiveArguments
+    from rir_finetune.training.collator import RIRCollator
+    from rir_finetune.training.gradcache import cached_step
+    from rir_finetune.training.model import BiEncoder, load_tokenizer
+    from rir_finetune.training.objectives import compute_objectives
 
     torch.manual_seed(0)
     b, g = args.batch, 4
@@ -113,11 +113,11 @@ def speed(args) -> dict:
 def memory_one(batch: int, cached: bool) -> dict:
     import torch
 
-    from rir_finetune.arguments import ObjectiveArguments
-    from rir_finetune.collator import RIRCollator
-    from rir_finetune.gradcache import cached_step
-    from rir_finetune.model import BiEncoder, load_tokenizer
-    from rir_finetune.objectives import compute_objectives
+    from rir_finetune.training.arguments import ObjectiveArguments
+    from rir_finetune.training.collator import RIRCollator
+    from rir_finetune.training.gradcache import cached_step
+    from rir_finetune.training.model import BiEncoder, load_tokenizer
+    from rir_finetune.training.objectives import compute_objectives
 
     torch.manual_seed(0)
     g = 8

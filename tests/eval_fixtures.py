@@ -1,4 +1,4 @@
-"""Helpers shared by the tests/test_eval_*.py files (imported explicitly; pytest loads only conftest.py itself)."""
+"""Helpers shared by the evaluation and retrieval tests (imported explicitly; pytest loads only conftest.py itself)."""
 
 from __future__ import annotations
 

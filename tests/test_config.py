@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from rir_finetune.arguments import CONFIG_CLASSES
 from rir_finetune.config import build_configs, parse_overrides
 from rir_finetune.errors import UserError
+from rir_finetune.training.arguments import CONFIG_CLASSES
 
 UPSTREAM_LAUNCH = """
 --output_dir OUT --model_name_or_path facebook/contriever --train_data data/train.jsonl

@@ -27,7 +27,7 @@ ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or JSON config file;
 @app.command(context_settings=_EXTRA)
 def train(ctx: typer.Context, config: str = ConfigOpt):
     """Fine-tune a retriever. Keys: FlagEmbedding's names plus every transformers.TrainingArguments field."""
-    from rir_finetune.train import run_train
+    from rir_finetune.training.train import run_train
 
     run_train(config, ctx.args)
 

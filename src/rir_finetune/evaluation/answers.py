@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.evaluation.data import read_jsonl
+from rir_finetune.retrieval.data import read_jsonl
 
 MODES = ("query", "answer", "fused")
 ANSWER_PREFIX = "Generate the topic about this passage: "  # upstream Reinforced-IR

@@ -15,9 +15,9 @@ from collections.abc import Callable
 import numpy as np
 
 from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, query_side_reps
-from rir_finetune.evaluation.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset
 from rir_finetune.evaluation.metrics import DEFAULT_K_VALUES, compute_metrics
-from rir_finetune.evaluation.search import build_run, exact_search
+from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset
+from rir_finetune.retrieval.search import build_run, exact_search
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (n, H) float32 embeddings, in input order
 

@@ -19,10 +19,7 @@ from rir_finetune.config import build_configs, to_dict
 from rir_finetune.cpu_memory import keep_freed_memory
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, MODES, check_answers, load_answers
-from rir_finetune.evaluation.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
-from rir_finetune.evaluation.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
 from rir_finetune.evaluation.metrics import DEFAULT_K_VALUES, compute_metrics
-from rir_finetune.evaluation.model_folder import POOLING_METHODS, model_fingerprint, read_settings
 from rir_finetune.evaluation.outputs import (
     atomic_write,
     metrics_table,
@@ -31,7 +28,10 @@ from rir_finetune.evaluation.outputs import (
     write_trec_run,
 )
 from rir_finetune.evaluation.retrieval import run_retrieval
-from rir_finetune.evaluation.search import BACKENDS
+from rir_finetune.retrieval.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
+from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
+from rir_finetune.retrieval.model_folder import POOLING_METHODS, model_fingerprint, read_settings
+from rir_finetune.retrieval.search import BACKENDS
 
 
 @dataclass
@@ -134,7 +134,7 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     _warn_identical_relevant(dataset.qrels, args.ignore_identical_ids)
 
     # transformers is slow to import: only once the inputs are known to be valid
-    from rir_finetune.evaluation.encoder import Encoder
+    from rir_finetune.retrieval.encoder import Encoder
 
     encoder = Encoder(
         settings,

@@ -12,23 +12,20 @@ the missing answers (records matched by ``qid`` when every record has a distinct
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Protocol
-from urllib import error as urlerror
-from urllib import request
 
 from tqdm import tqdm
 
 from rir_finetune.errors import UserError
+from rir_finetune.llm import generation
+from rir_finetune.llm.generation import GenerationSettings, Generator
+from rir_finetune.llm.prompts import TASKS, build_prompt, resolve_template
 from rir_finetune.prep.common import load_config, report
 from rir_finetune.prep.io import Record, ResumableJsonl, check_output_path, read_records
-from rir_finetune.prep.prompts import TASKS, build_prompt, resolve_template
 
 
 @dataclass
@@ -74,131 +71,14 @@ class AugmentConfig:
         if self.temperature < 0:
             raise UserError("config key 'temperature': must be >= 0")
 
-
-class Generator(Protocol):
-    name: str
-
-    def generate(self, prompts: list[str]) -> list[str]: ...
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Generators: a local transformers model, or an OpenAI-compatible endpoint
-
-
-def _model_location(model: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """(folder, gguf file name) for ``from_pretrained``; a path to a .gguf file is split into both."""
-    path = Path(model)
-    if gguf_file is None and path.suffix.lower() == ".gguf":
-        return str(path.parent), path.name
-    if not path.is_dir():
-        raise UserError(f"{model}: model folder not found (give a local folder with --model)")
-    if gguf_file is not None and not (path / gguf_file).is_file():
-        raise UserError(f"{path / gguf_file}: GGUF file not found")
-    return str(path), gguf_file
-
-
-class LocalGenerator:
-    """Batched generation with a transformers causal LM: left padding, chat template when there is one."""
-
-    def __init__(self, cfg: AugmentConfig):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-        folder, gguf = _model_location(cfg.model or "", cfg.gguf_file)
-        extra = {"gguf_file": gguf} if gguf else {}
-        self.name = gguf or Path(folder).name
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        self.tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, **extra).to(self.device).eval()
-        self.use_chat = cfg.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
-        self.system_prompt = cfg.system_prompt
-        eos = self.model.generation_config.eos_token_id
-        sample = cfg.temperature > 0
-        self.generation_config = GenerationConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample,
-            temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
-        )
-        torch.manual_seed(cfg.seed)
-
-    def _format(self, prompt: str) -> str:
-        if not self.use_chat:
-            return prompt
-        messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def generate(self, prompts: list[str]) -> list[str]:
-        import torch
-
-        texts = [self._format(p) for p in prompts]
-        # a chat template already writes the special tokens it needs
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.use_chat)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=self.generation_config)
-        new_tokens = out[:, enc["input_ids"].shape[1] :]  # (batch, generated length)
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-
-
-class ApiGenerator:
-    """An OpenAI-compatible ``/chat/completions`` endpoint, one request per prompt, a batch in parallel."""
-
-    def __init__(self, cfg: AugmentConfig):
-        if not cfg.model:
-            raise UserError("config key 'model' is required: with api_base it names the model to request")
-        self.name = cfg.model
-        self.cfg = cfg
-        self.url = cfg.api_base.rstrip("/") + "/chat/completions"
-
-    def _one(self, prompt: str) -> str:
-        cfg = self.cfg
-        messages = [{"role": "user", "content": prompt}]
-        if cfg.system_prompt:
-            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        body = {
-            "model": cfg.model,
-            "messages": messages,
-            "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-        }
-        headers = {"Content-Type": "application/json"}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
-        req = request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with request.urlopen(req, timeout=cfg.api_timeout) as resp:
-                reply = json.loads(resp.read().decode("utf-8"))
-            return str(reply["choices"][0]["message"]["content"] or "").strip()
-        except urlerror.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:200].replace("\n", " ")
-            raise UserError(f"{self.url}: HTTP {e.code} {e.reason}: {detail}") from None
-        except (urlerror.URLError, OSError) as e:
-            raise UserError(f"{self.url}: {getattr(e, 'reason', None) or e}") from None
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise UserError(f"{self.url}: the reply is not an OpenAI chat completion") from None
-
-    def generate(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            return list(pool.map(self._one, prompts))
+    def generation_settings(self) -> GenerationSettings:
+        """The generation backend's own settings, taken from this command's keys of the same names."""
+        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
 
 
 def load_generator(cfg: AugmentConfig) -> Generator:
-    if not cfg.model:
-        raise UserError(
-            "config key 'model' is required (a local causal LM folder, or a model name with api_base)"
-        )
-    return ApiGenerator(cfg) if cfg.api_base else LocalGenerator(cfg)
+    """The generation backend for this command's settings."""
+    return generation.load_generator(cfg.generation_settings())
 
 
 # ----------------------------------------------------------------------------------------------------------------

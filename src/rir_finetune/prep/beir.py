@@ -23,9 +23,9 @@ from urllib import request
 from tqdm import tqdm
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.evaluation.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, load_beir, read_jsonl
 from rir_finetune.prep.common import load_config, report
 from rir_finetune.prep.io import atomic_jsonl, check_output_path, dump_line, partial_path
+from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, load_beir, read_jsonl
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 

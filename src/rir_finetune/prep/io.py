@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.jsonl import iter_jsonl
+from rir_finetune.files import iter_jsonl
 
 Record = dict[str, Any]
 PARTIAL_SUFFIX = ".partial"

@@ -142,14 +142,14 @@ class DenseRanker:
     """A dense encoder (the evaluation stack's, with its corpus cache) and exact inner-product search."""
 
     def __init__(self, cfg: MineConfig, pool: Pool, queries: list[str]):
-        from rir_finetune.evaluation.cache import (
+        from rir_finetune.retrieval.cache import (
             cache_key,
             cached_corpus_encode,
             corpus_hash,
             default_cache_dir,
         )
-        from rir_finetune.evaluation.encoder import Encoder
-        from rir_finetune.evaluation.model_folder import model_fingerprint, read_settings
+        from rir_finetune.retrieval.encoder import Encoder
+        from rir_finetune.retrieval.model_folder import model_fingerprint, read_settings
 
         settings = read_settings(
             cfg.model,
@@ -172,7 +172,7 @@ class DenseRanker:
         self.backend = cfg.search_backend
 
     def rank(self, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-        from rir_finetune.evaluation.search import exact_search
+        from rir_finetune.retrieval.search import exact_search
 
         return exact_search(self.query_reps[rows], self.corpus_reps, k, backend=self.backend)
 

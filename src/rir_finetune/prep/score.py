@@ -98,8 +98,8 @@ class BiEncoderTeacher:
     """The evaluation stack's encoder (the folder's pooling, normalisation and prompts); score = dot product."""
 
     def __init__(self, cfg: ScoreConfig):
-        from rir_finetune.evaluation.encoder import Encoder
-        from rir_finetune.evaluation.model_folder import read_settings
+        from rir_finetune.retrieval.encoder import Encoder
+        from rir_finetune.retrieval.model_folder import read_settings
 
         settings = read_settings(
             _check_model(cfg.model),

@@ -1,0 +1,148 @@
+"""Evaluation data: a corpus, the judged queries of one split and their relevance judgements (qrels).
+
+Two layouts are read, both with one JSON object per line:
+
+- BEIR: ``corpus.jsonl`` (``_id``, ``title``, ``text``), ``queries.jsonl`` (``_id``, ``text``),
+  ``qrels/<split>.tsv`` (header ``query-id  corpus-id  score``; TREC's four columns also work).
+- FlagEmbedding's custom layout: ``corpus.jsonl`` (``id``, ``title``, ``text``), ``<split>_queries.jsonl``
+  (``id``, ``text``), ``<split>_qrels.jsonl`` (``qid``, ``docid``, ``relevance``).
+
+Every problem is a :class:`UserError` naming the file (and line): a missing file, malformed JSON, a qrel naming an
+unknown document or query, a duplicate id, an empty corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rir_finetune.errors import UserError, located
+from rir_finetune.files import iter_jsonl
+
+DEFAULT_CORPUS_TEXT_FORMAT = "{title} {text}"
+
+
+@dataclass
+class RetrievalDataset:
+    """What a retrieval evaluation needs; ``queries`` holds only the judged queries of the split."""
+
+    corpus: dict[str, dict[str, str]]  # doc id -> {"title": ..., "text": ...}
+    queries: dict[str, str]  # query id -> query text (every query id of qrels, nothing else)
+    qrels: dict[str, dict[str, int]]  # query id -> {doc id: graded relevance}
+    name: str = ""
+    split: str = "test"
+
+    def corpus_texts(self, text_format: str = DEFAULT_CORPUS_TEXT_FORMAT) -> tuple[list[str], list[str]]:
+        """Doc ids and their texts, ``text_format.format(title=..., text=...).strip()``, in corpus order."""
+        ids = list(self.corpus)
+        texts = [text_format.format(title=d["title"], text=d["text"]).strip() for d in self.corpus.values()]
+        return ids, texts
+
+    def limit_queries(self, max_queries: int | None) -> RetrievalDataset:
+        """The first ``max_queries`` judged queries (sorted by id), same corpus; ``None`` keeps all."""
+        if max_queries is None or max_queries >= len(self.queries):
+            return self
+        keep = sorted(self.queries)[:max_queries]
+        return RetrievalDataset(
+            self.corpus,
+            {q: self.queries[q] for q in keep},
+            {q: self.qrels[q] for q in keep},
+            self.name,
+            self.split,
+        )
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line number, object)`` for every non-blank line; malformed lines raise ``path:line`` errors."""
+    return iter_jsonl(path)
+
+
+def _field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> Any:
+    for name in names:
+        if name in obj and obj[name] is not None:
+            return obj[name]
+    raise located(path, lineno, f"missing field {' or '.join(repr(n) for n in names)}")
+
+
+def _read_id_texts(path: Path, with_title: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for lineno, obj in read_jsonl(path):
+        key = str(_field(obj, ("_id", "id"), path, lineno))
+        if key in out:
+            raise located(path, lineno, f"duplicate id {key!r}")
+        text = str(_field(obj, ("text",), path, lineno))
+        out[key] = {"title": str(obj.get("title") or ""), "text": text} if with_title else text
+    return out
+
+
+def _read_qrels_tsv(path: Path) -> Iterator[tuple[int, str, str, int]]:
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            cols = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+            if not cols or not line.strip():
+                continue
+            if len(cols) not in (3, 4):
+                raise located(
+                    path, lineno, f"expected 3 columns (query-id, corpus-id, score), got {len(cols)}"
+                )
+            qid, docid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
+            try:
+                rel = int(float(score))
+            except ValueError:
+                if lineno == 1:  # header line
+                    continue
+                raise located(path, lineno, f"relevance {score!r} is not a number") from None
+            yield lineno, qid.strip(), docid.strip(), rel
+
+
+def _read_qrels_jsonl(path: Path) -> Iterator[tuple[int, str, str, int]]:
+    for lineno, obj in read_jsonl(path):
+        qid = str(_field(obj, ("qid", "query-id", "query_id"), path, lineno))
+        docid = str(_field(obj, ("docid", "corpus-id", "doc_id"), path, lineno))
+        try:
+            rel = int(float(_field(obj, ("relevance", "score"), path, lineno)))
+        except (TypeError, ValueError):
+            raise located(path, lineno, "relevance is not a number") from None
+        yield lineno, qid, docid, rel
+
+
+def layout_files(data_dir: Path, split: str) -> tuple[Path, Path, Path]:
+    """``(corpus, queries, qrels)`` paths of ``data_dir`` in BEIR or FlagEmbedding's custom layout."""
+    corpus = data_dir / "corpus.jsonl"
+    custom_queries, custom_qrels = data_dir / f"{split}_queries.jsonl", data_dir / f"{split}_qrels.jsonl"
+    if custom_queries.is_file() and not (data_dir / "queries.jsonl").is_file():
+        return corpus, custom_queries, custom_qrels
+    return corpus, data_dir / "queries.jsonl", data_dir / "qrels" / f"{split}.tsv"
+
+
+def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
+    """Load and check ``data_dir`` (BEIR or FlagEmbedding custom layout) for ``split``."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise UserError(f"{data_dir}: data folder not found")
+    corpus_path, queries_path, qrels_path = layout_files(data_dir, split)
+    for path in (corpus_path, queries_path):
+        if not path.is_file():
+            raise located(
+                path, None, "file not found (expected BEIR layout or FlagEmbedding's custom layout)"
+            )
+    if not qrels_path.is_file():
+        raise located(qrels_path, None, f"qrels file of split {split!r} not found")
+    corpus = _read_id_texts(corpus_path, with_title=True)
+    if not corpus:
+        raise located(corpus_path, None, "the corpus is empty")
+    all_queries = _read_id_texts(queries_path, with_title=False)
+    rows = _read_qrels_jsonl(qrels_path) if qrels_path.suffix == ".jsonl" else _read_qrels_tsv(qrels_path)
+    qrels: dict[str, dict[str, int]] = {}
+    for lineno, qid, docid, rel in rows:
+        if docid not in corpus:
+            raise located(qrels_path, lineno, f"document {docid!r} is not in {corpus_path}")
+        if qid not in all_queries:
+            raise located(qrels_path, lineno, f"query {qid!r} is not in {queries_path}")
+        qrels.setdefault(qid, {})[docid] = rel
+    if not qrels:
+        raise located(qrels_path, None, "no relevance judgements")
+    queries = {qid: all_queries[qid] for qid in qrels}
+    return RetrievalDataset(corpus, queries, qrels, name=data_dir.name, split=split)

@@ -1,0 +1,86 @@
+"""Texts -> embeddings with a transformers model: pooling, normalisation, length-sorted batches, fp32.
+
+Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
+of ``batch_size``, so each batch pads to nearly its own length; the embeddings come back in input order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModel, AutoTokenizer
+
+from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
+from rir_finetune.retrieval.pooling import pool
+
+TOKENIZE_CHUNK = 32_768  # texts tokenized and sorted together; bounds the memory held by token ids
+
+
+class Encoder:
+    """A model folder ready to encode queries and passages the way :class:`EncoderSettings` says."""
+
+    def __init__(
+        self,
+        settings: EncoderSettings,
+        *,
+        batch_size: int = 64,
+        device: str = "cpu",
+        show_progress: bool = True,
+        trust_remote_code: bool = False,
+    ):
+        self.settings = settings
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self.show_progress = show_progress
+        path = settings.transformer_dir
+        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if self.tokenizer.pad_token is None:  # decoder-only tokenizers: padding is masked out anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        self.model.to(self.device).eval()
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path, **kwargs) -> Encoder:
+        """Read the folder's settings (no overrides) and load it."""
+        return cls(read_settings(model_dir), **kwargs)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        """(n, H) float32 query embeddings, the query instruction prepended."""
+        return self.encode(texts, self.settings.query_instruction, desc="queries")
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """(n, H) float32 passage embeddings, the passage instruction prepended."""
+        return self.encode(texts, self.settings.passage_instruction, desc="passages")
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], instruction: str = "", desc: str = "encode") -> np.ndarray:
+        """Embed ``texts`` (instruction prepended) into an (n, H) float32 array in input order."""
+        out: np.ndarray | None = None
+        bar = tqdm(total=len(texts), desc=desc, unit="text", disable=not self.show_progress or not texts)
+        for start in range(0, len(texts), TOKENIZE_CHUNK):
+            chunk = [instruction + t for t in texts[start : start + TOKENIZE_CHUNK]]
+            enc = self.tokenizer(chunk, truncation=True, max_length=self.settings.max_length)
+            order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
+            for b in range(0, len(order), self.batch_size):
+                idx = order[b : b + self.batch_size]
+                feats = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
+                reps = self._embed({k: v.to(self.device) for k, v in feats.items()})  # (b, H)
+                if out is None:
+                    out = np.empty((len(texts), reps.shape[1]), dtype=np.float32)
+                out[start + idx] = reps.float().cpu().numpy()
+                bar.update(len(idx))
+        bar.close()
+        if out is None:
+            return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        return out
+
+    def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        """features: input_ids / attention_mask / ... of shape (B, L). Returns (B, H) pooled (normalised) reps."""
+        hidden = self.model(**features, return_dict=True).last_hidden_state  # (B, L, H)
+        reps = pool(hidden, features["attention_mask"], self.settings.pooling)  # (B, H)
+        if self.settings.normalize:
+            reps = torch.nn.functional.normalize(reps, dim=-1)
+        return reps

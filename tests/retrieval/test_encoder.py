@@ -1,0 +1,96 @@
+"""Model folders (plain transformers vs sentence-transformers) and the encoder built on them."""
+
+import numpy as np
+import pytest
+import torch
+
+from eval_fixtures import add_st_files, make_tiny_bert
+from rir_finetune.errors import UserError
+from rir_finetune.retrieval.encoder import Encoder, pool
+from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
+
+TEXTS = ["apple", "the banana is a cherry of the apple", "cherry cherry", "a", "banana of apple"]
+
+
+@pytest.fixture(scope="module")
+def plain_dir(tmp_path_factory):
+    return make_tiny_bert(tmp_path_factory.mktemp("models") / "plain")
+
+
+@pytest.fixture(scope="module")
+def st_cls_dir(tmp_path_factory):
+    folder = make_tiny_bert(tmp_path_factory.mktemp("models") / "st_cls")
+    return add_st_files(folder, pooling="cls", prompts={"query": "Q: ", "document": "D: "}, max_seq_length=8)
+
+
+def test_settings_of_a_plain_folder(plain_dir):
+    # sentence-transformers' guess for a bare folder: mean pooling, cosine similarity (= normalised);
+    # the tokenizer's model_max_length is "unlimited" (1e30), so max_position_embeddings (512) applies
+    assert read_settings(plain_dir) == EncoderSettings(str(plain_dir), "mean", True, 512, "", "")
+
+
+def test_settings_of_a_sentence_transformers_folder(st_cls_dir, tmp_path):
+    assert read_settings(st_cls_dir) == EncoderSettings(str(st_cls_dir), "cls", True, 8, "Q: ", "D: ")
+    overridden = read_settings(
+        st_cls_dir, pooling="mean", normalize=False, max_length=4, query_instruction=""
+    )
+    assert overridden == EncoderSettings(str(st_cls_dir), "mean", False, 4, "", "D: ")
+    legacy = add_st_files(
+        make_tiny_bert(tmp_path / "legacy"), pooling="cls", normalize=False, legacy_pooling=True
+    )
+    # similarity "dot" and no Normalize module: not normalised
+    assert read_settings(legacy) == EncoderSettings(str(legacy), "cls", False, 512, "", "")
+
+
+def test_unsupported_pooling_and_missing_folder(st_cls_dir, tmp_path):
+    folder = add_st_files(make_tiny_bert(tmp_path / "maxpool"), pooling="max")
+    with pytest.raises(UserError, match=r"1_Pooling/config.json: pooling 'max' is not supported"):
+        read_settings(folder)
+    with pytest.raises(UserError, match=r"nowhere: model folder not found"):
+        read_settings(tmp_path / "nowhere")
+
+
+def test_pool_by_hand():
+    hidden = torch.arange(12, dtype=torch.float32).view(2, 3, 2)  # (B=2, L=3, H=2)
+    right = torch.tensor([[1, 1, 0], [1, 1, 1]])  # right padding
+    left = torch.tensor([[0, 1, 1], [1, 1, 1]])  # left padding
+    assert pool(hidden, right, "cls").tolist() == [[0, 1], [6, 7]]
+    # mean: ([0,1] + [2,3]) / 2 = [1,2]; ([6,7] + [8,9] + [10,11]) / 3 = [8,9]
+    assert pool(hidden, right, "mean").tolist() == [[1, 2], [8, 9]]
+    assert pool(hidden, right, "last_token").tolist() == [[2, 3], [10, 11]]
+    assert pool(hidden, left, "last_token").tolist() == [[4, 5], [10, 11]]
+
+
+def test_plain_folder_matches_sentence_transformers_folder_and_library(plain_dir, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    st_mean = add_st_files(make_tiny_bert(tmp_path / "st_mean"), pooling="mean")  # same seed: same weights
+    ours_plain = Encoder(read_settings(plain_dir), show_progress=False).encode_passages(TEXTS)
+    ours_st = Encoder(read_settings(st_mean), show_progress=False).encode_passages(TEXTS)
+    reference = st.SentenceTransformer(str(st_mean), device="cpu").encode(TEXTS, convert_to_numpy=True)
+    np.testing.assert_allclose(ours_plain, ours_st, atol=1e-6)
+    np.testing.assert_allclose(ours_st, reference, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ours_st, axis=1), 1.0, atol=1e-5)
+
+
+def test_cls_prompts_and_truncation_match_sentence_transformers(st_cls_dir):
+    st = pytest.importorskip("sentence_transformers")
+    model = st.SentenceTransformer(str(st_cls_dir), device="cpu")
+    # sentence-transformers 6 reads the max length from the tokenizer, not from sentence_bert_config.json
+    model.max_seq_length = 8
+    enc = Encoder(read_settings(st_cls_dir), batch_size=2, show_progress=False)
+    np.testing.assert_allclose(
+        enc.encode_queries(TEXTS), model.encode(TEXTS, prompt_name="query", convert_to_numpy=True), atol=1e-5
+    )
+    np.testing.assert_allclose(
+        enc.encode_passages(TEXTS),
+        model.encode(TEXTS, prompt_name="document", convert_to_numpy=True),
+        atol=1e-5,
+    )
+
+
+def test_length_sorted_batches_return_input_order(plain_dir):
+    enc = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False)
+    batched = enc.encode(TEXTS)
+    one_by_one = np.concatenate([enc.encode([t]) for t in TEXTS])
+    np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
+    assert enc.encode([]).shape == (0, 32)
