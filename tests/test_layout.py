@@ -20,7 +20,7 @@ ALLOWED = {
     "llm": {"base"},
     "base": {"base"},
 }
-TOP_LEVEL_HELPERS = {"__init__", "__main__", "config", "errors", "files", "cpu_memory", "signals"}
+TOP_LEVEL_HELPERS = {"__init__", "__main__", "config", "errors", "files", "cpu_memory", "signals", "guards"}
 
 
 def layer_of(module: str) -> str:

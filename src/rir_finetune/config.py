@@ -3,7 +3,8 @@
 A config file sets values; ``--key value`` on the command line overrides them. Every key belongs to exactly one
 dataclass (model, data, objective, training). Values are converted to the field's type (YAML reads ``1e-5`` as a
 string: that still becomes a float). An unknown key is a :class:`UserError` that names it and suggests the
-closest valid key.
+closest valid key. A numeric value outside the range its dataclass declares (``RANGES``, see
+:mod:`rir_finetune.guards`) is a UserError naming the key, checked before the dataclass is built.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 
 from rir_finetune.errors import UserError
+from rir_finetune.files import read_text
+from rir_finetune.guards import check_ranges
 
 _NONE_IS_A_VALUE = {"report_to"}  # keys where the text "none" is a real value, not null
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -31,23 +34,54 @@ _FALSE = {"false", "0", "no", "n", "off", "none", ""}
 # Reading files and command lines into one flat mapping
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} given twice (lines {seen[key]} and {line})", key_node.start_mark
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} given twice")
+        out[key] = value
+    return out
+
+
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML or JSON config file into a flat ``{key: value}`` mapping.
 
     Sections (``model:``, ``data:``, ``objective:``, ``training:``, ``eval:``) are flattened, so both flat and
-    sectioned files work.
+    sectioned files work. A key given twice (in one mapping, or in two sections) is an error naming it.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     try:
         if path.suffix.lower() == ".json":
-            raw = json.loads(text) if text.strip() else {}
+            raw = json.loads(text, object_pairs_hook=_unique_json_object) if text.strip() else {}
         else:
-            raw = yaml.safe_load(text) or {}
+            raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader subclass)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    except ValueError as e:  # a duplicate JSON key
+        raise UserError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
@@ -57,10 +91,11 @@ def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"{path}: a config file must hold a mapping of keys to values")
     flat: dict[str, Any] = {}
     for key, value in raw.items():
-        if key in _SECTIONS and isinstance(value, dict):
-            flat.update(value)
-        else:
-            flat[key] = value
+        items = value.items() if key in _SECTIONS and isinstance(value, dict) else [(key, value)]
+        for k, v in items:
+            if k in flat:
+                raise UserError(f"{path}: key {k!r} given twice (in two sections, or flat and in a section)")
+            flat[k] = v
     return flat
 
 
@@ -254,6 +289,7 @@ def build_configs(
     out = []
     for cls, fp, cp in zip(classes, file_parts, cli_parts, strict=True):
         merged = {**fp, **cp}
+        check_ranges(cls, merged)  # declared numeric ranges (guards.py), before the dataclass sees them
         try:
             out.append(cls(**merged))
         except UserError:
