@@ -91,3 +91,46 @@ def scifact_dir() -> Path:
     if not (d / "corpus.jsonl").is_file():
         pytest.skip("../shared/data/scifact is not present")
     return d
+
+
+LLM_WORDS = "cells gene protein heart brain virus drug risk study trial mice level effect diet sleep".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
+    "{% if add_generation_prompt %}<s> assistant {% endif %}"
+)
+
+
+def build_tiny_causal_lm(folder: Path, chat: bool = True, words: list[str] | None = None) -> Path:
+    """A random 1-layer Llama (hidden 16) with a word-level tokenizer built offline, saved with its tokenizer.
+
+    ``words`` adds vocabulary (a test's own texts), so prompts are not all ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    extra = "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant"
+    vocab_words = (
+        specials + LLM_WORDS + WORDS + extra.split() + [f"w{i}" for i in range(40)] + list(words or [])
+    )
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if chat:
+        hf_tok.chat_template = CHAT_TEMPLATE
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    hf_tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm_dir(tmp_path_factory) -> Path:
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("tiny_causal_lm"))

@@ -64,6 +64,20 @@ def augment(ctx: typer.Context, config: str = ConfigOpt):
     run_augment(config, ctx.args)
 
 
+@app.command(name="round", context_settings=_EXTRA)
+def round_(
+    ctx: typer.Context,
+    config: str = ConfigOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan (what runs, what is skipped, why)."),
+    from_stage: str = typer.Option(None, "--from", help="First stage to run; earlier ones must be up to date."),
+    until_stage: str = typer.Option(None, "--until", help="Last stage to run."),
+):
+    """One Reinforced-IR round, stage by stage, resumable: --config round.yaml [--dry-run] [--section.key value]."""
+    from rir_finetune.round.run import run_round
+
+    run_round(config, ctx.args, dry_run=dry_run, start=from_stage, until=until_stage)
+
+
 @data_app.command("from-beir", context_settings=_EXTRA)
 def data_from_beir(ctx: typer.Context, config: str = ConfigOpt):
     """Training records (query + judged positives) from BEIR data: DATA_DIR --split train --out train.jsonl."""

@@ -1,0 +1,244 @@
+"""``rir-finetune round``: one Reinforced-IR retriever round, stage by stage, resumable.
+
+    rir-finetune round --config configs/round_scifact.yaml              # run what is not up to date
+    rir-finetune round --config configs/round_scifact.yaml --dry-run    # print the plan only
+    rir-finetune round --config configs/round_scifact.yaml --from train --until eval --train.max_steps 10
+
+Each stage writes under ``OUTPUT_DIR/<stage>/`` and, when it finishes, ``stage.json`` with its fingerprint (its
+keys, its outside inputs, its upstream stages' fingerprints) and wall time. A stage whose marker says done with the
+same fingerprint, and whose outputs exist, is skipped; one that was interrupted is resumed (``augment`` keeps its
+finished answers, ``train`` continues from its newest complete checkpoint); one whose keys or inputs changed is
+cleared and run again. At the end ``OUTPUT_DIR/report.md`` (+ ``report.png``) compares the base and the trained
+retriever in every evaluated mode.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rir_finetune.errors import UserError
+from rir_finetune.files import atomic_write
+from rir_finetune.round.config import RoundConfig, load_round_config
+from rir_finetune.round.stages import Stage, build_stages, fingerprint
+
+MARKER = "stage.json"
+
+
+@dataclass
+class Step:
+    stage: Stage
+    fingerprint: str
+    action: str  # run | resume | rerun | skip | before-from | after-until
+    reason: str
+
+
+def _marker(stage: Stage) -> dict[str, Any] | None:
+    path = stage.folder / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_marker(stage: Stage, fp: str, status: str, **extra: Any) -> None:
+    body = {"stage": stage.name, "fingerprint": fp, "status": status, **extra}
+    atomic_write(stage.folder / MARKER, lambda f: f.write(json.dumps(body, indent=2) + "\n"))
+
+
+def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -> list[Step]:
+    """What each stage will do and why, without running anything."""
+    stages = build_stages(cfg)
+    names = [s.name for s in stages]
+    for key, value in (("from", start), ("until", until)):
+        if value is not None and value not in names:
+            raise UserError(f"--{key} {value}: not a stage of this round (stages: {', '.join(names)})")
+    lo = names.index(start) if start else 0
+    hi = names.index(until) if until else len(names) - 1
+    if lo > hi:
+        raise UserError(f"--from {start} comes after --until {until}")
+    fps: dict[str, str] = {}
+    steps: list[Step] = []
+    for i, stage in enumerate(stages):
+        fp = fingerprint(stage, fps)
+        fps[stage.name] = fp
+        mark = _marker(stage)
+        complete = (
+            mark is not None and mark.get("status") == "done" and all(p.exists() for p in stage.outputs)
+        )
+        if complete and mark.get("fingerprint") == fp:
+            action, reason = "skip", "up to date"
+        elif mark is not None and mark.get("fingerprint") == fp:
+            action, reason = "resume", "interrupted earlier; continues from what it finished"
+        elif mark is not None:
+            action, reason = "rerun", "its keys or inputs changed since it ran; its folder is cleared"
+        elif stage.folder.exists() and any(stage.folder.iterdir()):
+            raise UserError(
+                f"{stage.folder}: exists and is not empty, but the round did not create it (no {MARKER}); "
+                "choose another output_dir or remove it"
+            )
+        else:
+            action, reason = "run", "not run yet"
+        if i < lo:
+            if action != "skip":
+                raise UserError(
+                    f"--from {start}: the earlier stage {stage.name!r} is not complete and up to date ({reason}); "
+                    f"run it first (drop --from, or use --from {stage.name})"
+                )
+            action = "before-from"
+        elif i > hi:
+            action, reason = "after-until", f"after --until {until}"
+        steps.append(Step(stage, fp, action, reason))
+    return steps
+
+
+def print_plan(steps: list[Step], out=sys.stdout) -> None:
+    print("round plan:", file=out)
+    for s in steps:
+        verb = {"before-from": "skip", "after-until": "stop"}.get(s.action, s.action)
+        why = "up to date (before --from)" if s.action == "before-from" else s.reason
+        print(f"  {s.stage.name:<13} {verb:<7} {s.stage.command:<27} {why}", file=out)
+    out.flush()
+
+
+def _write_settings(stage: Stage) -> Path:
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    path = stage.folder / "config.yaml"
+    text = f"# {stage.command} --config {path}\n" + yaml.safe_dump(stage.settings, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text))
+    return path
+
+
+def _limit_lines(src: Path, dst: Path, keep) -> int:
+    """Copy the JSONL lines of ``src`` that ``keep(n, record)`` accepts into ``dst`` atomically; return the count."""
+    kept: list[str] = []
+    with src.open(encoding="utf-8") as f:
+        for n, line in enumerate(ln for ln in f if ln.strip()):
+            if keep(n, json.loads(line)):
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(dst, lambda out: out.writelines(kept))
+    return len(kept)
+
+
+def _run_stage(stage: Stage, resume: bool) -> dict[str, Any]:
+    """Run one stage's command(s) with its written settings; return counts for the report."""
+    path = _write_settings(stage)
+    name = stage.name
+    if name == "generate":
+        try:
+            from rir_finetune.prep.generate import run_generate
+        except ImportError:
+            raise UserError("stage 'generate': this installation has no `generate` command") from None
+        return {"counts": run_generate(str(path), [])}
+    if name == "queries":
+        from rir_finetune.prep.beir import run_from_beir
+
+        run_from_beir(str(path), [])
+        limit = stage.extra.get("limit")
+        n = _limit_lines(
+            Path(stage.settings["out"]), stage.outputs[0], lambda i, _: limit is None or i < limit
+        )
+        return {"records": n}
+    if name in {"augment", "test_answers"}:
+        from rir_finetune.prep.augment import run_augment
+
+        if name == "test_answers":
+            from rir_finetune.prep.beir import FromBeirConfig, from_beir
+            from rir_finetune.retrieval.data import load_beir
+
+            everything = stage.folder / "queries_all.jsonl"
+            from_beir(
+                FromBeirConfig(data_dir=stage.extra["data"], split=stage.extra["split"], out=str(everything))
+            )
+            qids = set(
+                load_beir(stage.extra["data"], stage.extra["split"])
+                .limit_queries(stage.extra["limit"])
+                .queries
+            )
+            _limit_lines(everything, Path(stage.settings["input"]), lambda _, r: str(r.get("qid")) in qids)
+        return {"counts": run_augment(str(path), [])}
+    if name == "mine":
+        from rir_finetune.prep.mine import run_mine
+
+        return {"counts": run_mine(str(path), [])}
+    if name == "score":
+        from rir_finetune.prep.score import run_score
+
+        return {"counts": run_score(str(path), [])}
+    if name == "train":
+        from rir_finetune.training.train import run_train
+
+        overrides = {"resume_from_checkpoint": "auto"} if resume and (stage.folder / "model").exists() else {}
+        run_train(str(path), overrides)
+        return {}
+    if name == "eval":
+        return {"summary": _run_eval(stage)}
+    raise AssertionError(name)  # pragma: no cover
+
+
+def _run_eval(stage: Stage) -> dict[str, dict[str, float]]:
+    from rir_finetune.config import build_configs
+    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
+
+    summary: dict[str, dict[str, float]] = {}
+    for model_name, model_dir in stage.extra["models"].items():
+        for label, mode, alpha in stage.extra["modes"]:
+            keys = {**stage.settings, "model": model_dir, "mode": mode,
+                    "output_dir": str(stage.folder / model_name / label)}  # fmt: skip
+            if mode != "query":
+                keys["answers"] = stage.extra["answers"]
+            if alpha is not None:
+                keys["alpha"] = alpha
+            (args,) = build_configs([EvalArguments], None, keys)
+            print(f"round eval: {model_name} model, {label} mode", file=sys.stderr, flush=True)
+            metrics = evaluate_folder(args)
+            summary[f"{model_name}/{label}"] = {k: float(v) for k, v in metrics.items()}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(stage.outputs[0], lambda f: f.write(text))
+    return summary
+
+
+def run_round(
+    config_file: str | None,
+    overrides: list[str],
+    dry_run: bool = False,
+    start: str | None = None,
+    until: str | None = None,
+) -> list[Step]:
+    """Plan the round, print the plan, and (unless ``dry_run``) run every stage that is not up to date."""
+    cfg = load_round_config(config_file, overrides)
+    steps = plan(cfg, start, until)
+    print_plan(steps)
+    if dry_run:
+        return steps
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        stage = step.stage
+        if step.action in {"skip", "before-from", "after-until"}:
+            if step.action == "skip":
+                print(f"round: {stage.name}: skipped, up to date", file=sys.stderr, flush=True)
+            continue
+        if step.action == "rerun":
+            shutil.rmtree(stage.folder)  # the round made it (it holds our marker)
+        print(f"round: {stage.name}: {step.action} ({step.reason})", file=sys.stderr, flush=True)
+        stage.folder.mkdir(parents=True, exist_ok=True)
+        _write_marker(stage, step.fingerprint, "running", started=time.time())
+        start_t = time.perf_counter()
+        result = _run_stage(stage, resume=step.action == "resume")
+        wall = time.perf_counter() - start_t
+        _write_marker(stage, step.fingerprint, "done", wall_s=round(wall, 1), result=result)
+        print(f"round: {stage.name}: done in {wall:.1f} s", file=sys.stderr, flush=True)
+    from rir_finetune.round.report import write_report
+
+    write_report(cfg, [s.stage for s in steps])
+    return steps

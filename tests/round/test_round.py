@@ -1,0 +1,152 @@
+"""`rir-finetune round`: the plan, skipping finished stages, kill-and-rerun equal to an uninterrupted round."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, WORDS
+from eval_fixtures import write_beir
+from rir_finetune.errors import UserError
+from rir_finetune.round.config import load_round_config, resolve_value
+from rir_finetune.round.run import plan
+
+TOPICS = WORDS[10:22]
+
+
+def tiny_beir(root: Path) -> Path:
+    """12 documents, 8 training and 4 test queries, each query judged relevant to its own topic's document."""
+    corpus = {f"d{i}": (t, f"{t} w{i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(6)))
+              for i, t in enumerate(TOPICS)}  # fmt: skip
+    queries = {f"q{i}": f"{t} effect w{i}" for i, t in enumerate(TOPICS)}
+    write_beir(root, corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(8)], split="train")
+    lines = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in range(8, 12)]
+    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def round_config(tmp_path: Path, bert: Path, llm: Path, out: Path) -> Path:
+    cfg = {
+        "output_dir": str(out),
+        "data": str(tiny_beir(tmp_path / "beir")),
+        "retriever": str(bert),
+        "llm": {"model": str(llm), "max_new_tokens": 4, "batch_size": 4},
+        "alphas": [0.5, 0.8],
+        "mine": {"negatives": 2, "range_for_sampling": "0-8", "use_cache": False},
+        "train": {
+            "training_type": "retrieval_answer",
+            "sentence_pooling_method": "mean",
+            "train_group_size": 2,
+            "per_device_train_batch_size": 4,
+            "max_steps": 4,
+            "save_strategy": "steps",
+            "save_steps": 2,
+            "learning_rate": 1e-3,
+            "query_max_len": 16,
+            "passage_max_len": 32,
+            "use_cpu": True,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "report_to": "none",
+        },  # fmt: skip
+        "eval": {"use_cache": False, "show_progress": False},
+    }
+    path = tmp_path / "round.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rir_finetune", "round", *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO, env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_shipped_round_configs_dry_run():
+    """The README's command: the plan is printed and nothing runs."""
+    for name in ("round_scifact.yaml", "round_upstream.yaml", "round_cisi_corpus_only.yaml"):
+        path = REPO / "configs" / name
+        if not path.exists():
+            continue
+        r = run_cli(["--config", str(path), "--dry-run"])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "round plan:" in r.stdout and "train" in r.stdout and "eval" in r.stdout
+    assert (REPO / "configs" / "round_scifact.yaml").exists()
+
+
+def test_plan_lists_every_stage_and_honours_from_until(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    cfg = load_round_config(
+        str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out")), []
+    )
+    steps = plan(cfg)
+    assert [s.stage.name for s in steps] == ["queries", "augment", "mine", "train", "test_answers", "eval"]
+    assert {s.action for s in steps} == {"run"}
+    with pytest.raises(UserError, match="earlier stage 'queries' is not complete"):
+        plan(cfg, start="train")
+    steps = plan(cfg, until="mine")
+    assert [s.action for s in steps][3:] == ["after-until"] * 3
+
+
+def test_overrides_reach_the_stage_and_change_its_fingerprint(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    path = str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out"))
+    a = {s.stage.name: s for s in plan(load_round_config(path, []))}
+    b = {s.stage.name: s for s in plan(load_round_config(path, ["--train.max_steps", "6"]))}
+    assert b["train"].stage.settings["max_steps"] == "6"
+    assert a["mine"].fingerprint == b["mine"].fingerprint  # upstream of the change: unchanged
+    assert a["train"].fingerprint != b["train"].fingerprint
+    assert a["eval"].fingerprint != b["eval"].fingerprint  # downstream of it
+    with pytest.raises(UserError, match="unknown stage 'trian'"):
+        load_round_config(path, ["--trian.max_steps", "6"])
+
+
+def test_package_paths_resolve():
+    assert Path(resolve_value("package:rir_finetune/round/run.py")).is_file()
+    with pytest.raises(UserError, match="not installed"):
+        resolve_value("package:no_such_pkg_xyz/model")
+
+
+def test_foreign_folder_is_refused(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    out = tmp_path / "out"
+    (out / "mine").mkdir(parents=True)
+    (out / "mine" / "mine_notes.txt").write_text("mine, not the round's")
+    cfg = load_round_config(str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, out)), [])
+    with pytest.raises(UserError, match="the round did not create it"):
+        plan(cfg)
+    assert (out / "mine" / "mine_notes.txt").read_text() == "mine, not the round's"
+
+
+def test_round_killed_in_training_resumes_to_the_same_metrics(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    ref_cfg = round_config(tmp_path / "ref", tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "ref_out")
+    r = run_cli(["--config", str(ref_cfg)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = json.loads((tmp_path / "ref_out" / "eval" / "summary.json").read_text())
+    assert set(ref) >= {
+        "base/query",
+        "trained/query",
+        "trained/answer",
+        "trained/fused_0.5",
+        "base/fused_0.8",
+    }
+    report = (tmp_path / "ref_out" / "report.md").read_text()
+    assert "| trained | query |" in report and (tmp_path / "ref_out" / "report.png").stat().st_size > 1000
+
+    out = tmp_path / "run_out"
+    cfg = round_config(tmp_path / "run", tiny_bert_dir, tiny_causal_lm_dir, out)
+    killed = run_cli(["--config", str(cfg)], env={"RIR_FINETUNE_KILL_AFTER_SAVE": "2"})
+    assert killed.returncode != 0
+    assert json.loads((out / "train" / "stage.json").read_text())["status"] == "running"
+    assert not (out / "eval").exists()
+    again = run_cli(["--config", str(cfg)])
+    assert again.returncode == 0, again.stderr[-3000:]
+    for stage in ("queries", "augment", "mine"):
+        assert f"round: {stage}: skipped, up to date" in again.stderr
+    assert "round: train: resume" in again.stderr
+    assert json.loads((out / "eval" / "summary.json").read_text()) == ref
+    # a third run has nothing to do
+    third = run_cli(["--config", str(cfg)])
+    assert third.returncode == 0 and third.stderr.count("skipped, up to date") == 6
