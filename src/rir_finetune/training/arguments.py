@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from rir_finetune.errors import UserError
@@ -177,7 +178,43 @@ class RIRTrainingArguments(TrainingArguments):
             self.ddp_find_unused_parameters = (
                 False  # every trainable parameter reaches the loss (pooler frozen)
             )
+        self._choose_cpu_mode()
         super().__post_init__()
+
+    def _choose_cpu_mode(self) -> None:
+        """Several processes on a machine without an accelerator train on CPU with gloo, whatever the launch form.
+
+        Without ``use_cpu``, accelerate's ``PartialState`` sees ``LOCAL_RANK`` but no GPU: it opens a process group
+        yet leaves ``distributed_type`` NO, so the Trainer never wraps the model in DDP and gradients are never
+        averaged (and without ``ddp_backend`` every rank even calls itself rank 0 of 1). ``use_cpu`` takes
+        accelerate's MULTI_CPU path, which is distributed. Must run before ``_setup_devices``.
+        """
+        cpu_only = not torch.accelerator.is_available()
+        if launched_world_size() > 1 and cpu_only and not self.use_cpu:
+            self.use_cpu = True
+        cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in {"1", "true", "yes"}
+        if cpu and self.ddp_backend not in (None, "gloo", "mpi"):
+            where = "this machine has no GPU" if cpu_only else "use_cpu is on"
+            raise UserError(
+                f"config key 'ddp_backend': {self.ddp_backend} needs GPUs and {where}; "
+                "use --ddp_backend gloo or leave it unset"
+            )
+        if cpu and self.ddp_backend == "mpi" and not torch.distributed.is_mpi_available():
+            raise UserError(
+                "config key 'ddp_backend': this torch has no MPI support; use gloo or leave it unset"
+            )
+        if cpu and self.deepspeed and cpu_only:
+            os.environ.setdefault(
+                "DS_ACCELERATOR", "cpu"
+            )  # DeepSpeed's CPU accelerator, as on a GPU-less box
+
+
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun, accelerate launch, mpirun); 1 for a plain run."""
+    sizes = [
+        os.environ.get(k) for k in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+    ]
+    return max([int(v) for v in sizes if v and v.isdigit()] or [1])
 
 
 CONFIG_CLASSES = (ModelArguments, DataArguments, ObjectiveArguments, RIRTrainingArguments)

@@ -41,6 +41,61 @@ class KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def unshard(prepared: DataLoader, sampler: GroupedBatchSampler) -> DataLoader:
+    """Undo accelerate's sharding of our (already sharded) batch sampler and let ``set_epoch`` reach it.
+
+    With several processes accelerate wraps the sampler in a ``BatchSamplerShard``, which has no ``set_epoch``; on
+    resume ``skip_first_batches`` wraps that again in a ``SkipBatchSampler``. The Trainer forwards ``set_epoch``
+    one level down only, so a run resumed after epoch 0 replayed epoch 0's batches. The shard now forwards it.
+    """
+    shard = getattr(prepared, "batch_sampler", None)
+    if shard is not None and shard is not sampler and getattr(shard, "batch_sampler", None) is sampler:
+        shard.num_processes, shard.process_index = 1, 0
+        shard.set_epoch = sampler.set_epoch
+    return prepared
+
+
+def check_parallel_mode(args) -> None:
+    """Several processes => the Trainer is in distributed mode over all of them; one process => one device.
+
+    Without this a launch that accelerate does not recognise as distributed trains every rank on its own: the
+    model is never wrapped in DDP, gradients are never averaged, and the run still saves a (wrong) model.
+    """
+    from transformers.training_args import ParallelMode
+
+    from rir_finetune.training.arguments import launched_world_size
+
+    launched, group = launched_world_size(), distributed.world_size()
+    w = max(launched, group, args.world_size)
+    if args.n_gpu > 1 and args.parallel_mode == ParallelMode.NOT_DISTRIBUTED:
+        raise UserError(
+            f"one process sees {args.n_gpu} GPUs (the Trainer would use nn.DataParallel, which this trainer does not "
+            f"support): launch one process per GPU with torchrun --nproc_per_node {args.n_gpu} -m rir_finetune "
+            "train ..., or set CUDA_VISIBLE_DEVICES to one GPU"
+        )
+    if w > 1 and (args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size != w or group != w):
+        raise UserError(
+            f"{launched} processes were launched (process group of {group}) but the Trainer runs "
+            f"{args.parallel_mode.value} with world size {args.world_size}: gradients would not be averaged; "
+            "on a CPU-only machine pass --use_cpu true; on GPUs start one process per GPU"
+        )
+
+
+def check_model_wrapped(model: torch.nn.Module, args, deepspeed: bool) -> None:
+    """With several processes the model that trains must be DDP- or DeepSpeed-wrapped (gradients averaged)."""
+    w = max(distributed.world_size(), args.world_size)
+    if w <= 1:
+        return
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    engine = deepspeed and type(model).__name__ == "DeepSpeedEngine"
+    if not (ddp or engine):
+        raise UserError(
+            f"{w} processes but the model is wrapped as {type(model).__name__}, not DistributedDataParallel or "
+            "DeepSpeed: gradients would not be averaged; launch with torchrun or accelerate launch (DDP) or "
+            "--deepspeed (FSDP and other wrappers are not supported)"
+        )
+
+
 class RIRTrainer(Trainer):
     def __init__(
         self,
@@ -53,6 +108,8 @@ class RIRTrainer(Trainer):
         **kwargs: Any,
     ):
         super().__init__(*args, eval_dataset=retrieval_evaluator, **kwargs)
+        check_parallel_mode(self.args)
+        self._wrap_checked = False
         self.retrieval_evaluator = retrieval_evaluator
         self.objective_args = objective_args
         self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
@@ -80,11 +137,7 @@ class RIRTrainer(Trainer):
             if self.args.dataloader_num_workers > 0
             else None,
         )
-        prepared = self.accelerator.prepare(loader)
-        shard = getattr(prepared, "batch_sampler", None)
-        if shard is not None and getattr(shard, "batch_sampler", None) is self.batch_sampler:
-            shard.num_processes, shard.process_index = 1, 0
-        return prepared
+        return unshard(self.accelerator.prepare(loader), self.batch_sampler)
 
     # -- loss ------------------------------------------------------------------------------------------------------
 
@@ -106,6 +159,9 @@ class RIRTrainer(Trainer):
         return (out.loss, {"reps": reps, "terms": out.terms}) if return_outputs else out.loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if not self._wrap_checked:  # before the first forward, whatever the launch form
+            check_model_wrapped(model, self.args, self.is_deepspeed_enabled)
+            self._wrap_checked = True
         if not self.gradient_cache_chunk_size:
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
