@@ -64,6 +64,14 @@ def augment(ctx: typer.Context, config: str = ConfigOpt):
     run_augment(config, ctx.args)
 
 
+@app.command(context_settings=_EXTRA)
+def generate(ctx: typer.Context, config: str = ConfigOpt):
+    """Training queries for a corpus without any: CORPUS --output OUT --model LLM [--num_passages N]."""
+    from rir_finetune.prep.generate import run_generate
+
+    run_generate(config, ctx.args)
+
+
 @app.command(name="round", context_settings=_EXTRA)
 def round_(
     ctx: typer.Context,
