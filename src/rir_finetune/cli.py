@@ -1,7 +1,8 @@
 """The ``rir-finetune`` command line: train, eval, and the data-preparation commands.
 
 Every command takes ``--config FILE`` (YAML or JSON) and any config key as ``--key value``; the command-line value
-wins. Errors in user input print one line (``error: ...``) and exit with code 2, without a traceback.
+wins. Errors in user input print one line (``error: ...``) and exit with code 2, without a traceback; SIGINT and
+SIGTERM print one ``interrupted`` line and exit 130 / 143 (:mod:`rir_finetune.guards` holds every such rule).
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import sys
 
 import typer
+from typer import _click
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError
 
 app = typer.Typer(
@@ -76,8 +79,12 @@ def generate(ctx: typer.Context, config: str = ConfigOpt):
 def round_(
     ctx: typer.Context,
     config: str = ConfigOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the stage plan (what runs, what is skipped, why)."),
-    from_stage: str = typer.Option(None, "--from", help="First stage to run; earlier ones must be up to date."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the stage plan (what runs, what is skipped, why)."
+    ),
+    from_stage: str = typer.Option(
+        None, "--from", help="First stage to run; earlier ones must be up to date."
+    ),
     until_stage: str = typer.Option(None, "--until", help="Last stage to run."),
 ):
     """One Reinforced-IR round, stage by stage, resumable: --config round.yaml [--dry-run] [--section.key value]."""
@@ -103,26 +110,41 @@ def data_get(ctx: typer.Context, config: str = ConfigOpt):
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning :class:`UserError` into one line and exit code 2."""
+    """Console entry point; every way a run ends maps to one exit status (guards.py, part 4).
+
+    0: done. 2: bad input (:class:`UserError`, one ``error:`` line) or bad usage (unknown command, missing value).
+    130 / 143: SIGINT / SIGTERM (one ``interrupted`` line; partial work is kept as the command left it).
+    """
+    guards.install_signal_handlers()
     try:
-        app(args=argv, standalone_mode=False)
+        rv = app(args=argv, standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except guards.Interrupted as e:
+        _interrupted(e.name, e.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors and the like
-        import click
+        _interrupted("SIGINT", 130)
+    except _click.exceptions.ClickException as e:  # usage errors: typer raises its vendored click's classes
+        e.show()
+        sys.exit(2 if e.exit_code == 0 else e.exit_code)
+    except _click.exceptions.Abort:
+        _interrupted("SIGINT", 130)
+    if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+        # typer turns a KeyboardInterrupt it sees into Exit(130) and, with standalone_mode=False, returns the code
+        if rv == 130:
+            _interrupted("SIGINT", 130)
+        sys.exit(rv)
 
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+
+def _interrupted(name: str, code: int) -> None:
+    guards.ignore_signals()
+    print(
+        f"interrupted ({name}): stopped before the end; nothing reported as done. Outputs are written only when a "
+        "run completes; train resumes with --resume_from_checkpoint auto, augment continues from OUT.partial.",
+        file=sys.stderr,
+    )
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -235,7 +235,9 @@ def check_output_file(
         raise UserError(f"config key {key!r}: {out} is a folder; give a file path")
     for src in _paths(reads):
         if _same(out, src) or (src.is_file() and out.name == src.name and _same(out.parent, src.parent)):
-            raise UserError(f"config key {key!r}: {out} is an input of this command; write to another path")
+            raise UserError(
+                f"config key {key!r}: {out}: the output is the input file {src}; write to another path"
+            )
         if src.is_dir() and out.exists() and _inside(out, src):
             raise UserError(
                 f"config key {key!r}: {out} is a file of the input folder {src}; write to another path"

@@ -86,7 +86,8 @@ def test_from_beir_min_relevance_and_split(tiny_beir, tmp_path):
         (["--out", "x.jsonl"], "give the BEIR folder"),
         (["{beir}", "--split", "dev", "--out", "x.jsonl"], "qrels file of split 'dev' not found"),
         (["{beir}", "--out", "{beir}/queries.jsonl"], "the output is the input file"),
-        (["{beir}", "--out", "{beir}/corpus.jsonl"], "would overwrite the BEIR data"),
+        (["{beir}", "--out", "{beir}/corpus.jsonl"], "the output is the input file"),
+        (["{beir}", "--out", "{beir}/qrels/test.tsv"], "is a file of the input folder"),
         (["{beir}", "--data_dir", "{beir}", "--out", "x.jsonl"], "given twice"),
         (["{beir}", "extra", "--out", "x.jsonl"], "unexpected argument 'extra'"),
         (["{beir}", "--outt", "x.jsonl"], "did you mean 'out'"),
@@ -132,7 +133,7 @@ def test_get_without_network_is_a_clean_error(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and err.startswith("error: cannot download 'scifact'")
     assert "public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/scifact.zip" in err
     assert "without network" in err and "unzip it into" in err
-    assert not list((tmp_path / "data").iterdir())  # no partial download left behind
+    assert not (tmp_path / "data").exists()  # no partial download, not even the folder, left behind
 
 
 def _zip_bytes(files: dict[str, str]) -> bytes:

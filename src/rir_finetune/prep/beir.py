@@ -22,10 +22,17 @@ from urllib import request
 
 from tqdm import tqdm
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError, located
 from rir_finetune.prep.common import load_config, report
 from rir_finetune.prep.io import atomic_jsonl, check_output_path, dump_line, partial_path
-from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, load_beir, read_jsonl
+from rir_finetune.retrieval.data import (
+    DEFAULT_CORPUS_TEXT_FORMAT,
+    RetrievalDataset,
+    layout_files,
+    load_beir,
+    read_jsonl,
+)
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
@@ -78,9 +85,8 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
     data_dir = Path(cfg.data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: not a folder (BEIR layout: corpus.jsonl, queries.jsonl, qrels/)")
-    out = check_output_path(data_dir / "queries.jsonl", cfg.out, key="out")
-    if out.resolve() in {(data_dir / n).resolve() for n in ("corpus.jsonl", "queries.jsonl")}:
-        raise UserError(f"{out}: the output would overwrite the BEIR data; write to another path")
+    # every file of the data folder is an input: the output may be a new file there, never an existing one
+    out = check_output_path(None, cfg.out, key="out", reads=(*layout_files(data_dir, cfg.split), data_dir))
     dataset = load_beir(data_dir, cfg.split)  # checks that every judged query and document exists
     doc_ids, doc_texts = dataset.corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
     text_of = dict(zip(doc_ids, doc_texts, strict=True))
@@ -158,13 +164,33 @@ def get(cfg: GetConfig) -> Path:
     if target.is_dir() and any(target.rglob("corpus.jsonl")):
         report("data get", [f"{target} is already there (corpus.jsonl found); nothing downloaded"])
         return target
+    # never replace what is there: the user's files are not ours to delete
+    guards.check_output_dir(out, key="out")
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        raise UserError(
+            f"config key 'out': {target} already exists and is not a BEIR dataset (no corpus.jsonl); "
+            "move it away or choose another --out"
+        )
+    zip_path = out / f"{cfg.name}.zip"
+    if zip_path.exists():
+        raise UserError(f"{zip_path} already exists; delete or move it, then retry")
     url = cfg.url.format(name=cfg.name)
     manual = (
         f"without network: download {url} on a machine that has it, then unzip it into {out}/ "
         f"(giving {target}/corpus.jsonl, queries.jsonl, qrels/)"
     )
+    created_out = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    zip_path = out / f"{cfg.name}.zip"
+    try:
+        _get_into(cfg, url, manual, out, target, zip_path)
+    except BaseException:
+        if created_out and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a refused or interrupted download leaves no folder behind
+        raise
+    return target
+
+
+def _get_into(cfg: GetConfig, url: str, manual: str, out: Path, target: Path, zip_path: Path) -> None:
     tmp = partial_path(zip_path)
     start = time.time()
     try:
@@ -178,28 +204,34 @@ def get(cfg: GetConfig) -> Path:
         tmp.unlink(missing_ok=True)
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download {cfg.name!r} from {url}: {reason}; {manual}") from None
+    except BaseException:  # interrupted: no half-downloaded file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(zip_path)
-    with tempfile.TemporaryDirectory(dir=out, prefix=f".{cfg.name}-") as unpack:
-        try:
-            _safe_extract(zip_path, Path(unpack))
-        except zipfile.BadZipFile:
-            raise UserError(
-                f"{zip_path}: not a zip archive (the download is damaged); delete it and retry"
-            ) from None
-        entries = list(Path(unpack).iterdir())
-        top = (
-            entries[0] if len(entries) == 1 and entries[0].is_dir() else Path(unpack)
-        )  # BEIR zips hold NAME/
-        if not any(top.rglob("corpus.jsonl")):
-            raise UserError(f"{zip_path}: no corpus.jsonl inside; not a BEIR dataset")
-        if target.exists():
-            shutil.rmtree(target)
-        target.mkdir()
-        for child in top.iterdir():
-            shutil.move(str(child), target / child.name)
-    zip_path.unlink()
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=f".{cfg.name}-") as unpack:
+            try:
+                _safe_extract(zip_path, Path(unpack))
+            except zipfile.BadZipFile:
+                raise UserError(f"{zip_path}: not a zip archive (the download is damaged); retry") from None
+            entries = list(Path(unpack).iterdir())
+            top = (
+                entries[0] if len(entries) == 1 and entries[0].is_dir() else Path(unpack)
+            )  # BEIR zips hold NAME/
+            if not any(top.rglob("corpus.jsonl")):
+                raise UserError(f"{url}: no corpus.jsonl inside the archive; not a BEIR dataset")
+            made_target = not target.exists()
+            target.mkdir(exist_ok=True)  # absent or empty (checked above)
+            try:
+                for child in top.iterdir():
+                    shutil.move(str(child), target / child.name)
+            except BaseException:
+                if made_target:
+                    shutil.rmtree(target, ignore_errors=True)  # ours: created a moment ago
+                raise
+    finally:
+        zip_path.unlink(missing_ok=True)  # ours: downloaded by this run
     report("data get", [f"{cfg.name} from {url} into {target} ({time.time() - start:.1f} s)"])
-    return target
 
 
 def run_get(config_file: str | None, overrides: list[str]) -> Path:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError, located
 from rir_finetune.files import iter_jsonl
 
@@ -78,23 +79,20 @@ def read_records(path: str | os.PathLike, need_pos: bool = True) -> list[Record]
 
 
 def check_output_path(
-    input_path: str | os.PathLike, output_path: str | os.PathLike | None, key: str = "output"
+    input_path: str | os.PathLike | None,
+    output_path: str | os.PathLike | None,
+    key: str = "output",
+    reads: tuple[str | os.PathLike | None, ...] = (),
 ) -> Path:
-    """The output path, refusing to overwrite the input and creating its folder."""
-    if not output_path:
-        raise UserError(f"config key {key!r} is required (the file to write)")
-    out = Path(output_path)
-    src = Path(input_path)
-    if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
-        raise UserError(f"{out}: the output is the input file; write to another path")
-    if out.is_dir():
-        raise UserError(f"{out}: is a folder; give a file path for {key!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+    """The output path, checked before any work (:func:`rir_finetune.guards.check_output_file`): never an input
+    (``input_path`` and ``reads``: files, or folders whose existing files are inputs), never a folder, writable.
+    Nothing is created; the writers below create the parent folder."""
+    return guards.check_output_file(output_path, key=key, reads=(input_path, *reads))
 
 
 def dump_line(record: Record) -> str:
-    return json.dumps(record, ensure_ascii=False) + "\n"
+    """One JSONL line; a NaN or infinite number is a UserError (it is not JSON)."""
+    return guards.json_line(record)
 
 
 @contextlib.contextmanager
@@ -105,6 +103,7 @@ def atomic_jsonl(path: str | os.PathLike, tmp: str | os.PathLike | None = None) 
     """
     path = Path(path)
     tmp = Path(tmp) if tmp is not None else partial_path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     f = tmp.open("w", encoding="utf-8")
     try:
         yield f
@@ -147,9 +146,17 @@ class ResumableJsonl:
             with self.partial.open("r+b") as f:
                 f.truncate(end)
         records = []
-        for line_no, line in enumerate(data[:end].decode("utf-8").splitlines(), start=1):
-            if not line.strip():
+        for line_no, raw in enumerate(data[:end].splitlines(), start=1):
+            if not raw.strip():
                 continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise located(
+                    self.partial,
+                    line_no,
+                    "not UTF-8 text in an unfinished output; delete the file to start over",
+                ) from None
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
@@ -163,6 +170,7 @@ class ResumableJsonl:
     def append(self, records: list[Record]) -> None:
         """Append ``records`` and make them durable before returning."""
         if self._file is None:
+            self.partial.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.partial.open("a", encoding="utf-8")
         self._file.write("".join(dump_line(r) for r in records))
         self._file.flush()

@@ -7,19 +7,22 @@ Two layouts are read, both with one JSON object per line:
 - FlagEmbedding's custom layout: ``corpus.jsonl`` (``id``, ``title``, ``text``), ``<split>_queries.jsonl``
   (``id``, ``text``), ``<split>_qrels.jsonl`` (``qid``, ``docid``, ``relevance``).
 
-Every problem is a :class:`UserError` naming the file (and line): a missing file, malformed JSON, a qrel naming an
-unknown document or query, a duplicate id, an empty corpus.
+Every problem is a :class:`UserError` naming the file (and line): a missing file, bytes that are not UTF-8, malformed
+JSON, a qrel naming an unknown document or query, a relevance that is not an integer grade, one (query, document)
+judged twice with different grades, a duplicate id, an empty corpus. The same judgement repeated is counted once,
+with a warning giving the count.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.files import iter_jsonl
+from rir_finetune.files import iter_jsonl, iter_lines
 
 DEFAULT_CORPUS_TEXT_FORMAT = "{title} {text}"
 
@@ -77,34 +80,43 @@ def _read_id_texts(path: Path, with_title: bool) -> dict[str, Any]:
     return out
 
 
+def _relevance(value: Any, path: Path, lineno: int) -> int:
+    """An integer relevance grade; ``1.0`` is 1, ``0.5`` is refused (pytrec_eval grades are integers)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        raise located(path, lineno, f"relevance {value!r} is not a number") from None
+    if not f.is_integer():
+        raise located(path, lineno, f"relevance {value!r} is not an integer grade (0, 1, 2, ...)")
+    return int(f)
+
+
 def _read_qrels_tsv(path: Path) -> Iterator[tuple[int, str, str, int]]:
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            cols = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-            if not cols or not line.strip():
-                continue
-            if len(cols) not in (3, 4):
-                raise located(
-                    path, lineno, f"expected 3 columns (query-id, corpus-id, score), got {len(cols)}"
-                )
-            qid, docid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
-            try:
-                rel = int(float(score))
-            except ValueError:
-                if lineno == 1:  # header line
-                    continue
-                raise located(path, lineno, f"relevance {score!r} is not a number") from None
-            yield lineno, qid.strip(), docid.strip(), rel
+    for lineno, line in iter_lines(path):
+        cols = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+        if not cols or not line.strip():
+            continue
+        if len(cols) not in (3, 4):
+            raise located(path, lineno, f"expected 3 columns (query-id, corpus-id, score), got {len(cols)}")
+        qid, docid, score = (cols[0], cols[1], cols[2]) if len(cols) == 3 else (cols[0], cols[2], cols[3])
+        if lineno == 1 and not _is_number(score):  # header line
+            continue
+        yield lineno, qid.strip(), docid.strip(), _relevance(score.strip(), path, lineno)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _read_qrels_jsonl(path: Path) -> Iterator[tuple[int, str, str, int]]:
     for lineno, obj in read_jsonl(path):
         qid = str(_field(obj, ("qid", "query-id", "query_id"), path, lineno))
         docid = str(_field(obj, ("docid", "corpus-id", "doc_id"), path, lineno))
-        try:
-            rel = int(float(_field(obj, ("relevance", "score"), path, lineno)))
-        except (TypeError, ValueError):
-            raise located(path, lineno, "relevance is not a number") from None
+        rel = _relevance(_field(obj, ("relevance", "score"), path, lineno), path, lineno)
         yield lineno, qid, docid, rel
 
 
@@ -136,12 +148,30 @@ def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
     all_queries = _read_id_texts(queries_path, with_title=False)
     rows = _read_qrels_jsonl(qrels_path) if qrels_path.suffix == ".jsonl" else _read_qrels_tsv(qrels_path)
     qrels: dict[str, dict[str, int]] = {}
+    first_line: dict[tuple[str, str], int] = {}
+    repeated = 0
     for lineno, qid, docid, rel in rows:
         if docid not in corpus:
             raise located(qrels_path, lineno, f"document {docid!r} is not in {corpus_path}")
         if qid not in all_queries:
             raise located(qrels_path, lineno, f"query {qid!r} is not in {queries_path}")
+        if (qid, docid) in first_line:  # the same judgement twice: harmless; two different grades: which one?
+            if qrels[qid][docid] != rel:
+                raise located(
+                    qrels_path,
+                    lineno,
+                    f"query {qid!r} and document {docid!r} judged twice with different grades "
+                    f"({qrels[qid][docid]} at line {first_line[qid, docid]}, {rel} here)",
+                )
+            repeated += 1
+            continue
+        first_line[qid, docid] = lineno
         qrels.setdefault(qid, {})[docid] = rel
+    if repeated:
+        print(
+            f"warning: {qrels_path}: {repeated} repeated judgements (same grade) counted once",
+            file=sys.stderr,
+        )
     if not qrels:
         raise located(qrels_path, None, "no relevance judgements")
     queries = {qid: all_queries[qid] for qid in qrels}
