@@ -146,7 +146,7 @@ def test_few_or_no_negatives_are_filled_without_duplicates(tmp_path):
     assert set(recs[1]["neg"]) <= set(ds[(1, 0)]["passages"])
 
 
-def test_teacher_scores_follow_passages_and_fillers_get_the_lowest(tmp_path):
+def test_teacher_scores_follow_passages_and_fillers_score_below_them(tmp_path):
     recs = make_records(6, n_neg=2, scores=True)
     recs[0]["neg_scores"] = [3.0, 1.0]
     recs[0]["pos_scores"] = [4.0]
@@ -157,7 +157,15 @@ def test_teacher_scores_follow_passages_and_fillers_get_the_lowest(tmp_path):
     # positive above every negative: 4 + (3 - 4) * 0.2 = 3.8 (upstream's shrink)
     assert item["teacher_scores"][0] == pytest.approx(3.8)
     assert item["teacher_scores"][1:3] == [by_text[p] for p in item["passages"][1:3]]
-    assert item["teacher_scores"][3] == 1.0  # filler: the lowest of the record's scores
+    assert item["teacher_scores"][3] == 1.0 - (4.0 - 1.0)  # filler: lowest - range, below every real passage
+
+
+def test_fillers_of_a_record_without_negatives_score_below_its_positive(tmp_path):
+    """No negatives: the record's only score is the positive's, so a filler gets 5 - 1 = 4 (the range is 0)."""
+    recs = make_records(6, n_neg=2, scores=True)
+    recs[0]["neg"], recs[0]["neg_scores"], recs[0]["pos_scores"] = [], [], [5.0]
+    ds, _ = _dataset(tmp_path, recs, group_size=3, knowledge_distillation=True)
+    assert ds[(0, 0)]["teacher_scores"] == [5.0, 4.0, 4.0]
 
 
 def test_instructions_none_adds_nothing_prompt_overrides(tmp_path):
@@ -231,3 +239,31 @@ def test_answers_get_the_inference_prefix(tmp_path):
     assert ds[(0, 0)]["answer"] == "Q: Generate the topic about this passage: " + rec["answer"]
     args.answer_prefix = ""
     assert ds[(0, 0)]["answer"] == "Q: " + rec["answer"]
+
+
+def test_upstream_prefixed_answers_are_not_prefixed_again(tmp_path):
+    """Upstream's files hold "Generate the topic about this passage: " + answer; the default prefix is not doubled."""
+    plain = make_records(3)
+    upstream = [{**r, "answer": "Generate the topic about this passage: " + r["answer"]} for r in plain]
+    items = []
+    for name, recs in (("plain", plain), ("upstream", upstream)):
+        f = write_jsonl(tmp_path / f"{name}.jsonl", recs)
+        args = _data_args([f], train_group_size=2)
+        ds = TrainDataset(load_train_data(args, needs_answer=True, seed=1), args, seed=1, uses_answers=True)
+        items.append(ds[(0, 0)]["answer"])
+    assert items[0] == items[1] == "Generate the topic about this passage: " + plain[0]["answer"]
+
+
+def test_eval_encodes_upstream_prefixed_answers_as_training_does():
+    """`eval --mode answer`: the answer string handed to the passage encoder is the one training encodes."""
+    from rir_finetune.evaluation.answers import query_side_reps
+
+    seen = []
+
+    def encode(texts):
+        seen.extend(texts)
+        return [[0.0]] * len(texts)
+
+    answers = {"1": "Generate the topic about this passage: cells grow", "2": "cells grow"}
+    query_side_reps(["1", "2"], ["q1", "q2"], encode, encode, mode="answer", answers=answers)
+    assert seen == ["Generate the topic about this passage: cells grow"] * 2

@@ -46,7 +46,12 @@ def _losses(out: Path, step: int):
 
 
 @pytest.mark.parametrize(
-    "nproc, kill_at", [(1, 4), pytest.param(2, 2, marks=[pytest.mark.multiprocess, pytest.mark.slow])]
+    "nproc, kill_at",
+    [
+        (1, 4),
+        pytest.param(2, 2, marks=[pytest.mark.multiprocess, pytest.mark.slow]),  # killed in epoch 1 of 2
+        pytest.param(2, 4, marks=[pytest.mark.multiprocess, pytest.mark.slow]),  # killed in epoch 2 of 2
+    ],
 )
 def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_bert_dir, nproc, kill_at):
     from conftest import make_records, write_jsonl
@@ -101,3 +106,36 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, tiny_bert_dir, delay):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
     assert _losses(ref, 12) == _losses(run, 12)
+
+
+def test_set_epoch_reaches_the_sampler_through_accelerates_shard_and_skip_wrappers():
+    """Several processes: accelerate wraps our sampler in BatchSamplerShard, resume in SkipBatchSampler on top; the
+    Trainer's set_epoch (DataLoaderShard.set_epoch plus one level down) must still reach it, or a run resumed in epoch
+    1 replays epoch 0's batches."""
+    from accelerate.data_loader import prepare_data_loader, skip_first_batches
+    from torch.utils.data import DataLoader
+
+    from rir_finetune.training.sampler import GroupedBatchSampler
+    from rir_finetune.training.trainer import unshard
+
+    sampler = GroupedBatchSampler([list(range(16))], per_device_batch_size=2, seed=3, world_size=2, rank=0)
+
+    class Keys:  # returns the (record, epoch) key it is asked for
+        def __getitem__(self, key):
+            return key
+
+        def __len__(self):
+            return 16
+
+    loader = DataLoader(Keys(), batch_sampler=sampler, collate_fn=lambda items: items)
+    prepared = unshard(
+        prepare_data_loader(loader, num_processes=2, process_index=0, put_on_device=False), sampler
+    )
+    resumed = skip_first_batches(prepared, 1)
+    resumed.set_epoch(1)  # what transformers' _run_epoch does
+    underlying = getattr(resumed.batch_sampler, "batch_sampler", None)
+    if hasattr(underlying, "set_epoch"):
+        underlying.set_epoch(1)
+    expected = list(sampler)[1:]  # epoch 1's batches after the first, keys (record, 1)
+    assert sampler.epoch == 1 and expected[0][0][1] == 1
+    assert list(resumed) == expected

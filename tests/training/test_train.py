@@ -232,3 +232,18 @@ def test_lora_target_that_matches_nothing_is_a_config_error(tmp_path, tiny_bert_
     with pytest.raises(UserError, match="lora_target_modules"):
         run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", use_lora=True,
                               lora_target_modules=["no_such_layer"]))  # fmt: skip
+
+
+def test_upstream_prefixed_answers_train_the_same_weights(tmp_path, tiny_bert_dir):
+    """Answers that already carry the default answer_prefix (upstream's files) train what unprefixed ones do."""
+    plain = make_records(8)
+    upstream = [{**r, "answer": "Generate the topic about this passage: " + r["answer"]} for r in plain]
+    outs = []
+    for name, recs in (("plain", plain), ("upstream", upstream)):
+        data = write_jsonl(tmp_path / f"{name}.jsonl", recs)
+        outs.append(
+            run_train(None, _opts(tiny_bert_dir, data, tmp_path / name, training_type="retrieval_answer"))
+        )
+    a, b = _weights(outs[0]), _weights(outs[1])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)

@@ -2,6 +2,8 @@
 
     q_vec = alpha * E_query(query) + (1 - alpha) * E_passage(answer_prefix + answer)
 
+(the prefix is not added again to an answer that already starts with it, see :func:`with_answer_prefix`)
+
 ``mode``: ``query`` (alpha = 1 in effect), ``answer`` (the answer's passage embedding alone), ``fused`` (the sum
 above). Answers are encoded as passages: with the passage instruction, never the query instruction. With
 ``renormalize`` the fused vector is L2-normalised; that rescales each query's scores and leaves its ranking (and so
@@ -23,6 +25,13 @@ ANSWER_PREFIX = "Generate the topic about this passage: "  # upstream Reinforced
 DEFAULT_ALPHA = 0.8  # upstream Reinforced-IR
 _ID_FIELDS = ("_id", "qid", "query_id")
 _ANSWER_FIELDS = ("answer", "text")
+
+
+def with_answer_prefix(answer: str, prefix: str) -> str:
+    """``prefix + answer``, unless ``answer`` already starts with ``prefix``: upstream's files hold the prefixed
+    strings ("Generate the topic about this passage: ..."), and they must be encoded unchanged, not prefixed twice.
+    Training (:mod:`rir_finetune.training.data`) and ``eval`` both use this rule."""
+    return answer if prefix and answer.startswith(prefix) else prefix + answer
 
 
 def load_answers(path: str | Path) -> dict[str, str]:
@@ -81,7 +90,7 @@ def query_side_reps(
         raise UserError(f"mode {mode!r} needs answers: pass --answers FILE (JSONL of query id and answer)")
     check_answers(answers, query_ids, answers_source)
     answer_reps = np.asarray(
-        encode_passages([answer_prefix + answers[q] for q in query_ids]), dtype=np.float32
+        encode_passages([with_answer_prefix(answers[q], answer_prefix) for q in query_ids]), dtype=np.float32
     )
     if mode == "answer":
         return answer_reps

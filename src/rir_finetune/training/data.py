@@ -16,6 +16,7 @@ from typing import Any
 import datasets
 
 from rir_finetune.errors import UserError, located
+from rir_finetune.evaluation.answers import with_answer_prefix
 from rir_finetune.files import iter_jsonl
 from rir_finetune.training.arguments import DataArguments
 
@@ -228,12 +229,23 @@ def _shuffle_text(text: str, ratio: float, rng: random.Random) -> str:
     return text
 
 
+def filler_score(scores: list[float]) -> float:
+    """Teacher score of a filler (a random passage of another record): below every score of the record, the
+    positive's included, by the record's score range or by 1 when the range is 0 (a record with only its positive).
+
+    lowest - max(highest - lowest, 1). The record's lowest alone would be the positive's own score for a record
+    without negatives, and the teacher would then call random passages as relevant as the positive.
+    """
+    lo, hi = min(scores), max(scores)
+    return lo - max(hi - lo, 1.0)
+
+
 class TrainDataset:
     """Map-style dataset; items are addressed by ``(record_index, epoch)`` pairs from the batch sampler.
 
     Negatives: G-1 drawn without replacement. A record with fewer negatives than G-1 (or none) is filled with
     random passages of other records of the same dataset (never one of its own positives); their teacher score
-    is the record's lowest teacher score. No passage is duplicated within a group.
+    is below all of the record's (:func:`filler_score`). No passage is duplicated within a group.
     """
 
     def __init__(self, data: TrainData, args: DataArguments, seed: int, uses_answers: bool):
@@ -271,8 +283,7 @@ class TrainDataset:
             p = pos_s[pos_i]
             if neg_s and p >= max(neg_s):
                 p = p + (max(neg_s) - p) * self.pos_score_shrink
-            lowest = min(pos_s + neg_s)
-            teacher = [p] + [neg_s[j] for j in neg_idx] + [lowest] * len(fillers)
+            teacher = [p] + [neg_s[j] for j in neg_idx] + [filler_score(pos_s + neg_s)] * len(fillers)
 
         item: dict[str, Any] = {
             "query": _format(args.query_instruction_format, instr, rec["query"]),
@@ -284,7 +295,8 @@ class TrainDataset:
             "answer_candidates": None,
         }  # fmt: skip
         if self.uses_answers:
-            item["answer"] = _format(args.query_instruction_format, instr, args.answer_prefix + rec["answer"])
+            answer = with_answer_prefix(rec["answer"], args.answer_prefix)  # upstream files hold it already
+            item["answer"] = _format(args.query_instruction_format, instr, answer)
             if args.answer_inbatch and g > 1:
                 na = rec["neg_answer"]
                 picks = rng.sample(range(len(na)), min(g - 1, len(na)))
