@@ -58,6 +58,9 @@ class RoundConfig:
     max_eval_queries: int | None = None  # evaluate only the first N judged queries
     alphas: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # fused-mode sweep
     seed: int = 42  # passed to every stage that samples
+    train_launcher: str | None = (
+        None  # e.g. "torchrun --nproc_per_node 8": train in that many processes; None: here
+    )
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> that command's keys
 
     def __post_init__(self):
@@ -161,6 +164,7 @@ def load_round_config(config_file: str | None, tokens: list[str]) -> RoundConfig
         "max_eval_queries": int | None,
         "alphas": list[float],
         "seed": int,
+        "train_launcher": str | None,
     }
     values: dict[str, Any] = {}
     for key, value in top.items():
@@ -171,6 +175,15 @@ def load_round_config(config_file: str | None, tokens: list[str]) -> RoundConfig
         else:
             values[key] = resolve_value(convert_value(key, value, types[key]))
     sections = {name: resolve_value(keys) for name, keys in sections.items()}
+    for (
+        keys
+    ) in sections.values():  # a section's own config file: relative to the cwd, else to the round's file
+        ref = keys.get("config")
+        if isinstance(ref, str) and not Path(ref).is_absolute() and not Path(ref).exists() and config_file:
+            beside = Path(config_file).parent / ref
+            keys["config"] = str(beside) if beside.exists() else ref
+        if isinstance(ref, str) and not Path(keys["config"]).is_file():
+            raise UserError(f"{source}: config file {ref!r} of a section not found")
     return RoundConfig(**values, sections=sections)
 
 

@@ -15,7 +15,9 @@ retriever in every evaluated mode.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -178,7 +180,18 @@ def _run_stage(stage: Stage, resume: bool) -> dict[str, Any]:
         from rir_finetune.training.train import run_train
 
         overrides = {"resume_from_checkpoint": "auto"} if resume and (stage.folder / "model").exists() else {}
-        run_train(str(path), overrides)
+        launcher = stage.extra.get("launcher")
+        if not launcher:
+            run_train(str(path), overrides)
+            return {}
+        cmd = [*shlex.split(launcher), "-m", "rir_finetune", "train", "--config", str(path)]
+        cmd += [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+        print(f"round: train: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise UserError(
+                f"stage 'train': `{shlex.join(cmd)}` exited with {code}; rerun the round to resume it"
+            )
         return {}
     if name == "eval":
         return {"summary": _run_eval(stage)}

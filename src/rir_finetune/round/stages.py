@@ -181,8 +181,12 @@ def build_stages(cfg: RoundConfig) -> list[Stage]:
             settings.update(train_data=str(records[1]), output_dir=str(f / "model"))
             if not settings.get("model_name_or_path"):
                 raise UserError("stage 'train': set 'retriever' or train.model_name_or_path")
-            stage = Stage(name, "rir-finetune train", f, [f / "model" / "modules.json"], settings, [records[0]],
-                          {"model": model_stamp(settings["model_name_or_path"])})  # fmt: skip
+            command = (
+                f"{cfg.train_launcher} -m rir_finetune train" if cfg.train_launcher else "rir-finetune train"
+            )
+            stage = Stage(name, command, f, [f / "model" / "modules.json"], settings, [records[0]],
+                          {"model": model_stamp(settings["model_name_or_path"])},
+                          extra={"launcher": cfg.train_launcher})  # fmt: skip
         elif name == "test_answers":
             data = _need(cfg, "data", "the BEIR folder whose test queries get answers")
             settings = {**_llm_keys(cfg, cfg.section("augment")), **sec}
