@@ -264,7 +264,7 @@ def quality_check_prompt(task: QueryTask, query: str, passage: str) -> str:
             f"Query: {query}",
             f"Passage:\n{_fence(passage)}",
             f"Your output must be one of:\n- 0: No, the {p} {no} the {q}.\n- 1: Yes, the {p} {yes} the {q}.",
-            "Answer with the single number only.\n\nYour output:",
+            "Do not explain. Answer with 1 or 0 only.",
         ]
     )
 
@@ -291,6 +291,9 @@ _JUDGEMENT = re.compile(r"(?<![\d.])([01])(?!\d|\.\d)")  # "1", "Output: 0", "1.
 
 
 def parse_judgement(text: str) -> int | None:
-    """The first standalone 0 or 1 in a quality-check reply; None when there is none."""
+    """The first standalone 0 or 1 in a quality-check reply, else a leading yes (1) or no (0); None otherwise."""
     m = _JUDGEMENT.search(text)
-    return int(m.group(1)) if m else None
+    if m:
+        return int(m.group(1))
+    word = re.match(r"\W*(yes|no)\b", text, re.IGNORECASE)
+    return None if word is None else int(word.group(1).lower() == "yes")

@@ -50,7 +50,7 @@ from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDat
 
 HEADER = "generate_settings"  # key of the partial file's first line
 # why a candidate was dropped, in filter order
-DROP_REASONS = ("empty", "length", "duplicate", "quality", "consistency")
+DROP_REASONS = ("empty", "length", "example", "duplicate", "quality", "consistency")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class GenerateConfig:
     examples: str | None = (
         None  # JSONL of your own example queries ('query', optional 'passage'); None: preset's
     )
-    num_examples: int = 2  # few-shot examples per prompt (drawn per prompt); 0: none
+    num_examples: int = 0  # few-shot examples per prompt (upstream: 3); 0: none (small LLMs copy them)
     max_passage_chars: int = 2000  # passages are cut to this many characters in prompts (upstream: 8000)
     # the LLM
     backend: str = "transformers"  # transformers | llama_cpp | openai
@@ -197,7 +197,8 @@ def check_input(cfg: GenerateConfig) -> tuple[list[str], list[str], Path, list[E
     doc_ids, texts, corpus_file = read_corpus(cfg.corpus)
     if not any(t.strip() for t in texts):
         raise UserError(f"{corpus_file}: every passage is empty (no text to write queries for)")
-    out = check_output_path(corpus_file, cfg.output)
+    # never a corpus file, a file of the corpus folder or the examples (guards.check_output_file)
+    out = check_output_path(corpus_file, cfg.output, reads=(cfg.corpus, cfg.examples))
     pool = read_examples(cfg.examples) if cfg.examples else list(cfg.query_task.examples)
     return doc_ids, texts, out, pool
 
@@ -293,6 +294,7 @@ class Generation:
         self.cfg, self.backend, self.doc_ids, self.texts = cfg, backend, doc_ids, texts
         self.pool, self.consistency = pool, consistency
         self.seen: set[str] = set()
+        self.example_queries = {normalize_query(e.query) for e in pool} if cfg.num_examples else set()
 
     def passage(self, row: int) -> str:
         return self.texts[row][: self.cfg.max_passage_chars]
@@ -306,7 +308,7 @@ class Generation:
 
     def remember(self, candidate: Record) -> None:
         """Add a candidate (from this run or an earlier one) to the dedupe memory when it got past dedupe."""
-        if candidate["generated"]["dropped"] not in ("empty", "length", "duplicate"):
+        if candidate["generated"]["dropped"] not in ("empty", "length", "example", "duplicate"):
             self.seen.add(normalize_query(candidate["query"]))
 
     def run(self, units: list[Unit], seed: int, first: bool) -> list[Record]:
@@ -331,6 +333,8 @@ class Generation:
                 gen["dropped"] = "empty"
             elif not length_ok(query, cfg.min_query_words, cfg.max_query_words):
                 gen["dropped"] = "length"
+            elif normalize_query(query) in self.example_queries:
+                gen["dropped"] = "example"  # a copy of a few-shot example, not a query about this passage
             elif cfg.dedupe and normalize_query(query) in self.seen:
                 gen["dropped"] = "duplicate"
             record = {"query": query, "pos": [self.texts[unit.row]], "pos_ids": [doc_id],
@@ -459,6 +463,8 @@ def _record(candidate: Record) -> Record:
 def _filter_line(cfg: GenerateConfig, counts: dict[str, int]) -> str:
     bounds = f"{cfg.min_query_words}-{cfg.max_query_words or 'any'} words"
     parts = [f"empty {counts['dropped_empty']}", f"length ({bounds}) {counts['dropped_length']}"]
+    if cfg.num_examples:
+        parts.append(f"copy of an example {counts['dropped_example']}")
     parts.append(f"duplicate {counts['dropped_duplicate']}" if cfg.dedupe else "duplicate off")
     parts.append(
         f"quality check {counts['dropped_quality']} ({counts['unparsable']} without a 0/1)"
