@@ -244,6 +244,11 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         logger.info("DeepSpeed ZeRO stage %s (%s)", plugin.zero_stage, train_args.deepspeed)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
+    if train_args.process_index == 0:
+        from rir_finetune.training.model_card import write_model_card
+
+        resolved = yaml.safe_load((out / RESOLVED_CONFIG).read_text(encoding="utf-8"))
+        write_model_card(out, resolved, trainer.state.log_history)
     distributed.barrier()
     if train_args.process_index == 0:
         logger.info("saved the fine-tuned model to %s", out)
