@@ -11,10 +11,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "rir_finetune"
 
 # layer -> the layers it may import (besides itself); the top-level helpers are the bottom layer
 ALLOWED = {
-    "cli": {"round", "training", "prep", "evaluation", "retrieval", "llm", "base"},
-    "round": {"training", "prep", "evaluation", "retrieval", "llm", "base"},
+    "cli": {"round", "training", "prep", "generator", "evaluation", "retrieval", "llm", "base"},
+    "round": {"training", "prep", "generator", "evaluation", "retrieval", "llm", "base"},
     "training": {"evaluation", "retrieval", "base"},  # train_eval scores with evaluation's metrics
     "prep": {"retrieval", "llm", "base"},
+    "generator": {"retrieval", "llm", "base"},  # reward judges with the retriever, samples with the llm backends
     "evaluation": {"retrieval", "base"},
     "retrieval": {"base"},
     "llm": {"base"},

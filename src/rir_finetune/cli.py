@@ -75,6 +75,22 @@ def generate(ctx: typer.Context, config: str = ConfigOpt):
     run_generate(config, ctx.args)
 
 
+@app.command(context_settings=_EXTRA)
+def reward(ctx: typer.Context, config: str = ConfigOpt):
+    """Preference pairs for the generator: K answers per query judged by a retriever (--input --output --retriever --model)."""
+    from rir_finetune.generator.reward import run_reward
+
+    run_reward(config, ctx.args)
+
+
+@app.command(name="train-generator", context_settings=_EXTRA)
+def train_generator(ctx: typer.Context, config: str = ConfigOpt):
+    """DPO of the answer generator on reward's pairs (TRL, LoRA): --model LLM --data pairs.jsonl --output_dir OUT."""
+    from rir_finetune.generator.dpo import run_train_generator
+
+    run_train_generator(config, ctx.args)
+
+
 @app.command(name="round", context_settings=_EXTRA)
 def round_(
     ctx: typer.Context,

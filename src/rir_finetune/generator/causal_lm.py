@@ -1,0 +1,64 @@
+"""Where a generator model is, and whether it is a causal LM, checked from its files before anything loads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rir_finetune.errors import UserError
+
+# architectures that generate text left to right; BERT-like encoders have a causal-LM head class too
+# (BertLMHeadModel), so the saved architecture, not the model type, decides
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def model_location(model: str | None, gguf_file: str | None, key: str = "model") -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) for ``from_pretrained``; a path to a ``.gguf`` file is split into both."""
+    if not model:
+        raise UserError(f"config key {key!r} is required (a local causal LM folder or .gguf file)")
+    path = Path(model)
+    if gguf_file is None and path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return path.parent, path.name
+    if not path.is_dir():
+        raise UserError(f"{path}: model folder not found (config key {key!r})")
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise UserError(f"{path / gguf_file}: GGUF file not found (config key 'gguf_file')")
+        return path, gguf_file
+    return path, None
+
+
+def is_causal_architecture(architectures: list[str]) -> bool:
+    return bool(architectures) and all(str(a).endswith(_CAUSAL_SUFFIXES) for a in architectures)
+
+
+def check_causal_lm(folder: Path, gguf_file: str | None, key: str = "model") -> None:
+    """A UserError naming the folder when its ``config.json`` describes something other than a causal LM.
+
+    A GGUF file is a language model by construction (llama.cpp's format); a folder must have a ``config.json`` whose
+    ``architectures`` are causal-LM classes (without architectures, which transformers always saves: a model type
+    that transformers has a causal LM for).
+    """
+    if gguf_file is not None:
+        return
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{folder}: not a model folder (no config.json); config key {key!r}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{config_path}: unreadable model config ({e})") from None
+    archs = config.get("architectures") or []
+    if archs:
+        ok = is_causal_architecture(archs)
+    else:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        ok = config.get("model_type", "") in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # nothing more to tell from
+    if not ok:
+        what = ", ".join(archs) or config.get("model_type", "unknown")
+        raise UserError(
+            f"{folder}: not a causal language model ({what}); config key {key!r} needs a text generator"
+        )
