@@ -139,6 +139,15 @@ class RIRTrainer(Trainer):
         )
         return unshard(self.accelerator.prepare(loader), self.batch_sampler)
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Inputs to the device; ``teacher_scores`` stay fp32 (under DeepSpeed the Trainer casts every float input to
+        the engine's bf16/fp16: close scores would tie or swap, fp16 overflows above 65504)."""
+        if not isinstance(inputs.get("teacher_scores"), torch.Tensor):
+            return super()._prepare_inputs(inputs)
+        teacher = inputs["teacher_scores"].to(device=self.args.device, dtype=torch.float32)
+        inputs = super()._prepare_inputs({k: v for k, v in inputs.items() if k != "teacher_scores"})
+        return {**inputs, "teacher_scores": teacher}
+
     # -- loss ------------------------------------------------------------------------------------------------------
 
     def _objectives(self, reps, inputs):
@@ -185,11 +194,18 @@ class RIRTrainer(Trainer):
         """Accumulate the terms on their device; one host sync per step, for the non-finite check."""
         names = list(terms)
         values = torch.stack([terms[k].detach().float() for k in names])  # (T,)
-        if not bool(torch.isfinite(values).all()):
-            bad = next(n for n, v in zip(names, values.tolist(), strict=True) if not math.isfinite(v))
+        # every rank sees every rank's terms: all stop together (one rank stopping alone leaves the rest waiting in
+        # the next collective forever)
+        table = distributed.gather_no_grad(values).view(-1, len(names))  # (W, T)
+        if not bool(torch.isfinite(table).all()):
+            rows = table.tolist()
+            r, t = next(
+                (r, t) for r, row in enumerate(rows) for t, v in enumerate(row) if not math.isfinite(v)
+            )
+            where = f" on rank {r}" if len(rows) > 1 else ""
             raise NonFiniteLossError(
-                f"{bad} became {terms[bad].item()} at step {self.state.global_step + 1}; training stopped, the last "
-                f"checkpoint in {self.args.output_dir} is kept (lower learning_rate or raise temperature)"
+                f"{names[t]} became {rows[r][t]}{where} at step {self.state.global_step + 1}; training stopped, the "
+                f"last checkpoint in {self.args.output_dir} is kept (lower learning_rate or raise temperature)"
             )
         self._term_values = values if self._term_values is None else self._term_values + values
         self._term_names = names
