@@ -267,3 +267,42 @@ def test_eval_encodes_upstream_prefixed_answers_as_training_does():
     answers = {"1": "Generate the topic about this passage: cells grow", "2": "cells grow"}
     query_side_reps(["1", "2"], ["q1", "q2"], encode, encode, mode="answer", answers=answers)
     assert seen == ["Generate the topic about this passage: cells grow"] * 2
+
+
+def test_prompt_is_the_prefix_training_puts_before_every_text(tmp_path):
+    """DataArguments.prompt feeds the saved sentence-transformers prompts and the in-training evaluator."""
+    recs = make_records(3)
+    ds, _ = _dataset(tmp_path, recs, group_size=2, query_instruction_for_retrieval="find",
+                     query_instruction_format="<instruct>{}\n<query>{}", passage_instruction_for_retrieval="D",
+                     passage_instruction_format="{}: {}")  # fmt: skip
+    assert ds.args.prompt("query") == "<instruct>find\n<query>"
+    assert ds.args.prompt("passage") == "D: "
+    item = ds[(0, 0)]
+    assert item["query"] == ds.args.prompt("query") + recs[0]["query"]
+    assert all(p.startswith("D: ") for p in item["passages"])
+    assert _data_args([]).prompt("query") is None  # no instruction: no prompt
+
+
+def test_answer_inbatch_candidates_are_drawn_without_replacement(tmp_path):
+    recs = make_records(4)
+    for i, r in enumerate(recs):
+        r["neg_answer"] = [f"cells w{i} grow {k}" for k in range(3)] + [
+            r["answer"]
+        ]  # the answer itself: skipped
+    f = write_jsonl(tmp_path / "t.jsonl", recs)
+    args = _data_args([f], train_group_size=4, answer_inbatch=True)
+    ds = TrainDataset(load_train_data(args, needs_answer=True, seed=1), args, seed=1, uses_answers=True)
+    for e in range(5):
+        cands = ds[(0, e)]["answer_candidates"]
+        assert cands[0] == ds[(0, e)]["answer"]
+        assert sorted(cands[1:]) == sorted(recs[0]["neg_answer"][:3])  # all 3 distinct ones, no repeat
+
+
+def test_answer_inbatch_with_too_few_distinct_neg_answers_is_refused(tmp_path):
+    recs = make_records(4)
+    for r in recs:
+        r["neg_answer"] = ["a passage", "another passage", "another passage"]
+    f = write_jsonl(tmp_path / "t.jsonl", recs)
+    with pytest.raises(UserError, match=r"t.jsonl:1: 'neg_answer' has 2 distinct passages but answer_inbatch draws "
+                                        r"train_group_size - 1 = 3 without replacement"):  # fmt: skip
+        load_train_data(_data_args([f], train_group_size=4, answer_inbatch=True), needs_answer=True, seed=1)

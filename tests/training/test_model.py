@@ -24,6 +24,17 @@ def test_pooling_by_hand():
     assert pool(H, left, "last_token").tolist() == [[9.0, 9.0], [0.5, 0.5]]
 
 
+def test_mean_pooling_of_half_precision_states_is_fp32_and_does_not_overflow():
+    """1000 tokens of 100.0 in fp16: the fp16 sum (100000) is inf; the fp32 mean is exactly 100."""
+    hidden = torch.full((2, 1000, 4), 100.0, dtype=torch.float16)
+    mask = torch.ones(2, 1000, dtype=torch.long)
+    mask[1, 500:] = 0
+    assert not torch.isfinite((hidden * mask.unsqueeze(-1).half()).sum(dim=1)).all()  # what fp16 pooling did
+    out = pool(hidden, mask, "mean")
+    assert out.dtype == torch.float32
+    assert out.tolist() == [[100.0] * 4, [100.0] * 4]
+
+
 def _batch(tok):
     q = ["cell protein", "heart risk in women", "virus dose", "sleep and insulin level"]
     p = [f"{x} w{i} the tumor" for i, x in enumerate(q * 2)]

@@ -247,3 +247,42 @@ def test_upstream_prefixed_answers_train_the_same_weights(tmp_path, tiny_bert_di
     a, b = _weights(outs[0]), _weights(outs[1])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=0, rtol=0)
+
+
+def test_instruction_format_round_trips_into_sentence_transformers(tmp_path, tiny_bert_dir, train_file):
+    """query_instruction_format "<instruct>{}\\n<query>{}": encode_query / encode_document of the saved model give the
+    embeddings of the strings training built, cut at query_max_len / passage_max_len as training cut them."""
+    from sentence_transformers import SentenceTransformer
+
+    from rir_finetune.training.model import BiEncoder, load_tokenizer
+
+    fmt, instr = "<instruct>{}\n<query>{}", "find the abstract"
+    out = run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", query_instruction_format=fmt,
+                                query_instruction_for_retrieval=instr, passage_instruction_for_retrieval="doc: ",
+                                query_max_len=8, passage_max_len=24))  # fmt: skip
+    long_query = (
+        "cell protein level in blood of women and men with high glucose"  # > 8 tokens with the prompt
+    )
+    texts = ["cell protein level", long_query]
+    ours = BiEncoder.from_pretrained(str(out), pooling="mean", normalize=True).eval()
+    tok = load_tokenizer(str(out))
+
+    def train_side(strings, max_len):
+        with torch.no_grad():
+            return ours.encode(dict(tok(strings, padding=True, truncation=True, max_length=max_len,
+                                        return_tensors="pt")))  # fmt: skip
+
+    q = train_side([fmt.format(instr, t) for t in texts], 8)
+    p = train_side(["doc: " + t for t in texts], 24)
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.prompts["query"] == "<instruct>find the abstract\n<query>"
+    torch.testing.assert_close(st.encode_query(texts, convert_to_tensor=True), q, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(st.encode_document(texts, convert_to_tensor=True), p, atol=1e-5, rtol=1e-4)
+    assert st.max_seq_length == 24  # plain encode(): no text cut shorter than in training
+
+
+def test_instruction_format_with_text_first_is_refused(tmp_path, tiny_bert_dir, train_file):
+    with pytest.raises(UserError, match="config key 'query_instruction_format': .* text must come last"):
+        run_train(None, _opts(tiny_bert_dir, train_file, tmp_path / "o", query_instruction_format="{} [{}]",
+                              query_instruction_for_retrieval="find"))  # fmt: skip
+    assert not (tmp_path / "o").exists()

@@ -91,9 +91,23 @@ class DataArguments:
             self.answer_max_len = self.query_max_len
         if not 0.0 <= self.shuffle_ratio <= 1.0:
             raise UserError("config key 'shuffle_ratio': must be between 0 and 1")
-        for key in ("query_instruction_format", "passage_instruction_format"):
-            if getattr(self, key).count("{}") != 2:
+        for side in ("query", "passage"):
+            key, fmt = f"{side}_instruction_format", getattr(self, f"{side}_instruction_format")
+            if fmt.count("{}") != 2:
                 raise UserError(f"config key {key!r}: must contain exactly two '{{}}' (instruction, text)")
+            if getattr(self, f"{side}_instruction_for_retrieval") is not None and not fmt.endswith("{}"):
+                raise UserError(
+                    f"config key {key!r}: {fmt!r} puts text after the {side}; the saved model's "
+                    "sentence-transformers prompt is a prefix, so the text must come last ('...{}')"
+                )
+
+    def prompt(self, side: str) -> str | None:
+        """The sentence-transformers prompt for ``side`` (query | passage): the prefix that training puts before
+        every text, ``format(instruction, "")``; None without an instruction. Exact because the text comes last."""
+        instruction = getattr(self, f"{side}_instruction_for_retrieval")
+        if instruction is None:
+            return None
+        return getattr(self, f"{side}_instruction_format").format(instruction, "") or None
 
 
 @dataclass

@@ -78,9 +78,13 @@ def _check_scores(obj: dict, key: str, expected: int, path: Path, line: int) -> 
 
 
 def validate_record(
-    obj: Any, path: Path, line: int, needs_answer: bool, needs_scores: bool, needs_neg_answer: bool = False
+    obj: Any, path: Path, line: int, needs_answer: bool, needs_scores: bool, needs_neg_answer: int = 0
 ) -> dict[str, Any]:
-    """Check one parsed JSON line against SPEC section 1 and return it normalised (every field present)."""
+    """Check one parsed JSON line against SPEC section 1 and return it normalised (every field present).
+
+    ``needs_neg_answer``: how many distinct ``neg_answer`` passages (other than the answer) a record must have
+    (``answer_inbatch``: train_group_size - 1, drawn without replacement); 0: the field is optional.
+    """
     q = obj.get("query")
     if not isinstance(q, str) or not q.strip():
         raise located(path, line, "missing or empty 'query' (a non-empty string)")
@@ -105,6 +109,12 @@ def validate_record(
         raise located(path, line, "'neg_answer' must be a list of strings")
     if needs_neg_answer and not neg_answer:
         raise located(path, line, "missing 'neg_answer' (answer_inbatch is on)")
+    distinct = len(set(neg_answer) - {answer})
+    if needs_neg_answer and distinct < needs_neg_answer:
+        raise located(
+            path, line, f"'neg_answer' has {distinct} distinct passages but answer_inbatch draws "
+            f"train_group_size - 1 = {needs_neg_answer} without replacement; add neg_answer or lower train_group_size",
+        )  # fmt: skip
     pos_scores = neg_scores = None
     if needs_scores:
         pos_scores = _check_scores(obj, "pos_scores", len(pos), path, line)
@@ -146,7 +156,7 @@ def load_train_data(args: DataArguments, needs_answer: bool, seed: int) -> Train
     checks = {
         "needs_answer": needs_answer,
         "needs_scores": args.knowledge_distillation,
-        "needs_neg_answer": args.answer_inbatch,
+        "needs_neg_answer": args.train_group_size - 1 if args.answer_inbatch else 0,
     }
     per_file = []
     for i, f in enumerate(files):
@@ -297,11 +307,11 @@ class TrainDataset:
         if self.uses_answers:
             answer = with_answer_prefix(rec["answer"], args.answer_prefix)  # upstream files hold it already
             item["answer"] = _format(args.query_instruction_format, instr, answer)
-            if args.answer_inbatch and g > 1:
-                na = rec["neg_answer"]
-                picks = rng.sample(range(len(na)), min(g - 1, len(na)))
-                picks += [rng.randrange(len(na)) for _ in range(g - 1 - len(picks))]
-                item["answer_candidates"] = [item["answer"]] + [na[j] for j in picks]
+            if (
+                args.answer_inbatch and g > 1
+            ):  # G-1 distinct candidates, never the answer itself (checked at load)
+                na = list(dict.fromkeys(x for x in rec["neg_answer"] if x != rec["answer"]))
+                item["answer_candidates"] = [item["answer"]] + rng.sample(na, g - 1)
         return item
 
     pos_score_shrink: float = 0.2  # set by the driver from ObjectiveArguments

@@ -32,8 +32,14 @@ def sentence_transformers_files(
     max_seq_length: int,
     query_prompt: str | None,
     passage_prompt: str | None,
+    query_length: int | None = None,
+    document_length: int | None = None,
 ) -> dict[str, dict | list]:
-    """The JSON files of the sentence-transformers layout, by relative path."""
+    """The JSON files of the sentence-transformers layout, by relative path.
+
+    ``max_seq_length`` caps plain ``encode``; ``query_length`` / ``document_length`` (sentence-transformers 6) cap
+    ``encode_query`` / ``encode_document``, so queries are cut where training cut them (``query_max_len``).
+    """
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
@@ -52,7 +58,12 @@ def sentence_transformers_files(
         prompts["document"] = passage_prompt
     return {
         "modules.json": modules,
-        "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+        "sentence_bert_config.json": {
+            "max_seq_length": max_seq_length,
+            "do_lower_case": False,
+            **({"query_length": query_length} if query_length else {}),
+            **({"document_length": document_length} if document_length else {}),
+        },
         "1_Pooling/config.json": pool_cfg,
         "config_sentence_transformers.json": {
             "prompts": prompts,
@@ -72,6 +83,8 @@ def save_encoder(
     max_seq_length: int,
     query_prompt: str | None = None,
     passage_prompt: str | None = None,
+    query_length: int | None = None,
+    document_length: int | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     extra: Callable[[Path], None] | None = None,
 ) -> None:
@@ -88,7 +101,14 @@ def save_encoder(
             tokenizer.save_pretrained(tmp)
         dim = backbone.config.hidden_size
         files = sentence_transformers_files(
-            dim, pooling, normalize, max_seq_length, query_prompt, passage_prompt
+            dim,
+            pooling,
+            normalize,
+            max_seq_length,
+            query_prompt,
+            passage_prompt,
+            query_length,
+            document_length,
         )
         for rel, content in files.items():
             if rel == "modules.json":

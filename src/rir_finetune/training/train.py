@@ -141,8 +141,8 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
             data_args.eval_data,
             data_args.eval_split,
             data_args.eval_name or "",
-            data_args.query_instruction_for_retrieval,
-            data_args.passage_instruction_for_retrieval,
+            data_args.prompt("query"),
+            data_args.prompt("passage"),
             data_args.query_max_len,
             data_args.passage_max_len,
             max_queries=data_args.eval_max_queries,
@@ -212,9 +212,12 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
     save_info = {
         "pooling": model_args.sentence_pooling_method,
         "normalize": model_args.normalize_embeddings,
-        "max_seq_length": data_args.passage_max_len,
-        "query_prompt": data_args.query_instruction_for_retrieval or None,
-        "passage_prompt": data_args.passage_instruction_for_retrieval or None,
+        # plain encode(): no text cut shorter than in training; encode_query/encode_document: exactly as training
+        "max_seq_length": max(data_args.query_max_len, data_args.passage_max_len),
+        "query_length": data_args.query_max_len,
+        "document_length": data_args.passage_max_len,
+        "query_prompt": data_args.prompt("query"),  # the formatted instruction, as training prepends it
+        "passage_prompt": data_args.prompt("passage"),
     }
     w = train_args.world_size
     logger.info(

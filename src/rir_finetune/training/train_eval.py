@@ -44,8 +44,8 @@ class TrainingEvaluator:
     data_dir: str
     split: str
     name: str
-    query_instruction: str | None
-    passage_instruction: str | None
+    query_prompt: str | None  # prefix before every query, as training formats it (DataArguments.prompt)
+    passage_prompt: str | None
     query_max_len: int
     passage_max_len: int
     max_queries: int | None = None
@@ -72,7 +72,7 @@ class TrainingEvaluator:
 
             was_training = model.training
             model.eval()
-            qi, pi = self.query_instruction or "", self.passage_instruction or ""
+            qi, pi = self.query_prompt or "", self.passage_prompt or ""
             try:
                 raw = evaluate_retrieval(
                     lambda t: encode_texts(
