@@ -268,19 +268,20 @@ def check_output_dir(
     return out
 
 
-def check_cache_dir(path: str | os.PathLike | None, *, key: str = "cache_dir") -> Path | None:
-    """A cache folder that can be written, else None with one warning (the run goes on without storing)."""
+def check_cache_dir(path: str | os.PathLike | None, *, key: str = "cache_dir") -> tuple[Path | None, bool]:
+    """``(cache folder, store)`` checked before any work: a folder that cannot be written still serves hits
+    (``store`` False, one warning); a location that cannot become a folder is refused. ``None``: no cache."""
     if path is None:
-        return None
+        return None, False
     path = Path(path)
     try:
         _check_writable(path, key)
     except UserError as e:
-        if path.is_dir():  # readable: hits still work; nothing new stored
-            print(f"warning: {e}; corpus embeddings will not be stored", file=sys.stderr)
-            return path
+        if path.is_dir():
+            print(f"warning: {e}; corpus embeddings are read from it but not stored", file=sys.stderr)
+            return path, False
         raise
-    return path
+    return path, True
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -365,7 +366,7 @@ def check_tokenizer(tokenizer: Any, model_config: Any, where: str | os.PathLike)
     """A tokenizer whose vocabulary is a stub (far smaller than the model's embedding table) is refused."""
     vocab = len(tokenizer)
     model_vocab = getattr(model_config, "vocab_size", None)
-    if isinstance(model_vocab, int) and model_vocab > 0 and vocab < max(16, model_vocab // 2):
+    if isinstance(model_vocab, int) and model_vocab > 0 and 2 * vocab < model_vocab:
         raise UserError(
             f"{where}: the tokenizer has {vocab} tokens but the model {model_vocab}; "
             "tokenizer files are missing or wrong"

@@ -14,7 +14,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from rir_finetune import guards
 from rir_finetune.config import build_configs, to_dict
 from rir_finetune.cpu_memory import keep_freed_memory
 from rir_finetune.errors import UserError
@@ -36,6 +38,14 @@ from rir_finetune.retrieval.search import BACKENDS
 
 @dataclass
 class EvalArguments:
+    RANGES: ClassVar[dict[str, str]] = {
+        "alpha": "[0, 1]",
+        "max_length": ">=1",
+        "batch_size": ">=1",
+        "k_values": ">=1",
+        "top_k": ">=1",
+        "max_queries": ">=1",  # None: every judged query
+    }
     model: str | None = (
         None  # model folder: ours, any sentence-transformers folder, or a plain transformers one (required)
     )
@@ -118,6 +128,11 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     """Evaluate ``args.model`` on ``args.data`` and write the result files; returns the metrics."""
     keep_freed_memory()
     start = time.perf_counter()
+    # every output location before any work; the output folder is never an input folder
+    out = guards.check_output_dir(args.output_dir, key="output_dir", reads=[args.model, args.data])
+    for name in ("metrics.json", "metrics.md", "run.trec", "eval_config.json"):
+        guards.check_output_file(out / name, key="output_dir", reads=[args.answers])
+    guards.check_device(args.device)
     settings = read_settings(
         args.model,
         pooling=args.pooling,
@@ -146,7 +161,10 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     doc_ids, doc_texts = dataset.corpus_texts(args.corpus_text_format)
     key, described = cache_key(model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts))
     cache_dir = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) if args.use_cache else None
-    corpus_reps, hit = cached_corpus_encode(cache_dir, key, described, doc_texts, encoder.encode_passages)
+    cache_dir, store = guards.check_cache_dir(cache_dir)
+    corpus_reps, hit = cached_corpus_encode(
+        cache_dir, key, described, doc_texts, encoder.encode_passages, store=store
+    )
     print(
         f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(doc_ids)} documents)", file=sys.stderr
     )
@@ -167,7 +185,6 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         answers_source=str(args.answers),
     )
     metrics = compute_metrics(dataset.qrels, run, args.k_values)
-    out = Path(args.output_dir)
     title = f"{Path(args.model).name} on {dataset.name} ({args.split}, mode {args.mode})"
     write_metrics_json(out / "metrics.json", metrics)
     write_metrics_md(out / "metrics.md", metrics, title)

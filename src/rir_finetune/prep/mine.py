@@ -24,10 +24,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError
 from rir_finetune.prep.beir import load_corpus
 from rir_finetune.prep.common import load_config, min_mean_max, report
@@ -39,6 +41,13 @@ STALE_FIELDS = ("pos_scores", "neg_scores", "teacher")  # teacher scores of the 
 
 @dataclass
 class MineConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "negatives": ">=1",
+        "negative_threshold": ">0",  # none turns it off (0 is refused, not "off")
+        "seed": ">=0",
+        "batch_size": ">=1",
+        "max_length": ">=1",
+    }
     input: str | None = None  # JSONL records: query, pos (and pos_ids / qid from `data from-beir`)
     output: str | None = None  # JSONL to write: the records with mined 'neg'
     model: str | None = None  # a dense model folder (sentence-transformers or transformers), or "bm25"
@@ -69,12 +78,10 @@ class MineConfig:
                 "(0-based ranks, e.g. 10-210)"
             )
         self.sample_range = (int(m.group(1)), int(m.group(2)))
-        if self.negatives <= 0:
-            raise UserError("config key 'negatives': must be a positive integer")
-        if self.negative_threshold is not None and self.negative_threshold <= 0:
-            self.negative_threshold = None
-        if self.batch_size <= 0:
-            raise UserError("config key 'batch_size': must be a positive integer")
+        if self.search_backend not in ("auto", "faiss", "torch"):
+            raise UserError(
+                f"config key 'search_backend': {self.search_backend!r} is not one of 'auto', 'faiss', 'torch'"
+            )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,8 +168,9 @@ class DenseRanker:
         ids = pool.ids if pool.ids is not None else [str(i) for i in range(len(pool.texts))]
         key, described = cache_key(model_fingerprint(cfg.model), settings, corpus_hash(ids, pool.texts))
         cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
+        cache_dir, store = guards.check_cache_dir(cache_dir)
         self.corpus_reps, hit = cached_corpus_encode(
-            cache_dir, key, described, pool.texts, encoder.encode_passages
+            cache_dir, key, described, pool.texts, encoder.encode_passages, store=store
         )  # (N, H)
         self.cache_note = (
             f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(pool.texts)} passages)"
@@ -243,10 +251,16 @@ def mine(cfg: MineConfig) -> dict[str, float]:
             raise UserError(
                 f"config key {key!r} is required: rir-finetune mine --input IN --output OUT --model DIR|bm25"
             )
-    records = read_records(cfg.input)
-    out = check_output_path(cfg.input, cfg.output)
-    if cfg.model != BM25 and not Path(cfg.model).is_dir():
+    corpus_files = (Path(cfg.corpus) / "corpus.jsonl", Path(cfg.corpus)) if cfg.corpus else ()
+    dense = cfg.model != BM25
+    # before any work: the output is none of the inputs (records, corpus folder, model folder)
+    out = check_output_path(cfg.input, cfg.output, reads=(*corpus_files, cfg.model if dense else None))
+    if dense and not Path(cfg.model).is_dir():
         raise UserError(f"{cfg.model}: model folder not found (give a dense model folder, or --model bm25)")
+    if dense:
+        guards.check_model_folder(cfg.model, key="model")
+        guards.check_device(cfg.device)
+    records = read_records(cfg.input)
     start_time = time.time()
     pool = build_pool(cfg, records)
     queries = [r["query"] for r in records]
@@ -297,23 +311,27 @@ def mine(cfg: MineConfig) -> dict[str, float]:
     rng = random.Random(cfg.seed)
     counts = {"false_negatives": 0, "positives": 0, "copies": 0, "filled": 0, "short": 0}
     per_record: list[int] = []
+    results = []
+    for i, record in enumerate(records):
+        c = found[i]
+        if len(c.window) >= need:
+            chosen = sorted(rng.sample(c.window, need))  # rank order
+        else:
+            chosen = c.window + c.below[: need - len(c.window)]
+            counts["filled"] += bool(c.below)
+            counts["short"] += len(chosen) < need
+        for key in ("false_negatives", "positives", "copies"):
+            counts[key] += getattr(c, key)
+        result = {k: v for k, v in record.items() if k not in STALE_FIELDS and k != "neg_ids"}
+        result["neg"] = [pool.texts[row] for _, row in chosen]
+        if pool.ids is not None:
+            result["neg_ids"] = [pool.ids[row] for _, row in chosen]
+        results.append(dump_line(result))
+        per_record.append(len(chosen))
+    if not any(per_record):  # a result without a single negative cannot be right: nothing is written
+        raise _NoNegatives(counts, len(records))
     with atomic_jsonl(out) as f:
-        for i, record in enumerate(records):
-            c = found[i]
-            if len(c.window) >= need:
-                chosen = sorted(rng.sample(c.window, need))  # rank order
-            else:
-                chosen = c.window + c.below[: need - len(c.window)]
-                counts["filled"] += bool(c.below)
-                counts["short"] += len(chosen) < need
-            for key in ("false_negatives", "positives", "copies"):
-                counts[key] += getattr(c, key)
-            result = {k: v for k, v in record.items() if k not in STALE_FIELDS and k != "neg_ids"}
-            result["neg"] = [pool.texts[row] for _, row in chosen]
-            if pool.ids is not None:
-                result["neg_ids"] = [pool.ids[row] for _, row in chosen]
-            f.write(dump_line(result))
-            per_record.append(len(chosen))
+        f.writelines(results)
     stale = sum(any(k in r for k in STALE_FIELDS) for r in records)
     seconds = time.time() - start_time
     threshold = f"score > {cfg.negative_threshold} x positive" if cfg.negative_threshold else "threshold off"
@@ -335,9 +353,24 @@ def mine(cfg: MineConfig) -> dict[str, float]:
         )
     lines.append(f"wrote {out} ({seconds:.1f} s)")
     report("mine", lines)
+    if counts["short"]:
+        print(
+            f"warning: mine: {counts['short']} of {len(records)} records got fewer than {need} negatives "
+            f"(the fewest: {min(per_record)}); training fills their groups with random passages",
+            file=sys.stderr,
+        )
     return {"records": len(records), "seconds": seconds, **counts,
             "min_negatives": min(per_record), "max_negatives": max(per_record),
             "mean_negatives": sum(per_record) / len(per_record)}  # fmt: skip
+
+
+class _NoNegatives(UserError):
+    def __init__(self, counts: dict[str, int], n: int):
+        super().__init__(
+            f"mine: no negative kept for any of the {n} records ({counts['positives']} judged positives, "
+            f"{counts['copies']} copies, {counts['false_negatives']} above negative_threshold skipped); "
+            "nothing written. Widen --range_for_sampling, use --negative_threshold none, or a larger --corpus"
+        )
 
 
 def run_mine(config_file: str | None, overrides: list[str]) -> dict[str, float]:

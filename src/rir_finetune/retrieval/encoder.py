@@ -1,7 +1,9 @@
 """Texts -> embeddings with a transformers model: pooling, normalisation, length-sorted batches, fp32.
 
 Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
-of ``batch_size``, so each batch pads to nearly its own length; the embeddings come back in input order.
+of ``batch_size``, so each batch pads to nearly its own length; the embeddings come back in input order. Before anything is encoded
+the folder is checked (:mod:`rir_finetune.guards`: tokenizer files, weights readable and finite, max length within
+the model's positions, the device present); embeddings with NaN or infinity are an error, never a result.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from rir_finetune import guards
+from rir_finetune.errors import UserError
 from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
 from rir_finetune.retrieval.pooling import pool
 
@@ -36,10 +40,20 @@ class Encoder:
         self.device = torch.device(device)
         self.show_progress = show_progress
         path = settings.transformer_dir
-        self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        guards.check_device(device)
+        guards.check_model_folder(path, key="model")  # config, tokenizer files, readable weights
+        guards.check_max_length("max_length", settings.max_length, path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = AutoModel.from_pretrained(
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path}: cannot load the model ({str(e).strip().splitlines()[0]})") from None
         if self.tokenizer.pad_token is None:  # decoder-only tokenizers: padding is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModel.from_pretrained(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        guards.check_tokenizer(self.tokenizer, self.model.config, path)
+        guards.check_finite_weights(self.model, path)
         self.model.to(self.device).eval()
 
     @classmethod
@@ -75,6 +89,7 @@ class Encoder:
         bar.close()
         if out is None:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
+        guards.check_finite_array(out, f"{self.settings.transformer_dir}: {desc} embeddings")
         return out
 
     def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
