@@ -140,6 +140,27 @@ def test_other_launch_forms_equal_one_process(setup, form):
     _assert_single_process_weights(setup, out)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["zero1", "zero2"])
+def test_deepspeed_as_the_readme_writes_it_equals_one_process(setup, config):
+    """README: the torchrun line plus `--deepspeed configs/deepspeed/zeroN.json`, nothing else (no --use_cpu, no
+    DS_ACCELERATOR): one SGD step of 2 x 2 equals 1 x 4."""
+    pytest.importorskip("deepspeed")
+    out = setup["root"] / config
+    ds = Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / f"{config}.json"
+    env_before = os.environ.pop("DS_ACCELERATOR", None)
+    try:
+        r = _launch([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "rir_finetune", "train", "--config",
+                     str(setup["cfg"]), "--output_dir", str(out), "--per_device_train_batch_size", "2",
+                     "--deepspeed", str(ds)], timeout=600)  # fmt: skip
+    finally:
+        if env_before is not None:
+            os.environ["DS_ACCELERATOR"] = env_before
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"DeepSpeed ZeRO stage {config[-1]}" in r.stderr
+    _assert_single_process_weights(setup, out)
+
+
 def test_nccl_on_a_cpu_only_machine_is_refused_before_the_first_step(setup):
     """README's GPU form with `--ddp_backend nccl` on this machine: one line naming the key, exit 2, no model."""
     if torch.accelerator.is_available():
