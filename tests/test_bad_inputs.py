@@ -91,10 +91,17 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, capsys, tiny_bert_di
               str(out), "--training_type", "retrieval", "--use_cpu", "true", "--disable_tqdm", "true",
               "--per_device_train_batch_size", "4", "--train_group_size", "2", "--save_strategy", "steps",
               "--save_steps", "1", "--sentence_pooling_method", "mean", "--normalize_embeddings", "false"]  # fmt: skip
-    # 1 step with a sane temperature leaves checkpoint-1; resuming with temperature 1e-39 overflows fp32 scores
+    # 1 step leaves checkpoint-1; a NaN written into its weights makes the resumed step 2 non-finite
     main(common + ["--max_steps", "1"])
+    from safetensors.torch import load_file, save_file
+
+    weights = out / "checkpoint-1" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(SystemExit) as e:
-        main(common + ["--max_steps", "3", "--resume_from_checkpoint", "auto", "--temperature", "1e-39"])
+        main(common + ["--max_steps", "3", "--resume_from_checkpoint", "auto"])
     err = capsys.readouterr().err
     assert e.value.code == 2
     assert "error: loss_qp became nan at step 2" in err

@@ -10,7 +10,8 @@
            alpha: float = 0.5
            max_records: int | None = None  # None: no limit (0 is never "no limit": it is refused)
 
-   Specs: ``">0"``, ``">=1"``, ``"<=10"``, ``"[0, 1]"``, ``"(0, 1]"``, ``"[0, 1)"``. ``None`` always passes (it is
+   Specs: ``">0"``, ``">=1"``, ``"<=10"``, ``"[0, 1]"``, ``"(0, 1]"``, ``"[0, 1)"``, alternatives ``"-1 | >=1"``.
+   ``None`` always passes (it is
    the "no limit" / "off" value); NaN and infinity never pass. Lists are checked element by element.
    Every int/float field of a command's config needs an entry (tests/test_reliability.py enforces it).
 
@@ -156,30 +157,72 @@ class Range:
         return f"{'less than' if self.high_open else 'at most'} {num(self.high)}"
 
 
-def declared_ranges(cls: type) -> dict[str, Range]:
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+    """One spec, or alternatives joined by ``|`` (``"-1 | >=1"``: -1, upstream's "unset", or a positive count)."""
+
+    parts: tuple[Range, ...]
+
+    @classmethod
+    def parse(cls, spec: str) -> Ranges:
+        parts = []
+        for alt in spec.split("|"):
+            alt = alt.strip()
+            if re.fullmatch(r"[-+]?[0-9.]+(e[-+]?[0-9]+)?", alt):  # a single allowed value
+                parts.append(Range(float(alt), float(alt), spec=alt))
+            else:
+                parts.append(Range.parse(alt))
+        return cls(tuple(parts))
+
+    def contains(self, value: float) -> bool:
+        return any(p.contains(value) for p in self.parts)
+
+    @property
+    def low(self) -> float | None:
+        lows = [p.low for p in self.parts]
+        return None if any(v is None for v in lows) else min(lows)
+
+    def describe(self) -> str:
+        def one(p: Range) -> str:
+            if p.low is not None and p.low == p.high:
+                return str(int(p.low)) if p.low.is_integer() else repr(p.low)
+            return p.describe()
+
+        return " or ".join(one(p) for p in self.parts)
+
+
+def declared_ranges(cls: type) -> dict[str, Ranges]:
     """``cls.RANGES`` (and its bases'), parsed."""
     specs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         specs.update(getattr(klass, "RANGES", None) or {})
-    return {key: Range.parse(spec) for key, spec in specs.items()}
+    return {key: Ranges.parse(spec) for key, spec in specs.items()}
 
 
-def check_range(key: str, value: Any, rng: Range) -> None:
+def check_range(key: str, value: Any, rng: Range | Ranges, none_allowed: bool = False) -> None:
     """A :class:`UserError` naming ``key`` unless ``value`` (a number, a list of numbers, or None) is in range."""
     if value is None or isinstance(value, bool):
         return
     for v in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and not rng.contains(v):
-            extra = "; use none for no limit" if rng.low is not None and rng.low > 0 and v == 0 else ""
+            zero_is_not_none = none_allowed and v == 0 and rng.low is not None and rng.low >= 0
+            extra = "; 0 does not mean off or no limit here: use none" if zero_is_not_none else ""
             raise UserError(f"config key {key!r}: must be {rng.describe()}, got {v!r}{extra}")
 
 
 def check_ranges(cls: type, values: dict[str, Any]) -> None:
     """Check every value in ``values`` that ``cls`` declares a range for (called by ``build_configs``)."""
+    import typing
+
     ranges = declared_ranges(cls)
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # noqa: BLE001 (unresolvable annotations: no hint, same check)
+        hints = {}
     for key, value in values.items():
         if key in ranges:
-            check_range(key, value, ranges[key])
+            optional = type(None) in typing.get_args(hints.get(key))
+            check_range(key, value, ranges[key], none_allowed=optional)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -508,3 +551,89 @@ def refused_run_cleanup(folder: str | os.PathLike, ours: Iterable[str]) -> Itera
                 if not existed and not any(folder.iterdir()):
                     shutil.rmtree(folder, ignore_errors=True)
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training: the checks `train` runs before it writes anything (duck-typed: guards imports nothing from training)
+
+# keys that may change when a run resumes: how long, how often to save / log / evaluate, where output goes
+RESUME_MAY_CHANGE = {
+    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps", "num_train_epochs",
+    "cache_dir", "cache_path", "token", "trust_remote_code", "eval_data", "eval_split", "eval_name",
+    "eval_max_queries",
+}  # fmt: skip
+# TrainingArguments keys that define the optimisation a checkpoint continues
+RESUME_MUST_MATCH = {
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "seed", "data_seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "fp16", "bf16", "dataloader_drop_last",
+}  # fmt: skip
+
+
+def _is_local(path: str | None) -> bool:
+    return bool(path) and (Path(path).exists() or Path(path).is_absolute() or str(path).startswith("."))
+
+
+def check_training_start(
+    model_args: Any, data_args: Any, train_args: Any, bookkeeping: Iterable[str]
+) -> None:
+    """Before ``train`` reads data or writes anything: the output folder, the model folder, the lengths.
+
+    - ``output_dir`` is never the base model, tokenizer, data or eval folder (nor holds one), never a file;
+    - ``resume_from_checkpoint auto`` only in a folder that is empty, absent, or holds an earlier run of ours
+      (``bookkeeping`` file or a ``checkpoint-N``): it never turns someone's folder into a training folder;
+    - a local model folder has config.json, tokenizer files and readable weights;
+    - ``query_max_len`` / ``passage_max_len`` / ``answer_max_len`` fit the model's position table.
+    """
+    model = model_args.model_name_or_path
+    tokenizer = model_args.tokenizer_name
+    reads = [model, tokenizer, model_args.config_name, *(data_args.train_data or []), data_args.eval_data]
+    out = check_output_dir(train_args.output_dir, key="output_dir", reads=[p for p in reads if _is_local(p)])
+    resume = train_args.resume_from_checkpoint
+    if resume is not None and str(resume).lower() in {"auto", "latest", "true"} and out.is_dir():
+        names = {p.name for p in out.iterdir()}
+        ours = set(bookkeeping) | {LOCK_NAME}
+        if names and not (names & ours or any(re.fullmatch(r"checkpoint-\d+", n) for n in names)):
+            raise UserError(
+                f"config key 'output_dir': {out} holds files but no earlier run (no {', '.join(sorted(bookkeeping))}, "
+                "no checkpoint-N); resume_from_checkpoint auto would train over them. Choose an empty folder"
+            )
+    if _is_local(model):
+        check_model_folder(model, key="model_name_or_path", need_tokenizer=not tokenizer)
+        if (
+            tokenizer
+            and _is_local(tokenizer)
+            and not any((Path(tokenizer) / f).is_file() for f in TOKENIZER_FILES)
+        ):
+            raise UserError(f"config key 'tokenizer_name': {tokenizer} has no tokenizer files")
+        for key in ("query_max_len", "passage_max_len", "answer_max_len"):
+            check_max_length(key, getattr(data_args, key, None), model_args.config_name or model)
+
+
+def check_resume_settings(saved_config: str | os.PathLike, parts: list[Any]) -> None:
+    """A resumed run must continue the checkpoint's run: refused when a defining setting differs from the one
+    recorded in ``saved_config`` (the run's ``rir_config.yaml``); lengths, cadence and output keys may change."""
+    import yaml
+
+    from rir_finetune.config import to_dict
+
+    path = Path(saved_config)
+    if not path.is_file():
+        return
+    try:
+        saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return
+    new: dict[str, Any] = {}
+    defining: set[str] = set()
+    for part in parts:
+        values = json.loads(json.dumps(to_dict(part), default=str))
+        new.update(values)
+        is_training_args = hasattr(part, "learning_rate") and hasattr(part, "output_dir")
+        defining |= RESUME_MUST_MATCH if is_training_args else set(values) - RESUME_MAY_CHANGE
+    changed = changed_settings(saved, new, may_change=set(new) - defining)
+    if changed:
+        raise UserError(
+            f"{path}: resuming would continue the checkpoint's run with other settings ({'; '.join(changed[:4])}"
+            f"{'; ...' if len(changed) > 4 else ''}); restore them, or train into a new output_dir"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
@@ -21,6 +22,10 @@ KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "m3_kd_loss_weighted")
 
 @dataclass
 class ModelArguments:
+    RANGES: ClassVar[dict[str, str]] = {  # checked by config.build_configs (guards.py)
+        "sub_batch_size": ">=1", "lora_rank": ">=1", "lora_alpha": ">0", "lora_dropout": "[0, 1)",
+        "gradient_cache_chunk_size": ">=1",
+    }  # fmt: skip
     model_name_or_path: str | None = None  # local folder or hub name of the encoder to fine-tune (required)
     config_name: str | None = None  # config path if not the same as model_name_or_path
     tokenizer_name: str | None = None  # tokenizer path if not the same as model_name_or_path
@@ -53,6 +58,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    RANGES: ClassVar[dict[str, str]] = {
+        "train_group_size": ">=1", "query_max_len": ">=1", "passage_max_len": ">=1", "answer_max_len": ">=1",
+        "pad_to_multiple_of": ">=1", "max_example_num_per_dataset": ">=1", "shuffle_ratio": "[0, 1]",
+        "small_threshold": ">=0", "drop_threshold": ">=0", "eval_max_queries": ">=1",
+    }  # fmt: skip
     train_data: list[str] | None = None  # JSONL files or folders of them (required)
     cache_path: str | None = None  # datasets cache folder
     train_group_size: int = 8  # passages per query: 1 positive + (G-1) negatives
@@ -112,6 +122,10 @@ class DataArguments:
 
 @dataclass
 class ObjectiveArguments:
+    RANGES: ClassVar[dict[str, str]] = {
+        "temperature": ">0", "answer_temperature": ">0", "teacher_temperature": ">0", "qp_weight": ">=0",
+        "qa_weight": ">=0", "ap_weight": ">=0", "norm_weight": ">=0", "kd_weight": ">=0", "pos_score_shrink": ">=0",
+    }  # fmt: skip
     training_type: str = "retrieval_answer"  # retrieval | retrieval_answer | retrieval_answer_passage
     temperature: float = 0.02  # tau of L_qp and L_ap
     answer_temperature: float = 0.05  # tau of L_qa
@@ -164,6 +178,17 @@ def _close(value: str, choices: tuple[str, ...]) -> str:
 @dataclass
 class RIRTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the run-control keys of upstream launches."""
+
+    RANGES: ClassVar[dict[str, str]] = {  # TrainingArguments' numbers; 0 never means "off" unless upstream says so
+        "per_device_train_batch_size": ">=1", "per_device_eval_batch_size": ">=1", "num_train_epochs": ">0",
+        "max_steps": "-1 | >=1", "learning_rate": ">0", "warmup_steps": ">=0", "warmup_ratio": "[0, 1)",
+        "weight_decay": ">=0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": ">0",
+        "gradient_accumulation_steps": ">=1", "max_grad_norm": ">=0", "label_smoothing_factor": "[0, 1)",
+        "neftune_noise_alpha": ">0", "torch_empty_cache_steps": ">=1", "logging_steps": ">0", "eval_steps": ">0",
+        "eval_delay": ">=0", "eval_accumulation_steps": ">=1", "save_steps": ">0", "save_total_limit": ">=1",
+        "seed": ">=0", "data_seed": ">=0", "dataloader_num_workers": ">=0", "dataloader_prefetch_factor": ">=1",
+        "ddp_bucket_cap_mb": ">=1", "ddp_timeout": ">=1", "local_rank": ">=-1",
+    }  # fmt: skip
 
     overwrite_output_dir: bool = field(
         default=False,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from rir_finetune import guards
 from rir_finetune.config import build_configs, to_dict
 from rir_finetune.errors import UserError
 from rir_finetune.training import distributed
@@ -64,7 +65,7 @@ def resolve_resume(train_args: RIRTrainingArguments) -> str | None:
         and any(out.iterdir())
         and not train_args.overwrite_output_dir
     ):
-        only_ours = {p.name for p in out.iterdir()} <= {RESOLVED_CONFIG}
+        only_ours = {p.name for p in out.iterdir()} <= {RESOLVED_CONFIG, guards.LOCK_NAME}
         if not only_ours:
             raise UserError(
                 f"config key 'output_dir': {out} is not empty; resume with --resume_from_checkpoint auto, "
@@ -120,7 +121,11 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     from rir_finetune.training.model import check_model_path
 
     check_model_path(model_args.model_name_or_path)
+    guards.check_training_start(model_args, data_args, train_args, bookkeeping={RESOLVED_CONFIG})  # issue 13
     resume = resolve_resume(train_args)
+    if resume is not None:  # a resumed run continues the checkpoint's settings (issue 13)
+        parts = [model_args, data_args, obj_args, train_args]
+        guards.check_resume_settings(Path(train_args.output_dir) / RESOLVED_CONFIG, parts)
 
     from rir_finetune.training.data import TrainDataset, load_train_data
 
@@ -155,7 +160,14 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     if data_args.knowledge_distillation and data_args.train_group_size < 2:
         raise UserError("config key 'train_group_size': distillation needs at least 2 passages per query")
 
-    return _train(model_args, data_args, obj_args, train_args, data, resume, TrainDataset, evaluator)
+    # one run per output_dir; a refused run leaves the folder as it found it (guards.py, issue 13)
+    with guards.refused_run_cleanup(train_args.output_dir, ours={RESOLVED_CONFIG}):
+        if train_args.process_index == 0:
+            guards.lock_folder(train_args.output_dir)
+        try:
+            return _train(model_args, data_args, obj_args, train_args, data, resume, TrainDataset, evaluator)
+        finally:
+            guards.unlock_folder(train_args.output_dir)
 
 
 def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cls, evaluator) -> Path:
