@@ -220,3 +220,15 @@ def test_unwrapped_model_with_several_processes_is_refused():
         UserError, match="2 processes but the model is wrapped as Linear, not DistributedDataParallel"
     ):
         check_model_wrapped(torch.nn.Linear(2, 2), _args(world_size=2), deepspeed=False)
+
+
+def test_nccl_with_use_cpu_is_refused_in_the_arguments(monkeypatch, tmp_path):
+    """Refused before accelerate's PartialState (which would raise a traceback about the backend)."""
+    from rir_finetune.errors import UserError
+    from rir_finetune.training.arguments import RIRTrainingArguments
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(
+        UserError, match="config key 'ddp_backend': nccl needs GPUs and .*use --ddp_backend gloo"
+    ):
+        RIRTrainingArguments(output_dir=str(tmp_path), use_cpu=True, ddp_backend="nccl")
