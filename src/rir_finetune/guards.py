@@ -29,7 +29,7 @@
    :func:`json_line` (NaN / infinity refused: they are not JSON).
 
 4. **Interrupts** — nothing to do: ``cli.main`` installs :func:`install_signal_handlers`, so SIGINT and SIGTERM
-   raise :class:`Interrupted` (a ``BaseException``, not swallowed by ``except Exception``) in the main thread;
+   raise :class:`Interrupted` (a ``KeyboardInterrupt``: never swallowed by ``except Exception``) in the main thread;
    ``finally`` blocks and context managers run (partial files stay as written, ``atomic_*`` temporaries are
    removed), and ``cli.main`` prints one ``interrupted (SIGTERM): ...`` line and exits 130 (SIGINT) / 143
    (SIGTERM). A command that can resume should keep its partial work in ``finally``/``except BaseException``
@@ -66,12 +66,16 @@ from rir_finetune.errors import UserError
 # 4. Interrupts
 
 
-class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop)
-    """SIGINT or SIGTERM arrived; raised in the main thread by :func:`install_signal_handlers`."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived; raised in the main thread by :func:`install_signal_handlers`.
 
-    def __init__(self, signum: int):
+    A ``KeyboardInterrupt``, so every library's Ctrl-C path (DataLoader workers, tqdm, the Trainer) treats
+    SIGTERM the same way, and ``except Exception`` never swallows it.
+    """
+
+    def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signum)
-        self.signum = signum
+        self.signum = int(signum)
 
     @property
     def name(self) -> str:
@@ -82,7 +86,14 @@ class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop
         return 128 + self.signum  # shell convention: 130 for SIGINT, 143 for SIGTERM
 
 
+last_signal: int | None = (
+    None  # the signal that stopped this run (typer turns KeyboardInterrupt into Exit(130))
+)
+
+
 def _raise_interrupted(signum, frame):
+    global last_signal
+    last_signal = signum
     raise Interrupted(signum)
 
 
@@ -94,6 +105,12 @@ def install_signal_handlers() -> None:
         return
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _raise_interrupted)
+
+
+def interrupted_exit() -> tuple[str, int]:
+    """``(signal name, exit status)`` of the interrupt that ended the run (SIGINT when none was recorded)."""
+    signum = last_signal or signal.SIGINT
+    return signal.Signals(signum).name, 128 + int(signum)
 
 
 def ignore_signals() -> None:
@@ -613,9 +630,18 @@ def check_training_start(
 def check_resume_settings(saved_config: str | os.PathLike, parts: list[Any]) -> None:
     """A resumed run must continue the checkpoint's run: refused when a defining setting differs from the one
     recorded in ``saved_config`` (the run's ``rir_config.yaml``); lengths, cadence and output keys may change."""
+    import dataclasses
+    import enum
+
     import yaml
 
-    from rir_finetune.config import to_dict
+    def to_dict(obj: Any) -> dict[str, Any]:  # config.to_dict's mapping; config imports this module
+        out = {}
+        for f in dataclasses.fields(obj):
+            if f.init:
+                v = getattr(obj, f.name)
+                out[f.name] = v.value if isinstance(v, enum.Enum) else v
+        return out
 
     path = Path(saved_config)
     if not path.is_file():
