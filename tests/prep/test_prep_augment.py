@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -98,7 +96,8 @@ def test_prompt_keys_override_the_task_preset():
         (["--task", "nosuch"], "'task': 'nosuch' is not one of"),
         (["--prompt_template", "no fields"], "neither a template name"),
         (["--prompt_template", "{query} {context}"], r"unknown field \{context\}"),
-        (["--batch_size", "0"], "'batch_size': must be a positive integer"),
+        (["--batch_size", "0"], "'batch_size': must be at least 1"),
+        (["--backend", "vllm"], "'backend': 'vllm' is not one of"),
     ],
 )
 def test_prompt_config_errors(tokens, message):
@@ -118,7 +117,7 @@ def test_augment_end_to_end_with_a_tiny_llm(tiny_llm, tmp_path, capsys):
     records = read_out(out)
     assert [r["qid"] for r in records] == [f"q{i}" for i in range(5)]
     assert all(isinstance(r["answer"], str) and r["pos"] for r in records)  # input fields kept
-    assert counts == {"records": 5, "generated": 5, "kept": 0, "empty": counts["empty"]}
+    assert counts == {"records": 5, "generated": 5, "kept": 0, "empty": 0, "tokens": 30, "cut": 5}  # 5 x 6 tokens
     assert not partial_path(out).exists()
     assert "5 answers generated" in capsys.readouterr().out
 
@@ -133,7 +132,10 @@ def test_batched_generation_matches_one_by_one(tiny_llm):
         "a scientific paper passage about heart brain virus drug risk ?",
         "w1 w2 w3 study .",
     ]
-    assert generator.generate(prompts) == [generator.generate([p])[0] for p in prompts]
+    sampling = cfg.sampling()
+    together = generator.generate(prompts, sampling)
+    assert together == [generator.generate([p], sampling)[0] for p in prompts]
+    assert [len(c) for c in together] == [1, 1, 1] and all(c[0].tokens == 8 for c in together)
 
 
 class Killed(Exception):
@@ -159,13 +161,18 @@ def test_augment_resumes_after_a_kill_without_duplicates(tiny_llm, tmp_path, qid
         augment(cfg, load_generator(cfg), after_batch=_kill_after(1))
     partial = partial_path(out)
     assert (
-        not out.exists() and len(read_out(partial)) == 3
-    )  # the first batch is on disk, nothing looks complete
-    # mark the finished answers, and tear the last line the way a kill during a write would
-    done = read_out(partial)
-    partial.write_text("".join(json.dumps({**r, "answer": f"kept {i}"}) + "\n" for i, r in enumerate(done)))
+        not out.exists() and len(read_out(partial)) == 4
+    )  # settings + the first batch; nothing looks complete
+    # the first line records the settings; mark the finished answers, and tear the last line the way a kill
+    # during a write would
+    head, *done = read_out(partial)
+    assert set(head) == {"augment_settings"} and len(done) == 3
+    partial.write_text(
+        "".join(json.dumps(r) + "\n" for r in [head] + [{**r, "answer": f"kept {r['index']}"} for r in done])
+    )
+    kept = {r["index"]: f"kept {r['index']}" for r in done}
     with partial.open("a") as f:
-        f.write('{"query": "torn')
+        f.write('{"index": 6, "query": "torn')
     counts = run_augment(None, tokens)
     records = read_out(out)
     assert counts["kept"] == 3 and counts["generated"] == 4
@@ -174,16 +181,19 @@ def test_augment_resumes_after_a_kill_without_duplicates(tiny_llm, tmp_path, qid
     ]
     if qids:
         assert sorted(r["qid"] for r in records) == [f"q{i}" for i in range(7)]  # each exactly once
-    assert [r["answer"] for r in records[:3]] == ["kept 0", "kept 1", "kept 2"]
+    assert {i: records[i]["answer"] for i in kept} == kept
     assert not partial.exists()
 
 
 def test_augment_refuses_a_partial_file_from_another_input(tiny_llm, tmp_path):
     src = write_queries(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
-    partial_path(out).write_text(json.dumps({"qid": "q0", "query": "something else", "answer": "x"}) + "\n")
-    with pytest.raises(UserError, match=r"out.jsonl.partial:1: .*does not match the input"):
-        run_augment(None, ["--input", str(src), "--output", str(out), "--model", str(tiny_llm)])
+    tokens = ["--input", str(src), "--output", str(out), "--model", str(tiny_llm)]
+    head = {"augment_settings": load_config(AugmentConfig, None, tokens).fingerprint()}
+    entry = {"index": 0, "qid": "q0", "query": "something else", "answer": "x"}
+    partial_path(out).write_text(json.dumps(head) + "\n" + json.dumps(entry) + "\n")
+    with pytest.raises(UserError, match=r"out.jsonl.partial:2: .*does not match the input"):
+        run_augment(None, tokens)
 
 
 def test_augment_input_errors(tmp_path, tiny_llm):
@@ -196,59 +206,6 @@ def test_augment_input_errors(tmp_path, tiny_llm):
     src.write_text('{"query": "ok"}\n')
     with pytest.raises(UserError, match="the output is the input file"):
         run_augment(None, ["--input", str(src), "--output", str(src), "--model", str(tiny_llm)])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# An OpenAI-compatible endpoint (a stub on 127.0.0.1)
-
-
-@pytest.fixture
-def chat_stub():
-    seen: list[dict] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            seen.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            prompt = body["messages"][-1]["content"]
-            reply = {"choices": [{"message": {"role": "assistant", "content": f" echo {len(prompt)} "}}]}
-            data = json.dumps(reply).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield seen, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-
-
-def test_augment_through_an_openai_compatible_endpoint(chat_stub, tmp_path):
-    seen, base = chat_stub
-    src = write_queries(tmp_path / "in.jsonl", 4)
-    out = tmp_path / "out.jsonl"
-    run_augment(None, ["--input", str(src), "--output", str(out), "--model", "stub-model", "--api_base", base,
-                       "--api_key", "sk-test", "--task", "scifact", "--batch_size", "3",
-                       "--system_prompt", "Be brief."])  # fmt: skip
-    records = read_out(out)
-    assert len(seen) == 4 and all(s["path"] == "/v1/chat/completions" for s in seen)
-    assert all(s["auth"] == "Bearer sk-test" and s["body"]["model"] == "stub-model" for s in seen)
-    assert seen[0]["body"]["messages"][0] == {"role": "system", "content": "Be brief."}
-    assert all(r["answer"].startswith("echo ") for r in records)
-    prompts = sorted(s["body"]["messages"][-1]["content"] for s in seen)
-    assert all("Claim: " in p and p.endswith("Passage:") for p in prompts)
-
-
-def test_augment_endpoint_unreachable_is_a_clean_error(tmp_path):
-    src = write_queries(tmp_path / "in.jsonl", 1)
-    with pytest.raises(UserError, match="127.0.0.1:9"):
-        run_augment(None, ["--input", str(src), "--output", str(tmp_path / "o.jsonl"), "--model", "m",
-                           "--api_base", "http://127.0.0.1:9/v1", "--api_timeout", "5"])  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

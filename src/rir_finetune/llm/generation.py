@@ -1,160 +1,287 @@
-"""Generation backends: a local transformers causal LM (GGUF de-quantised), or an OpenAI-compatible endpoint.
+"""The LLM backends behind one interface: prompts in, completions (text, token count, finish reason, log-probs) out.
 
-Each takes a :class:`GenerationSettings` (its own settings, not a command's config) and turns prompts into texts,
-in input order.
+    backend = load_backend(BackendSettings(backend="llama_cpp", model="SmolLM2-135M-Instruct.Q4_1.gguf"))
+    replies = backend.generate(prompts, Sampling(max_new_tokens=128))  # one list of n completions per prompt
+
+Backends (``BackendSettings.backend``):
+
+- ``transformers`` (:mod:`.hf_backend`): any Hugging Face causal LM folder, a GGUF file de-quantised; prompts are
+  length-sorted, decoded ``batch_size`` at a time with a KV cache and left padding; finished rows leave the batch.
+- ``llama_cpp`` (:mod:`.llamacpp_backend`): llama-cpp-python on a GGUF file (quantised kernels; GPU offload when
+  the library was built with CUDA/Metal); ``batch_size`` sequences decode together in one llama.cpp batch, a new
+  prompt taking the place of each finished one (continuous batching).
+- ``openai`` (:mod:`.openai_backend`): any OpenAI-compatible server (``vllm serve``, SGLang,
+  ``python -m llama_cpp.server``, hosted APIs): ``concurrency`` requests in flight, retries with backoff on
+  429/5xx/connection errors, a timeout per request, the key from the environment variable ``api_key_env``.
+
+Guarantees shared by all three: outputs come back in input order whatever the batching; sampling is seeded per
+prompt and sample (:func:`sample_seed`: the prompt text, the sample number and ``Sampling.seed``), so a resumed or
+re-batched run draws the same samples; a prompt that does not fit the context is a :class:`PromptTooLong` (a
+``UserError``) raised before anything is generated; a progress bar shows prompts and tokens/s.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
-from urllib import error as urlerror
-from urllib import request
+from typing import Protocol, Union
 
 from rir_finetune.errors import UserError
 
+Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (a runtime alias)
+BACKENDS = ("transformers", "llama_cpp", "openai")
+
 
 @dataclass
-class GenerationSettings:
-    model: str | None = (
-        None  # local causal LM folder (or a .gguf file); with api_base: the model name to request
+class Sampling:
+    """Per call, not per backend."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1  # completions per prompt
+    seed: int = 42
+    logprobs: bool = (
+        False  # per-token log-probabilities of the generated tokens (the model's, at temperature 1)
     )
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder (transformers dequantises it)
-    system_prompt: str | None = None  # optional system message for chat models
-    use_chat_template: bool = True  # use the tokenizer's chat template when it has one
-    max_new_tokens: int = 300  # output length limit in tokens
-    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    seed: int = 42  # sampling seed (only matters when temperature > 0)
-    device: str | None = None  # cpu, cuda, cuda:1 ...; None: cuda when available
-    api_base: str | None = (
-        None  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; None: local model
-    )
-    api_key: str | None = field(default_factory=lambda: os.getenv("OPENAI_API_KEY"))  # bearer token
-    api_timeout: float = 300.0  # seconds per request
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise UserError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if self.n < 1:
+            raise UserError("n (completions per prompt) must be at least 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
 
 
-class Generator(Protocol):
+@dataclass
+class Completion:
+    text: str
+    tokens: int  # generated tokens (the end-of-sequence token not counted)
+    finish_reason: str  # "stop" | "length"
+    token_logprobs: list[float] | None = None
+
+
+OnResult = Callable[[int, list[Completion]], None]
+
+
+class Backend(Protocol):
     name: str
 
-    def generate(self, prompts: list[str]) -> list[str]: ...
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, on_result: OnResult | None = None
+    ) -> list[list[Completion]]:
+        """One list of ``sampling.n`` completions per prompt, in input order whatever the batching.
+
+        ``on_result(i, completions)`` runs as soon as prompt ``i`` is finished (in finishing order), so a caller
+        can write results as they come; the list returned is complete.
+        """
+        ...
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
+        """log p(continuation token | prompt, earlier continuation tokens), per continuation token."""
+        ...
 
 
-def _model_location(model: str, gguf_file: str | None) -> tuple[str, str | None]:
-    """(folder, gguf file name) for ``from_pretrained``; a path to a .gguf file is split into both."""
+@dataclass
+class BackendSettings:
+    backend: str = "transformers"  # transformers | llama_cpp | openai
+    model: str | None = None  # model folder, .gguf file, or (openai) the model name to request
+    gguf_file: str | None = None  # GGUF file inside the 'model' folder
+    device: str | None = (
+        None  # transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers
+    )
+    n_ctx: int = 4096  # context window in tokens (prompt + reply) for local backends
+    n_threads: int | None = None  # CPU threads for llama_cpp / torch; None: the library's choice (all cores)
+    batch_size: int = 8  # sequences decoded together (transformers, llama_cpp)
+    use_chat_template: bool = True  # wrap a plain prompt in the model's chat template when it has one
+    system_prompt: str | None = None  # system message sent before a plain prompt (chat models)
+    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key (unset: no key)
+    api_timeout: float = 300.0  # openai: seconds per request
+    api_max_retries: int = 5  # openai: retries on 429, 5xx, timeouts and refused connections (with backoff)
+    api_concurrency: int = 8  # openai: requests in flight
+    api_extra_body: str | None = (
+        None  # openai: JSON object added to every request, e.g. '{"repeat_penalty": 1}'
+    )
+    progress: bool = True  # a progress bar on stderr (prompts and tokens/s)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        for key in ("n_ctx", "batch_size", "api_concurrency"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config key {key!r}: must be a positive integer")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise UserError("config key 'n_threads': must be a positive integer (or unset)")
+        if self.api_timeout <= 0:
+            raise UserError("config key 'api_timeout': must be > 0 seconds")
+        if self.api_max_retries < 0:
+            raise UserError("config key 'api_max_retries': must be 0 or more")
+
+
+def load_backend(settings: BackendSettings) -> Backend:
+    """The backend ``settings.backend`` names, loaded (a local model is read now; a server is asked now)."""
+    if not settings.model:
+        raise UserError(
+            "config key 'model' is required (a model folder, a .gguf file, or with --backend openai the model name)"
+        )
+    if settings.backend == "openai" or (settings.api_base and settings.backend == "transformers"):
+        from rir_finetune.llm.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(settings)
+    if settings.backend == "llama_cpp":
+        from rir_finetune.llm.llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(settings)
+    from rir_finetune.llm.hf_backend import TransformersBackend
+
+    return TransformersBackend(settings)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by the backends
+
+
+class PromptTooLong(UserError):
+    """Prompt ``index`` (0-based, in the caller's list) does not fit the context with ``max_new_tokens``."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def model_file(model: str | None, gguf_file: str | None, key: str = "model") -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) for ``--model FOLDER [--gguf_file F]`` or ``--model FILE.gguf``."""
+    if not model:
+        raise UserError(f"config key {key!r} is required")
     path = Path(model)
     if gguf_file is None and path.suffix.lower() == ".gguf":
-        return str(path.parent), path.name
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return path.parent, path.name
     if not path.is_dir():
-        raise UserError(f"{model}: model folder not found (give a local folder with --model)")
+        raise UserError(f"{model}: model folder not found (config key {key!r})")
     if gguf_file is not None and not (path / gguf_file).is_file():
-        raise UserError(f"{path / gguf_file}: GGUF file not found")
-    return str(path), gguf_file
+        raise UserError(f"{path / gguf_file}: GGUF file not found (config key 'gguf_file')")
+    return path, gguf_file
 
 
-class LocalGenerator:
-    """Batched generation with a transformers causal LM: left padding, chat template when there is one."""
+def check_gguf(path: Path) -> None:
+    """A file that does not start with the GGUF magic is refused in one line (llama.cpp would abort)."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the model file ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
 
-    def __init__(self, cfg: GenerationSettings):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-        folder, gguf = _model_location(cfg.model or "", cfg.gguf_file)
-        extra = {"gguf_file": gguf} if gguf else {}
-        self.name = gguf or Path(folder).name
-        self.tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        self.tokenizer.padding_side = "left"  # new tokens must follow every prompt directly
-        if self.tokenizer.pad_token is None:
-            if self.tokenizer.eos_token is None:
-                raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, **extra).to(self.device).eval()
-        self.use_chat = cfg.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
-        self.system_prompt = cfg.system_prompt
-        eos = self.model.generation_config.eos_token_id
-        sample = cfg.temperature > 0
-        self.generation_config = GenerationConfig(
-            max_new_tokens=cfg.max_new_tokens,
-            do_sample=sample,
-            temperature=cfg.temperature if sample else None,
-            top_p=cfg.top_p if sample else None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos if eos is not None else self.tokenizer.eos_token_id,
-        )
-        torch.manual_seed(cfg.seed)
-
-    def _format(self, prompt: str) -> str:
-        if not self.use_chat:
-            return prompt
+def messages_of(prompt: Prompt, system_prompt: str | None) -> list[dict[str, str]]:
+    """Chat messages for a prompt: a plain text becomes a user message (after the system message, if any)."""
+    if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
-        if self.system_prompt:
-            messages.insert(0, {"role": "system", "content": self.system_prompt})
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-    def generate(self, prompts: list[str]) -> list[str]:
-        import torch
-
-        texts = [self._format(p) for p in prompts]
-        # a chat template already writes the special tokens it needs
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not self.use_chat)
-        enc = {k: v.to(self.device) for k, v in enc.items()}
-        with torch.inference_mode():
-            out = self.model.generate(**enc, generation_config=self.generation_config)
-        new_tokens = out[:, enc["input_ids"].shape[1] :]  # (batch, generated length)
-        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
+    if not isinstance(prompt, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt
+    ):
+        raise UserError("a prompt must be a string or a list of {'role': ..., 'content': ...} messages")
+    return [dict(m) for m in prompt]
 
 
-class ApiGenerator:
-    """An OpenAI-compatible ``/chat/completions`` endpoint, one request per prompt, a batch in parallel."""
-
-    def __init__(self, cfg: GenerationSettings):
-        if not cfg.model:
-            raise UserError("config key 'model' is required: with api_base it names the model to request")
-        self.name = cfg.model
-        self.cfg = cfg
-        self.url = cfg.api_base.rstrip("/") + "/chat/completions"
-
-    def _one(self, prompt: str) -> str:
-        cfg = self.cfg
-        messages = [{"role": "user", "content": prompt}]
-        if cfg.system_prompt:
-            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-        body = {
-            "model": cfg.model,
-            "messages": messages,
-            "max_tokens": cfg.max_new_tokens,
-            "temperature": cfg.temperature,
-            "top_p": cfg.top_p,
-        }
-        headers = {"Content-Type": "application/json"}
-        if cfg.api_key:
-            headers["Authorization"] = f"Bearer {cfg.api_key}"
-        req = request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
-        try:
-            with request.urlopen(req, timeout=cfg.api_timeout) as resp:
-                reply = json.loads(resp.read().decode("utf-8"))
-            return str(reply["choices"][0]["message"]["content"] or "").strip()
-        except urlerror.HTTPError as e:
-            detail = e.read().decode("utf-8", "replace")[:200].replace("\n", " ")
-            raise UserError(f"{self.url}: HTTP {e.code} {e.reason}: {detail}") from None
-        except (urlerror.URLError, OSError) as e:
-            raise UserError(f"{self.url}: {getattr(e, 'reason', None) or e}") from None
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise UserError(f"{self.url}: the reply is not an OpenAI chat completion") from None
-
-    def generate(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-            return list(pool.map(self._one, prompts))
+def sample_seed(seed: int, prompt: Prompt, j: int) -> int:
+    """The seed of sample ``j`` of ``prompt``: the same whatever the batch, the order or an earlier interruption."""
+    key = json.dumps([seed, prompt, j], ensure_ascii=False, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF
 
 
-def load_generator(cfg: GenerationSettings) -> Generator:
-    if not cfg.model:
-        raise UserError(
-            "config key 'model' is required (a local causal LM folder, or a model name with api_base)"
+def order_by_length(lengths: Sequence[int]) -> list[int]:
+    """Prompt indices, longest first (the batches that need most memory come first; equal lengths keep order)."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+@dataclass
+class Counts:
+    """What a generate call produced; :meth:`lines` is the end-of-run summary."""
+
+    prompts: int = 0
+    completions: int = 0
+    tokens: int = 0
+    empty: int = 0  # completions whose text is blank
+    cut: int = 0  # completions stopped by max_new_tokens
+    seconds: float = 0.0
+
+    def add(self, completions: list[Completion]) -> None:
+        self.prompts += 1
+        for c in completions:
+            self.completions += 1
+            self.tokens += c.tokens
+            self.empty += not c.text.strip()
+            self.cut += c.finish_reason == "length"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self, max_new_tokens: int) -> list[str]:
+        return [
+            f"{self.prompts} prompts, {self.completions} completions, {self.tokens} tokens in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:.1f} tokens/s)",
+            f"{self.empty} empty, {self.cut} cut at max_new_tokens={max_new_tokens}",
+        ]
+
+
+@dataclass
+class Progress:
+    """A tqdm bar over prompts with tokens/s, plus the counts; backends call :meth:`done` per finished prompt."""
+
+    total: int
+    enabled: bool = True
+    on_result: OnResult | None = None
+    counts: Counts = field(default_factory=Counts)
+
+    def __post_init__(self):
+        from tqdm import tqdm
+
+        self._start = time.perf_counter()
+        self._bar = tqdm(
+            total=self.total, desc="generate", unit="prompt", disable=not self.enabled, file=sys.stderr
         )
-    return ApiGenerator(cfg) if cfg.api_base else LocalGenerator(cfg)
+
+    def done(self, index: int, completions: list[Completion]) -> None:
+        self.counts.add(completions)
+        self.counts.seconds = time.perf_counter() - self._start
+        self._bar.set_postfix_str(f"{self.counts.tokens_per_s:.0f} tok/s", refresh=False)
+        self._bar.update(1)
+        if self.on_result is not None:
+            self.on_result(index, completions)
+
+    def close(self) -> None:
+        self.counts.seconds = time.perf_counter() - self._start
+        self._bar.close()
+
+
+def threads_setting(n_threads: int | None) -> int:
+    """The thread count for a local backend: the setting, else every core this process may use."""
+    if n_threads:
+        return n_threads
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)

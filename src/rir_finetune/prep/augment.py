@@ -1,175 +1,300 @@
 """``rir-finetune augment``: an LLM-written answer for every query (Reinforced-IR query augmentation).
 
-    rir-finetune augment --input train.jsonl --output train.answers.jsonl \
-        --model DIR [--gguf_file FILE.gguf] --task scifact --batch_size 8 --max_new_tokens 300
+    rir-finetune augment --input train.jsonl --output train.answers.jsonl --task scifact \
+        --backend llama_cpp --model SmolLM2-135M-Instruct.Q4_1.gguf --batch_size 16 --max_new_tokens 128
 
-The prompt states the task, names the kind of query and asks for a passage (``prompts.py``); chat models get it
-through their chat template. Generation is batched with left padding and greedy unless ``temperature > 0``.
-Finished batches are appended to ``OUT.partial`` (flushed and synced); a restarted run keeps them and generates only
-the missing answers (records matched by ``qid`` when every record has a distinct one, else by line number).
-``--api_base URL`` sends the prompts to an OpenAI-compatible ``/chat/completions`` endpoint instead.
+The prompt states the task, names the kind of query and asks for a passage (``llm/prompts.py``); chat models get it
+through their chat template. Generation goes through an LLM backend (``llm/generation.py``: ``transformers``,
+``llama_cpp`` or ``openai``); greedy unless ``temperature > 0``.
+
+Resuming: answers are appended to ``OUT.partial`` as they finish (flushed and synced every ``batch_size``
+answers); its first line records the settings that decide the answers (task, prompt, model, backend, lengths,
+sampling). A rerun with the same settings keeps them and generates only the missing ones; a rerun with other
+settings is refused in one line saying what differs (it would mix old and new answers). ``OUT`` appears only when
+every record has its answer.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any, ClassVar
 
-from tqdm import tqdm
-
+from rir_finetune import guards
 from rir_finetune.errors import UserError
-from rir_finetune.llm import generation
-from rir_finetune.llm.generation import GenerationSettings, Generator
+from rir_finetune.files import iter_jsonl
+from rir_finetune.llm.generation import (
+    Backend,
+    BackendSettings,
+    Completion,
+    Counts,
+    PromptTooLong,
+    Sampling,
+    load_backend,
+)
 from rir_finetune.llm.prompts import TASKS, build_prompt, resolve_template
 from rir_finetune.prep.common import load_config, report
-from rir_finetune.prep.io import Record, ResumableJsonl, check_output_path, read_records
+from rir_finetune.prep.io import Record, ResumableJsonl, read_records
+
+SETTINGS_KEY = "augment_settings"  # the first line of OUT.partial
 
 
 @dataclass
 class AugmentConfig:
+    RANGES: ClassVar[dict[str, str]] = {
+        "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]", "batch_size": ">=1", "seed": ">=0",
+        "n_ctx": ">=1", "n_threads": ">=1", "api_timeout": ">0", "api_max_retries": ">=0", "api_concurrency": ">=1",
+    }  # fmt: skip
+
     input: str | None = None  # JSONL records with a 'query' field
     output: str | None = None  # JSONL to write: the records plus 'answer'
-    model: str | None = (
-        None  # local causal LM folder (or a .gguf file); with api_base: the model name to request
-    )
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder (transformers dequantises it)
+    # the prompt
     task: str = "generic"  # preset of task_description and query_type: a BEIR name (scifact, nfcorpus, ...)
     task_description: str | None = None  # first line of the prompt; None: the task preset's
     query_type: str | None = None  # what the query is (Question, Claim, Title...); None: the task preset's
     answer_type: str = "Passage"  # what to write
     prompt_template: str = "hyde"  # a template name, or a template with {query} (+ the three fields above)
     system_prompt: str | None = None  # optional system message for chat models
-    use_chat_template: bool = True  # use the tokenizer's chat template when it has one
+    use_chat_template: bool = True  # use the model's chat template when it has one
+    # the LLM backend (llm/generation.py BackendSettings)
+    backend: str = "transformers"  # transformers | llama_cpp | openai
+    model: str | None = None  # model folder, .gguf file, or (openai) the model name to request
+    gguf_file: str | None = None  # GGUF file inside the 'model' folder
+    device: str | None = (
+        None  # transformers: cpu, cuda...; llama_cpp: cpu = no GPU offload; None: the backend's
+    )
+    n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
+    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: all cores
+    batch_size: int = 16  # sequences decoded together; answers written together
+    api_base: str | None = None  # openai: the endpoint, e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
+    api_timeout: float = 300.0  # openai: seconds per request
+    api_max_retries: int = 5  # openai: retries on 429 / 5xx / timeouts, with backoff
+    api_concurrency: int = 8  # openai: requests in flight
+    api_extra_body: str | None = None  # openai: JSON object sent with every request (server-specific keys)
+    # sampling
     max_new_tokens: int = 300  # answer length limit in tokens (upstream max_tokens)
     temperature: float = 0.0  # 0 = greedy decoding; > 0 samples
     top_p: float = 1.0  # nucleus sampling when temperature > 0
-    batch_size: int = 8  # prompts generated together (and written together)
-    seed: int = 42  # sampling seed (only matters when temperature > 0)
-    device: str | None = None  # cpu, cuda, cuda:1 ...; None: cuda when available
-    api_base: str | None = (
-        None  # OpenAI-compatible endpoint, e.g. http://localhost:8000/v1; None: local model
-    )
-    api_key: str | None = field(
-        default_factory=lambda: os.getenv("OPENAI_API_KEY")
-    )  # bearer token for api_base
-    api_timeout: float = 300.0  # seconds per request
+    seed: int = 42  # sampling seed (per query: the same answer whatever the batch or a resume)
+    progress: bool = True  # progress bar with tokens/s on stderr
 
     def __post_init__(self):
         if self.task not in TASKS:
             raise UserError(f"config key 'task': {self.task!r} is not one of {', '.join(TASKS)}")
         task_description, query_type = TASKS[self.task]
-        self.task_description = (
-            self.task_description if self.task_description is not None else task_description
-        )
-        self.query_type = self.query_type if self.query_type is not None else query_type
+        if self.task_description is None:
+            self.task_description = task_description
+        if self.query_type is None:
+            self.query_type = query_type
         for key in ("max_new_tokens", "batch_size"):
             if getattr(self, key) <= 0:
                 raise UserError(f"config key {key!r}: must be a positive integer")
         if self.temperature < 0:
             raise UserError("config key 'temperature': must be >= 0")
+        self.backend_settings()  # backend name and its numbers checked now
 
-    def generation_settings(self) -> GenerationSettings:
-        """The generation backend's own settings, taken from this command's keys of the same names."""
-        return GenerationSettings(**{f.name: getattr(self, f.name) for f in fields(GenerationSettings)})
+    def backend_settings(self) -> BackendSettings:
+        """The backend's own settings, from this command's keys of the same names."""
+        names = {f.name for f in fields(BackendSettings)}
+        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
+
+    def sampling(self) -> Sampling:
+        return Sampling(
+            max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, seed=self.seed
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the answers; a resumed run must have the same ones."""
+        model = self.model
+        if model and self.backend != "openai" and not self.api_base and Path(model).exists():
+            model = str(Path(model).resolve())
+        return {
+            "task": self.task,
+            "prompt": resolve_template(self.prompt_template),
+            "task_description": self.task_description,
+            "query_type": self.query_type,
+            "answer_type": self.answer_type,
+            "system_prompt": self.system_prompt,
+            "use_chat_template": self.use_chat_template,
+            "backend": "openai" if self.api_base else self.backend,
+            "model": model,
+            "gguf_file": self.gguf_file,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p if self.temperature > 0 else None,
+            "seed": self.seed if self.temperature > 0 else None,
+        }
 
 
-def load_generator(cfg: AugmentConfig) -> Generator:
-    """The generation backend for this command's settings."""
-    return generation.load_generator(cfg.generation_settings())
+def load_generator(cfg: AugmentConfig) -> Backend:
+    """The LLM backend for this command's settings."""
+    return load_backend(cfg.backend_settings())
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The resumable run
 
 
-def _resume(records: list[Record], done: list[Record], partial: Path) -> dict[int, str]:
-    """Answers an earlier run finished: ``{record index: answer}``.
+@dataclass
+class Plan:
+    records: list[Record]
+    lines: list[int]  # file line of each record
+    out: Path
+    writer: ResumableJsonl
+    settings: dict[str, Any]
+    answers: dict[int, str]  # kept from an earlier run
+    has_header: bool
 
-    Records are matched by ``qid`` when every input record has a distinct one, else by line number; the query text
-    must agree, so a partial file from another input is an error rather than silently wrong answers.
-    """
-    qids = [r.get("qid") for r in records]
-    by_qid = all(q is not None for q in qids) and len(set(map(str, qids))) == len(qids)
-    index = {str(q): i for i, q in enumerate(qids)} if by_qid else {}
+
+def _resume(
+    cfg: AugmentConfig, records: list[Record], writer: ResumableJsonl, settings: dict
+) -> tuple[dict, bool]:
+    """Answers an earlier run with the same settings finished: ``{record index: answer}``."""
+    done = writer.done()
+    if not done:
+        return {}, False
+    partial = writer.partial
+    head = done[0]
+    if not isinstance(head, dict) or SETTINGS_KEY not in head:
+        raise UserError(
+            f"{partial}:1: an unfinished output without recorded settings (another command or an older version); "
+            "delete it to start over"
+        )
+    changed = guards.changed_settings(head[SETTINGS_KEY], settings, may_change=())
+    if changed:
+        raise UserError(
+            f"{partial}: an unfinished run with other settings ({'; '.join(changed)}); rerun with its settings to "
+            f"resume it, or delete {partial.name} to start over"
+        )
     answers: dict[int, str] = {}
-    for n, rec in enumerate(done):
-        i = index.get(str(rec.get("qid"))) if by_qid else n
-        if i is None or i >= len(records) or rec.get("query") != records[i]["query"] or "answer" not in rec:
+    for n, entry in enumerate(done[1:], start=2):
+        i = entry.get("index") if isinstance(entry, dict) else None
+        if (
+            not isinstance(i, int)
+            or not 0 <= i < len(records)
+            or entry.get("query") != records[i]["query"]
+            or not isinstance(entry.get("answer"), str)
+        ):
             raise UserError(
-                f"{partial}:{n + 1}: this unfinished output does not match the input (another input file?); "
+                f"{partial}:{n}: this unfinished output does not match the input (another input file?); "
                 "delete it to start over"
             )
-        answers[i] = rec["answer"]
-    return answers
+        answers[i] = entry["answer"]
+    return answers, True
+
+
+def plan(cfg: AugmentConfig) -> Plan:
+    """Everything checked before a model is loaded: input, output, prompt, and what an earlier run left."""
+    if not cfg.input:
+        raise UserError("config key 'input' is required (the JSONL records to augment)")
+    records = read_records(cfg.input, need_pos=False)
+    lines = [line_no for line_no, _ in iter_jsonl(cfg.input)]
+    reads = [cfg.input] + ([cfg.model] if cfg.model and Path(cfg.model).exists() else [])
+    out = guards.check_output_file(cfg.output, key="output", reads=reads)
+    settings = cfg.fingerprint()
+    writer = ResumableJsonl(out)
+    answers, has_header = _resume(cfg, records, writer, settings)
+    return Plan(records, lines, out, writer, settings, answers, has_header)
 
 
 def augment(
     cfg: AugmentConfig,
-    generator: Generator,
+    generator: Backend,
     after_batch: Callable[[int], None] | None = None,
+    planned: Plan | None = None,
 ) -> dict[str, int]:
     """Add an ``answer`` to every record of ``cfg.input`` and write ``cfg.output``; return the counts.
 
-    ``after_batch(n)`` runs after the n-th batch (1-based) is safely written; tests use it to simulate a kill.
+    ``after_batch(n)`` runs after the n-th group of answers is safely written; tests use it to simulate a kill.
     """
-    if not cfg.input:
-        raise UserError("config key 'input' is required (the JSONL records to augment)")
-    records = read_records(cfg.input, need_pos=False)
-    out = check_output_path(cfg.input, cfg.output)
+    p = planned or plan(cfg)
+    records, writer = p.records, p.writer
     template = resolve_template(cfg.prompt_template)
-    writer = ResumableJsonl(out)
-    answers = _resume(records, writer.done(), writer.partial)
-    kept = len(answers)
+    kept = len(p.answers)
+    answers = dict(p.answers)
     pending = [i for i in range(len(records)) if i not in answers]
+    prompts = [
+        build_prompt(template, records[i]["query"], cfg.task_description, cfg.query_type, cfg.answer_type)
+        for i in pending
+    ]
+    buffer: list[dict[str, Any]] = []
+    written = [0]
+    header = [p.has_header]
+
+    def flush() -> None:
+        if not buffer:
+            return
+        if not header[0]:
+            p.out.parent.mkdir(parents=True, exist_ok=True)
+            writer.append([{SETTINGS_KEY: p.settings}])
+            header[0] = True
+        writer.append(list(buffer))
+        buffer.clear()
+        written[0] += 1
+        if after_batch is not None:
+            after_batch(written[0])
+
+    def on_result(k: int, completions: list[Completion]) -> None:
+        i = pending[k]
+        c = completions[0]
+        answers[i] = c.text.strip()
+        entry = {"index": i, "query": records[i]["query"], "answer": answers[i], "tokens": c.tokens,
+                 "finish_reason": c.finish_reason}  # fmt: skip
+        if "qid" in records[i]:
+            entry["qid"] = records[i]["qid"]
+        buffer.append(entry)
+        if len(buffer) >= cfg.batch_size:
+            flush()
+
+    counts = Counts()
     start = time.time()
     try:
-        with tqdm(total=len(records), initial=kept, desc="augment", unit="query") as bar:
-            for n, lo in enumerate(range(0, len(pending), cfg.batch_size), start=1):
-                batch = pending[lo : lo + cfg.batch_size]
-                prompts = [
-                    build_prompt(
-                        template, records[i]["query"], cfg.task_description, cfg.query_type, cfg.answer_type
-                    )
-                    for i in batch
-                ]
-                outputs = generator.generate(prompts)
-                writer.append([{**records[i], "answer": a} for i, a in zip(batch, outputs, strict=True)])
-                answers.update(zip(batch, outputs, strict=True))
-                bar.update(len(batch))
-                if after_batch is not None:
-                    after_batch(n)
+        if pending:
+            results = generator.generate(prompts, cfg.sampling(), on_result=on_result)
+            for r in results:
+                counts.add(r)
+            counts.seconds = getattr(getattr(generator, "last_counts", None), "seconds", time.time() - start)
+    except PromptTooLong as e:
+        i = pending[e.index]
+        raise UserError(f"{cfg.input}:{p.lines[i]}: {e}") from None
     finally:
-        writer.close()
+        try:
+            flush()  # what finished before an error or an interrupt stays for the rerun
+        finally:
+            writer.close()
     writer.finish([{**r, "answer": answers[i]} for i, r in enumerate(records)])
-    counts = {
+    lengths = [len(a.split()) for a in answers.values()]
+    result = {
         "records": len(records),
         "generated": len(pending),
         "kept": kept,
         "empty": sum(1 for a in answers.values() if not a.strip()),
+        "tokens": counts.tokens,
+        "cut": counts.cut,
     }
-    lengths = [len(a.split()) for a in answers.values()]
     report(
         "augment",
         [
-            f"{counts['records']} records: {counts['generated']} answers generated, "
-            f"{counts['kept']} kept from an earlier run ({writer.partial.name})",
-            f"generator {generator.name}, prompt template {cfg.prompt_template!r}, task {cfg.task!r}",
+            f"{result['records']} records: {result['generated']} answers generated, "
+            f"{result['kept']} kept from an earlier run ({writer.partial.name})",
+            f"backend {cfg.backend_settings().backend if not cfg.api_base else 'openai'} ({generator.name}), "
+            f"prompt template {cfg.prompt_template!r}, task {cfg.task!r}",
+            *(counts.lines(cfg.max_new_tokens) if pending else []),
             f"answer length in words: mean {sum(lengths) / max(len(lengths), 1):.1f}, "
-            f"{counts['empty']} empty answers",
-            f"wrote {out} ({time.time() - start:.1f} s)",
+            f"{result['empty']} empty answers in all",
+            f"wrote {p.out} ({time.time() - start:.1f} s)",
         ],
     )
-    return counts
+    return result
 
 
 def run_augment(config_file: str | None, overrides: list[str]) -> dict[str, int]:
     cfg = load_config(AugmentConfig, config_file, overrides)
-    if not cfg.input:
-        raise UserError("config key 'input' is required (the JSONL records to augment)")
-    read_records(cfg.input, need_pos=False)  # fail on bad input before loading a model
-    check_output_path(cfg.input, cfg.output)
     resolve_template(cfg.prompt_template)
-    return augment(cfg, load_generator(cfg))
+    guards.check_device(cfg.device)
+    planned = plan(cfg)  # bad input, output or a mismatched partial file fail before a model is loaded
+    backend = load_generator(cfg)
+    return augment(cfg, backend, planned=planned)

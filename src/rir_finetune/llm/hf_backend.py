@@ -1,0 +1,257 @@
+"""The ``transformers`` backend: a Hugging Face causal LM (a folder, or a GGUF file de-quantised to fp32).
+
+Prompts are tokenised once and sorted by length (longest first), then decoded ``batch_size`` at a time: left
+padding with position ids from the mask, a KV cache, and rows that finish (end of sequence or ``max_new_tokens``)
+leave the batch at once, so a batch costs what its live rows cost. Greedy is argmax; sampling draws every row
+with its own generator (:func:`~rir_finetune.llm.generation.sample_seed`), so a sample does not depend on its
+batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from rir_finetune.errors import UserError
+from rir_finetune.llm.generation import (
+    BackendSettings,
+    Completion,
+    OnResult,
+    Progress,
+    Prompt,
+    PromptTooLong,
+    Sampling,
+    messages_of,
+    model_file,
+    order_by_length,
+    sample_seed,
+)
+
+
+class TransformersBackend:
+    def __init__(self, settings: BackendSettings):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.settings = settings
+        folder, gguf = model_file(settings.model, settings.gguf_file)
+        if gguf:
+            import importlib.util
+
+            if importlib.util.find_spec("gguf") is None:
+                raise UserError(
+                    "reading a GGUF file with --backend transformers needs the gguf package: "
+                    "pip install 'rir-finetune[gguf]' (or use --backend llama_cpp)"
+                )
+        extra = {"gguf_file": gguf} if gguf else {}
+        self.name = gguf or Path(folder).name
+        if settings.n_threads:
+            torch.set_num_threads(settings.n_threads)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
+            self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.model = AutoModelForCausalLM.from_pretrained(str(folder), **extra).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"{folder}{'/' + gguf if gguf else ''}: cannot load a causal LM ({first})"
+            ) from None
+        self.tokenizer.padding_side = "left"
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        if pad is None:
+            raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
+        self.pad_id = pad
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.use_chat = settings.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
+        positions = getattr(self.model.config, "max_position_embeddings", None) or settings.n_ctx
+        self.n_ctx = min(settings.n_ctx, positions)
+
+    # -- prompts -------------------------------------------------------------------------------------------------
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The prompt's token ids: through the chat template when it has one (and it is on), else plain text."""
+        if isinstance(prompt, str) and not self.use_chat:
+            return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        if not self.use_chat:
+            raise UserError(
+                f"{self.name}: chat messages need a chat template, and this model has none "
+                "(or use_chat_template is off); send a plain prompt"
+            )
+        text = self.tokenizer.apply_chat_template(
+            messages_of(prompt, self.settings.system_prompt), tokenize=False, add_generation_prompt=True
+        )
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])  # the template wrote them
+
+    def _tokenize_all(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[list[int]]:
+        ids = [self.prompt_ids(p) for p in prompts]
+        for i, t in enumerate(ids):
+            if len(t) + sampling.max_new_tokens > self.n_ctx:
+                raise PromptTooLong(
+                    i,
+                    f"prompt {i + 1} is {len(t)} tokens: with max_new_tokens={sampling.max_new_tokens} it does not "
+                    f"fit the context of {self.n_ctx} tokens ({self.name}); shorten it or lower max_new_tokens",
+                )
+        return ids
+
+    # -- generation ----------------------------------------------------------------------------------------------
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, on_result: OnResult | None = None
+    ) -> list[list[Completion]]:
+        ids = self._tokenize_all(prompts, sampling)
+        rows = [(i, j) for i in order_by_length([len(t) for t in ids]) for j in range(sampling.n)]
+        results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
+        missing = [sampling.n] * len(prompts)
+        progress = Progress(len(prompts), self.settings.progress, on_result)
+        try:
+            step = self.settings.batch_size * sampling.n if sampling.n > 1 else self.settings.batch_size
+            for lo in range(0, len(rows), step):
+                batch = rows[lo : lo + step]
+                seeds = [sample_seed(sampling.seed, prompts[i], j) for i, j in batch]
+                for (i, j), completion in zip(
+                    batch, self._decode([ids[i] for i, _ in batch], seeds, sampling), strict=True
+                ):
+                    results[i][j] = completion
+                    missing[i] -= 1
+                    if missing[i] == 0:
+                        progress.done(i, results[i])  # type: ignore[arg-type]
+        finally:
+            progress.close()
+        self.last_counts = progress.counts
+        return results  # type: ignore[return-value]
+
+    def _decode(self, ids: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        import torch
+        from transformers import DynamicCache
+
+        n = len(ids)
+        width = max(len(t) for t in ids)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        for r, t in enumerate(ids):
+            input_ids[r, width - len(t) :] = torch.tensor(t, dtype=torch.long)
+            mask[r, width - len(t) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        gens = None
+        if not sampling.greedy:
+            gens = []
+            for s in seeds:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(s)
+                gens.append(g)
+        dev = self.device
+        input_ids, mask, positions = input_ids.to(dev), mask.to(dev), positions.to(dev)
+        cache = DynamicCache(config=self.model.config)
+        live = list(range(n))  # original row of each live row
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logps: list[list[float]] = [[] for _ in range(n)]
+        finish = ["length"] * n
+        with torch.inference_mode():
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            last_pos = positions[:, -1]
+            for _ in range(sampling.max_new_tokens):
+                logits = out.logits[:, -1, :].float()
+                picked = self._pick(logits, sampling, [gens[r] for r in live] if gens else None)
+                lp = (
+                    torch.log_softmax(logits, dim=-1).gather(1, picked[:, None])[:, 0]
+                    if sampling.logprobs
+                    else None
+                )
+                keep = []
+                picked_list = picked.tolist()
+                for k, r in enumerate(live):
+                    tok = picked_list[k]
+                    if tok in self.eos_ids:
+                        finish[r] = "stop"
+                        continue
+                    tokens[r].append(tok)
+                    if lp is not None:
+                        logps[r].append(float(lp[k]))
+                    if len(tokens[r]) < sampling.max_new_tokens:
+                        keep.append(k)
+                if not keep:
+                    break
+                if len(keep) < len(live):
+                    index = torch.tensor(keep, device=dev)
+                    cache.batch_select_indices(index)
+                    mask, last_pos, picked = mask[index], last_pos[index], picked[index]
+                    live = [live[k] for k in keep]
+                mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+                last_pos = last_pos + 1
+                out = self.model(
+                    input_ids=picked[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos[:, None],
+                    cache=cache,
+                    use_cache=True,
+                )
+        return [
+            Completion(
+                text=self.tokenizer.decode(tokens[r], skip_special_tokens=True),
+                tokens=len(tokens[r]),
+                finish_reason=finish[r],
+                token_logprobs=logps[r] if sampling.logprobs else None,
+            )
+            for r in range(n)
+        ]
+
+    @staticmethod
+    def _pick(logits, sampling: Sampling, gens):
+        import torch
+
+        if gens is None:
+            return logits.argmax(dim=-1)
+        probs = torch.softmax(logits / sampling.temperature, dim=-1)
+        if sampling.top_p < 1:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > sampling.top_p  # keep the smallest set reaching top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        picks = [int(torch.multinomial(probs[k], 1, generator=g)) for k, g in enumerate(gens)]
+        return torch.tensor(picks, device=logits.device)
+
+    # -- scoring -------------------------------------------------------------------------------------------------
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
+        """Per-token log-probabilities of each continuation after its plain-text prompt (no chat template)."""
+        import torch
+
+        if len(prompts) != len(continuations):
+            raise UserError(f"score: {len(prompts)} prompts but {len(continuations)} continuations")
+        pairs = []
+        for i, (p, c) in enumerate(zip(prompts, continuations, strict=True)):
+            head = list(self.tokenizer(p, add_special_tokens=True)["input_ids"])
+            tail = list(self.tokenizer(c, add_special_tokens=False)["input_ids"])
+            if len(head) + len(tail) > self.n_ctx:
+                raise PromptTooLong(i, f"prompt {i + 1} and its continuation do not fit {self.n_ctx} tokens")
+            pairs.append((head, tail))
+        out: list[list[float]] = [[] for _ in pairs]
+        order = order_by_length([len(h) + len(t) for h, t in pairs])
+        for lo in range(0, len(order), self.settings.batch_size):
+            chunk = order[lo : lo + self.settings.batch_size]
+            seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
+            width = max(len(s) for s in seqs)
+            ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, s in enumerate(seqs):  # right padding: positions are the plain 0..len-1
+                ids[r, : len(s)] = torch.tensor(s)
+                mask[r, : len(s)] = 1
+            with torch.inference_mode():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for r, i in enumerate(chunk):
+                head, tail = pairs[i]
+                start = len(head)
+                out[i] = [float(logp[r, start + k - 1, tok]) for k, tok in enumerate(tail)]
+        return out
