@@ -28,11 +28,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from tqdm import tqdm
 
+from rir_finetune import guards
 from rir_finetune.errors import UserError, located
+from rir_finetune.llm.generation import BackendSettings, Sampling, load_backend
 from rir_finetune.llm.query_prompts import (
     Example,
     QueryTask,
@@ -54,14 +56,24 @@ DROP_REASONS = ("empty", "length", "example", "duplicate", "quality", "consisten
 
 
 @dataclass
-class GenerateConfig:
+class GenerateConfig(BackendSettings):
+    """This command's keys plus every LLM-backend key (``llm.generation.BackendSettings``: backend, model, ...)."""
+
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_passages": ">=1", "queries_per_passage": ">=1", "seed": ">=0", "num_examples": ">=0",
+        "max_passage_chars": ">=1", "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]",
+        "min_query_words": ">=0", "max_query_words": ">=0", "consistency_top_k": ">=1",
+        "consistency_batch_size": ">=1", "batch_size": ">=1", "n_ctx": ">=1", "n_threads": ">=1",
+        "api_timeout": ">0", "api_max_retries": ">=0", "api_concurrency": ">=1",
+    }  # fmt: skip
+
     corpus: str | None = (
         None  # BEIR folder (corpus.jsonl) or a JSONL file of {_id, text, title}; first argument
     )
     output: str | None = None  # JSONL training records to write
     num_passages: int | None = None  # passages sampled from the corpus with `seed`; None: every passage
     queries_per_passage: int = 1  # queries asked for each passage (each with its own drawn prompt)
-    seed: int = 42  # passage sample and prompt variants; the same seed gives the same prompts
+    seed: int = 42  # passage sample, prompt variants and LLM sampling; the same seed gives the same records
     # prompts
     task: str = "generic"  # preset: a BEIR name (scifact, nfcorpus, ...), cisi or generic
     task_description: str | None = None  # the retrieval task sentence; None: the preset's
@@ -75,19 +87,11 @@ class GenerateConfig:
     )
     num_examples: int = 0  # few-shot examples per prompt (upstream: 3); 0: none (small LLMs copy them)
     max_passage_chars: int = 2000  # passages are cut to this many characters in prompts (upstream: 8000)
-    # the LLM
-    backend: str = "transformers"  # transformers | llama_cpp | openai
-    model: str | None = None  # model folder, .gguf file, or the model name for openai
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder
-    device: str | None = None  # LLM device: cpu, cuda ...; None: the backend's choice
-    n_ctx: int = 4096  # llama_cpp context window in tokens (prompt + reply)
-    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
-    use_chat_template: bool = True  # wrap prompts in the model's chat template when it has one
-    system_prompt: str | None = None  # optional system message for chat models
-    batch_size: int = 8  # passages per step: generated, filtered and written together
+    # generation (the backend's own keys come from BackendSettings; batch_size is also the write unit here)
     max_new_tokens: int = 64  # query length limit in tokens
     temperature: float = 0.2  # upstream's sampling temperature; 0 = greedy
     top_p: float = 1.0  # nucleus sampling when temperature > 0
+    progress: bool = False  # the backend's own bar for every batch (this command shows one for the whole run)
     # filters
     min_query_words: int = 3  # drop shorter queries; 0: no lower bound
     max_query_words: int = 64  # drop longer queries; 0: no upper bound
@@ -115,22 +119,33 @@ class GenerateConfig:
             raise UserError("config keys 'min_query_words' > 'max_query_words': no query could pass")
         if self.temperature < 0:
             raise UserError("config key 'temperature': must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError("config key 'top_p': must be in (0, 1]")
+        super().__post_init__()
         self.query_task: QueryTask = resolve_task(
             self.task, self.task_description, self.query_type, self.passage_type, self.mission
         )
 
-    def backend_settings(self):
-        """The LLM backend's own settings, from this command's keys of the same names."""
-        from rir_finetune.llm.generation import BackendSettings
-
-        names = {f.name for f in fields(BackendSettings)}
-        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
+    def backend_settings(self) -> BackendSettings:
+        """The LLM backend's own settings (the keys this config inherits)."""
+        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(BackendSettings)})
 
     def fingerprint(self) -> dict[str, Any]:
         """Settings that decide which candidates are written; a resumed run must have the same."""
-        skip = {"output", "batch_size", "device", "consistency_batch_size", "consistency_device", "cache_dir",
-                "use_cache", "search_backend", "api_base", "n_ctx"}  # fmt: skip
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        llm = ("backend", "model", "gguf_file", "use_chat_template", "system_prompt")
+        skip = {f.name for f in fields(BackendSettings)} - set(llm)
+        skip |= {"output", "progress", "consistency_batch_size", "consistency_device", "cache_dir", "use_cache",
+                 "search_backend"}  # fmt: skip
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        for key in (
+            "corpus",
+            "examples",
+            "consistency_model",
+            "model",
+        ):  # a path is the same file from anywhere
+            if out[key] and not (key == "model" and (self.backend == "openai" or self.api_base)):
+                out[key] = str(Path(out[key]).resolve()) if Path(out[key]).exists() else out[key]
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,12 +292,6 @@ class Unit:
     n: int
 
 
-def _sampling(**kwargs):
-    from rir_finetune.llm.generation import Sampling
-
-    return Sampling(**kwargs)
-
-
 def _first_text(completions) -> str:
     return completions[0].text if completions else ""
 
@@ -311,11 +320,15 @@ class Generation:
         if candidate["generated"]["dropped"] not in ("empty", "length", "example", "duplicate"):
             self.seen.add(normalize_query(candidate["query"]))
 
-    def run(self, units: list[Unit], seed: int, first: bool) -> list[Record]:
+    def run(self, units: list[Unit], first: bool) -> list[Record]:
         cfg, task = self.cfg, self.cfg.query_task
         prompts, variants = zip(*(self.prompt(u) for u in units), strict=True)
-        sampling = _sampling(
-            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, n=1, seed=seed
+        sampling = Sampling(
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            n=1,
+            seed=cfg.seed,
         )
         replies = [_first_text(c) for c in self.backend.generate(list(prompts), sampling)]
         if first and not any(r.strip() for r in replies):
@@ -346,7 +359,7 @@ class Generation:
         if cfg.quality_check and alive:
             judge = [quality_check_prompt(task, r["query"], self.passage(u.row)) for r, u in alive]
             verdicts = self.backend.generate(
-                judge, _sampling(max_new_tokens=4, temperature=0.0, n=1, seed=seed)
+                judge, Sampling(max_new_tokens=4, temperature=0.0, n=1, seed=cfg.seed)
             )
             for (r, _), c in zip(alive, verdicts, strict=True):
                 r["generated"]["quality"] = parse_judgement(_first_text(c))
@@ -374,13 +387,12 @@ def _check_header(done: list[Record], cfg: GenerateConfig, partial: Path) -> lis
         raise located(
             partial, 1, "not an unfinished `generate` output (no settings line); delete it to start over"
         )
-    now = cfg.fingerprint()
-    for key, value in now.items():
-        if header.get(key) != value:
-            raise UserError(
-                f"{partial}: an earlier run used {key}={header.get(key)!r}, this one {value!r}; "
-                "run with the same settings to resume, or delete the file to start over"
-            )
+    changed = guards.changed_settings(header, cfg.fingerprint(), may_change=())
+    if changed:
+        raise UserError(
+            f"{partial}: an unfinished run with other settings ({'; '.join(changed)}); rerun with its settings to "
+            f"resume it, or delete {partial.name} to start over"
+        )
     return done[1:]
 
 
@@ -418,11 +430,11 @@ def generate(
     n_done = 0
     try:
         with tqdm(total=len(units), initial=len(by_key), desc="generate", unit="query") as bar:
-            for b, batch in enumerate(batches):
+            for batch in batches:
                 todo = [u for u in batch if (doc_ids[u.row], u.n) not in by_key]
                 if not todo:
                     continue
-                candidates = state.run(todo, seed=cfg.seed + b, first=not by_key)
+                candidates = state.run(todo, first=not by_key)
                 # the settings line goes with the first batch: a partial file never holds a header alone
                 writer.append(([] if has_header else [{HEADER: cfg.fingerprint()}]) + candidates)
                 has_header = True
@@ -502,6 +514,4 @@ def run_generate(config_file: str | None, overrides: list[str]) -> dict[str, int
             "config key 'model' is required (the LLM: a model folder, a .gguf file or an API model)"
         )
     consistency = ConsistencyFilter(cfg, doc_ids, texts) if cfg.consistency_model else None
-    from rir_finetune.llm.generation import load_backend
-
     return generate(cfg, load_backend(cfg.backend_settings()), consistency)
