@@ -25,8 +25,8 @@ mkdir -p "$WORK"
 [ -f "$WORK/train_hn.jsonl" ] || rir-finetune mine --input "$WORK/train.jsonl" --output "$WORK/train_hn.jsonl" \
   --model "$MINILM" --corpus "$DATA" --negatives 15 --range_for_sampling 10-60 --negative_threshold 0.95
 
-resume=()
-[ -d "$WORK/model" ] && resume=(--resume_from_checkpoint auto)
+resume=()  # only a folder an earlier run of this script made (train refuses resuming into anything else)
+[ -f "$WORK/model/rir_config.yaml" ] && resume=(--resume_from_checkpoint auto)
 rir-finetune train --config configs/scifact_retrieval.yaml --model_name_or_path "$MINILM" \
   --train_data "$WORK/train_hn.jsonl" --output_dir "$WORK/model" "${resume[@]}" "$@"
 

@@ -137,24 +137,24 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except guards.Interrupted as e:
-        _interrupted(e.name, e.exit_code)
-    except KeyboardInterrupt:
-        _interrupted("SIGINT", 130)
+    except (
+        KeyboardInterrupt,
+        typer.Abort,
+    ):  # guards.Interrupted is a KeyboardInterrupt; Abort: Ctrl-D/C at a prompt
+        _interrupted()
     except _click.exceptions.ClickException as e:  # usage errors: typer raises its vendored click's classes
         e.show()
         sys.exit(2 if e.exit_code == 0 else e.exit_code)
-    except _click.exceptions.Abort:
-        _interrupted("SIGINT", 130)
     if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
         # typer turns a KeyboardInterrupt it sees into Exit(130) and, with standalone_mode=False, returns the code
         if rv == 130:
-            _interrupted("SIGINT", 130)
+            _interrupted()
         sys.exit(rv)
 
 
-def _interrupted(name: str, code: int) -> None:
+def _interrupted() -> None:
     guards.ignore_signals()
+    name, code = guards.interrupted_exit()
     print(
         f"interrupted ({name}): stopped before the end; nothing reported as done. Outputs are written only when a "
         "run completes; train resumes with --resume_from_checkpoint auto, augment continues from OUT.partial.",

@@ -17,6 +17,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 from urllib import error as urlerror
 from urllib import request
 
@@ -68,6 +69,7 @@ def load_corpus(data_dir: str | Path) -> tuple[list[str], list[str]]:
 
 @dataclass
 class FromBeirConfig:
+    RANGES: ClassVar[dict[str, str]] = {"min_relevance": ">=1"}
     data_dir: str | None = (
         None  # BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); the first argument
     )
@@ -127,6 +129,7 @@ def run_from_beir(config_file: str | None, overrides: list[str]) -> dict[str, in
 
 @dataclass
 class GetConfig:
+    RANGES: ClassVar[dict[str, str]] = {"timeout": ">0"}
     name: str | None = None  # BEIR dataset name (scifact, nfcorpus, fiqa, ...); the first argument
     out: str = "data"  # folder to unpack into; the dataset lands in OUT/NAME
     url: str = BEIR_URL  # where the zip is; {name} is replaced by the dataset name
