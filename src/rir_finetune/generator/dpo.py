@@ -83,6 +83,9 @@ class GeneratorDPOConfig(DPOConfig):
     """TRL's ``DPOConfig`` with this command's defaults: upstream's DPO settings, small CPU-friendly steps."""
 
     output_dir: str | None = None  # where the merged model, adapter and checkpoints go (required)
+    overwrite_output_dir: bool = (
+        False  # train into a non-empty output_dir from scratch (transformers 5 dropped it)
+    )
     learning_rate: float = 1e-5  # upstream 1e-5
     num_train_epochs: float = 1.0  # upstream one epoch
     per_device_train_batch_size: int = 4  # pairs per step

@@ -19,8 +19,8 @@ beyond upstream, when the two texts differ. Weights, prefix and threshold are co
 Output: one line per kept pair in TRL's preference format (``prompt`` as the generator saw it, ``chosen``,
 ``rejected``) plus ``chosen_score``, ``rejected_score``, ``raw_score`` (and ``qid``); ``samples_output`` optionally
 keeps all K answers with their scores. Finished chunks of queries go to ``OUT.partial`` (synced); a restarted run
-keeps them and samples only the rest (every chunk samples with seed + its first record's index, so a resumed run
-asks the backend for the same samples as an uninterrupted one).
+keeps them and samples only the rest (the backends seed every sample by prompt, sample number and ``seed``, so a
+resumed run draws the same samples as an uninterrupted one).
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def pair_prompt(prompt: str, system_prompt: str | None) -> str | list[dict[str, 
 class RewardConfig:
     RANGES: ClassVar[dict[str, str]] = {
         "retriever_batch_size": ">=1", "retriever_max_length": ">=1", "samples_per_query": ">=2",
-        "temperature": ">0", "top_p": "(0, 1]", "max_new_tokens": ">=1", "seed": ">=0", "n_ctx": ">=1",
+        "temperature": ">0", "top_p": "(0, 1]", "max_new_tokens": ">=1", "seed": ">=0", "n_ctx": ">=1", "n_threads": ">=1",
         "batch_size": ">=1", "query_weight": ">=0", "answer_weight": ">=0", "threshold": "[0, 1]",
         "records_per_chunk": ">=1",
     }  # fmt: skip
@@ -132,7 +132,8 @@ class RewardConfig:
     model: str | None = None  # model folder, .gguf file, or the model name for openai
     gguf_file: str | None = None  # GGUF file inside the 'model' folder
     device: str | None = None  # LLM device: cpu, cuda ...; None: the backend's choice
-    n_ctx: int = 4096  # llama_cpp context window in tokens (prompt + reply)
+    n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
+    n_threads: int | None = None  # CPU threads for llama_cpp / torch; None: the library's choice
     api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
     use_chat_template: bool = True  # wrap prompts in the model's chat template when it has one
     system_prompt: str | None = (
@@ -144,7 +145,9 @@ class RewardConfig:
     temperature: float = 0.9  # sampling temperature (upstream 0.9)
     top_p: float = 0.9  # nucleus sampling (upstream 0.9)
     max_new_tokens: int = 300  # answer length limit in tokens
-    seed: int = 42  # sampling seed; each chunk samples with seed + its first record's index
+    seed: int = (
+        42  # sampling seed (the backends derive each sample's seed from it, the prompt and the sample number)
+    )
     # prompts (as augment)
     task: str = "generic"  # prompt preset: scifact, nfcorpus, ...
     task_description: str | None = None  # None: the task preset's
@@ -187,7 +190,7 @@ class RewardConfig:
     def fingerprint(self) -> str:
         """What the samples and scores of a partial file depend on; a resumed run must agree on all of it."""
         skip = {"output", "samples_output", "records_per_chunk", "retriever_batch_size", "retriever_device",
-                "device", "batch_size", "api_base", "n_ctx"}  # fmt: skip
+                "device", "batch_size", "api_base", "n_ctx", "n_threads"}  # fmt: skip
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         keep["retriever"] = str(Path(self.retriever or "").resolve())
         text = json.dumps(keep, sort_keys=True, default=str)
@@ -282,6 +285,8 @@ def reward(
     out = check_outputs(cfg)
     template = resolve_template(cfg.prompt_template)
     key = cfg.fingerprint()
+    # the prompt in the pairs is what the backend sent: chat messages when a system message went with it
+    system_prompt = cfg.system_prompt if getattr(backend, "use_chat", True) else None
     partial = PartialJsonl(out)
     entries = _resume(records, partial.done(), partial.path, key)
     kept_earlier = len(entries)
@@ -301,7 +306,7 @@ def reward(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 n=cfg.samples_per_query,
-                seed=cfg.seed + chunk[0],
+                seed=cfg.seed,
             )
             completions = backend.generate(prompts, sampling)
             answers = [[c.text.strip() for c in group] for group in completions]
@@ -342,7 +347,7 @@ def reward(
             counts[f"dropped_{choice.dropped_by}"] += 1
             continue
         pair = {
-            "prompt": pair_prompt(e["prompt"], cfg.system_prompt),
+            "prompt": pair_prompt(e["prompt"], system_prompt),
             "chosen": e["answers"][choice.chosen],
             "rejected": e["answers"][choice.rejected],
             "chosen_score": e["scores"][choice.chosen],
