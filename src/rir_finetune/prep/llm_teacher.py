@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from rir_finetune.errors import UserError
+from rir_finetune.llm.generation import BackendSettings, PromptTooLong, Sampling
 from rir_finetune.llm.rank_prompts import (
     LISTWISE_FIELDS,
     LISTWISE_TEMPLATE,
@@ -45,19 +46,11 @@ LABEL_MODES = ("scores", "upstream")
 
 
 @dataclass
-class LLMTeacherKeys:
-    """``score``'s keys for ``--model_type llm`` (``model``, ``device`` and ``batch_size`` are ``score``'s own)."""
+class LLMTeacherKeys(BackendSettings):
+    """``score``'s keys for ``--model_type llm``: the LLM backend's (as for ``generate``) and the teacher's own."""
 
-    llm_teacher: str = (
-        "listwise"  # listwise (RankGPT permutation) | query_likelihood (UPR: mean log p(query|p))
-    )
+    llm_teacher: str = "listwise"  # listwise (RankGPT) | query_likelihood (UPR: mean log p(query | passage))
     label_mode: str = "scores"  # scores: pos_scores/neg_scores in data order | upstream: top passage -> pos
-    backend: str = "transformers"  # LLM backend: transformers | llama_cpp | openai
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder
-    n_ctx: int = 4096  # llama_cpp context window in tokens (prompt + reply)
-    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
-    use_chat_template: bool = True  # wrap prompts in the model's chat template when it has one
-    system_prompt: str | None = None  # optional system message for chat models
     window_size: int = 20  # listwise: passages per prompt (RankGPT 20); longer lists slide a window
     step: int = 10  # listwise: how far each window moves towards the top (RankGPT 10); < window_size
     max_new_tokens: int | None = None  # listwise reply limit in tokens; None: 6 per passage shown + 8
@@ -88,7 +81,7 @@ def check_keys(cfg: LLMTeacherKeys) -> None:
             f"config key 'step': must be between 1 and window_size - 1 ({cfg.window_size - 1}), "
             "so that windows overlap"
         )
-    for key in ("max_new_tokens", "passage_max_words", "query_max_words", "n_ctx"):
+    for key in ("max_new_tokens", "passage_max_words", "query_max_words"):
         value = getattr(cfg, key)
         if value is not None and value <= 0:
             raise UserError(f"config key {key!r}: must be a positive integer")
@@ -96,10 +89,8 @@ def check_keys(cfg: LLMTeacherKeys) -> None:
     check_template("ql_template", cfg.ql_template, QUERY_LIKELIHOOD_FIELDS)
 
 
-def backend_settings(cfg: Any):
+def backend_settings(cfg: Any) -> BackendSettings:
     """The LLM backend's own settings, from the command's keys of the same names."""
-    from rir_finetune.llm.generation import BackendSettings
-
     names = {f.name for f in fields(BackendSettings)}
     return BackendSettings(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names})
 
@@ -171,8 +162,6 @@ class LLMTeacher:
 
     def _listwise(self, records: list[Record]) -> list[list[int]]:
         """The LLM's ranking (data indices, best first) of every record; windows of all records batched."""
-        from rir_finetune.llm.generation import Sampling
-
         cfg = self.cfg
         passages = [[*r["pos"], *(r.get("neg") or [])] for r in records]
         orders = [self._shown_order(r, len(p)) for r, p in zip(records, passages, strict=True)]
@@ -192,7 +181,11 @@ class LLMTeacher:
             sampling = Sampling(
                 max_new_tokens=cfg.max_new_tokens or 6 * longest + 8, temperature=0.0, seed=cfg.seed
             )
-            replies = self.backend.generate(prompts, sampling)
+            try:
+                replies = self.backend.generate(prompts, sampling)
+            except PromptTooLong as e:
+                i, (a, b) = todo[e.index]
+                raise _too_long(records[i], f"the listwise prompt of {b - a} passages", e) from None
             for (i, (a, b)), completions in zip(todo, replies, strict=True):
                 parsed = parse_permutation(completions[0].text if completions else "", b - a)
                 self.counts["windows"] += 1
@@ -210,13 +203,18 @@ class LLMTeacher:
     def _query_likelihood(self, records: list[Record]) -> list[list[float]]:
         """Mean log p(query tokens | prompt with the passage) for every passage of every record, in data order."""
         cfg = self.cfg
-        prompts, continuations, sizes = [], [], []
+        prompts, continuations, sizes, starts = [], [], [], []
         for r in records:
             passages = [*r["pos"], *(r.get("neg") or [])]
+            starts.append(len(prompts))
             sizes.append(len(passages))
             prompts += [query_likelihood_prompt(p, cfg.passage_max_words, cfg.ql_template) for p in passages]
             continuations += [query_likelihood_continuation(r["query"], cfg.query_max_words)] * len(passages)
-        logprobs = self.backend.score(prompts, continuations) if prompts else []
+        try:
+            logprobs = self.backend.score(prompts, continuations) if prompts else []
+        except PromptTooLong as e:
+            record = next(r for r, lo in zip(records, starts, strict=True) if lo <= e.index < lo + len_of(r))
+            raise _too_long(record, "a query-likelihood prompt", e) from None
         if len(logprobs) != len(prompts):
             raise UserError(
                 f"LLM backend {self.backend.name}: {len(logprobs)} scores for {len(prompts)} prompts"
@@ -267,3 +265,16 @@ class LLMTeacher:
                 f"{c['kept_shown_order']} in the order shown"
             )
         return lines
+
+
+def len_of(record: Record) -> int:
+    return len(record["pos"]) + len(record.get("neg") or [])
+
+
+def _too_long(record: Record, what: str, error: PromptTooLong) -> UserError:
+    """The backend's context error, naming the record and the keys that shorten the prompt."""
+    which = f"qid {record['qid']}" if "qid" in record else f"query {record['query'][:60]!r}"
+    return UserError(
+        f"record {which}: {what} does not fit the LLM's context ({error}); lower window_size or "
+        "passage_max_words, or raise n_ctx"
+    )
