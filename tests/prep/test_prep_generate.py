@@ -411,9 +411,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert err == f"error: {no_text}:2: expected '_id' (or 'id') and 'text' fields"
     err = _cli([str(write_corpus(tmp_path / "cor")), "--output", str(out), "--model", "m", "--num_passages", "0"],
                capsys)  # fmt: skip
+    # the range message is guards.py's (its wording is not under test here): the key, the value, "use none"
     assert (
-        err
-        == "error: config key 'num_passages': must be at least 1, got 0; 0 does not mean off or no limit here: use none"
+        err.startswith("error: config key 'num_passages': must be ") and "got 0" in err and "use none" in err
     )
     assert list(tmp_path.glob("o.jsonl*")) == []
 
