@@ -122,7 +122,10 @@ def test_shipped_configs_load_and_open_with_their_command(tmp_path, path):
         if not line.startswith("#"):
             break
         header.append(line)
-    # the opening comment holds the command that runs this config
+    # the opening comment holds the command that runs this config; this test builds train's configs
+    assert any("rir-finetune " in h or "-m rir_finetune " in h for h in header), path
+    if not any(" train " in h and "rir_finetune" in h.replace("-", "_") for h in header):
+        pytest.skip(f"{path.name} is another command's config")
     assert any(
         ("rir-finetune train" in h or "-m rir_finetune train" in h) and path.name in "".join(header)
         for h in header

@@ -170,7 +170,9 @@ class Range:
                 + (f" (below {num(self.high)})" if self.high_open and not self.low_open else "")
             )
         if self.low is not None:
-            return f"{'greater than' if self.low_open else 'at least'} {num(self.low)}"
+            if self.low_open:
+                return f"greater than {num(self.low)}"
+            return "a positive integer" if self.low == 1 else f"{num(self.low)} or more"
         return f"{'less than' if self.high_open else 'at most'} {num(self.high)}"
 
 

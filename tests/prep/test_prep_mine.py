@@ -150,7 +150,7 @@ def test_bm25_pool_of_the_records_own_passages(tmp_path):
     ("extra", "message"),
     [
         (["--range_for_sampling", "50-10"], "START-END with START < END"),
-        (["--negatives", "0"], "'negatives': must be at least 1, got 0"),
+        (["--negatives", "0"], "'negatives': must be a positive integer, got 0"),
         (["--model", "no/such/dir"], "model folder not found"),
         (["--output", "{input}"], "the output is the input file"),
         (["--negativs", "3"], "did you mean 'negatives'"),

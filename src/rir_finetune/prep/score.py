@@ -32,7 +32,13 @@ MODEL_TYPES = ("cross_encoder", "bi_encoder", "llm")
 
 @dataclass
 class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, label_mode, backend...
-    RANGES: ClassVar[dict[str, str]] = {"batch_size": ">=1", "max_length": ">=1", "records_per_chunk": ">=1"}
+    RANGES: ClassVar[dict[str, str]] = {
+        "batch_size": ">=1", "max_length": ">=1", "records_per_chunk": ">=1",
+        # the LLM teacher's keys (prep/llm_teacher.py)
+        "n_ctx": ">=1", "window_size": ">=2", "step": ">=1", "max_new_tokens": ">=1", "passage_max_words": ">=1",
+        "query_max_words": ">=1", "seed": ">=0", "n_threads": ">=1", "api_timeout": ">0", "api_max_retries": ">=0",
+        "api_concurrency": ">=1",
+    }  # fmt: skip
     input: str | None = None  # JSONL records with 'query', 'pos' and (usually) 'neg'
     output: str | None = None  # JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'
     model: str | None = None  # local folder of the teacher
