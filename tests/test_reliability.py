@@ -201,7 +201,7 @@ SIGNAL_CASES = [
     pytest.param("eval", signal.SIGINT, id="eval-SIGINT", marks=pytest.mark.slow),
     pytest.param("mine", signal.SIGINT, id="mine-SIGINT", marks=pytest.mark.slow),
     pytest.param("mine", signal.SIGTERM, id="mine-SIGTERM", marks=pytest.mark.slow),
-    pytest.param("score", signal.SIGINT, id="score-SIGINT"),
+    pytest.param("score", signal.SIGINT, id="score-SIGINT", marks=pytest.mark.slow),
     pytest.param("score", signal.SIGTERM, id="score-SIGTERM", marks=pytest.mark.slow),
 ]
 
@@ -216,18 +216,19 @@ def test_interrupt_is_never_success(command, sig, beir, records, tiny_bert_dir, 
     assert not list(output.parent.glob("*.partial")) and not list(output.parent.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_interrupted_training_keeps_its_checkpoint_and_resumes(sig, tiny_bert_dir, records, tmp_path):
     out = tmp_path / "run"
-    argv = train_args(tiny_bert_dir, records, out, "--save_strategy", "steps", "--save_steps", "2")
+    argv = train_args(tiny_bert_dir, records, out, "--save_strategy", "steps", "--save_steps", "1")
     argv[argv.index("--max_steps") + 1] = "100000"
     argv[argv.index("--dataloader_num_workers") + 1] = "1"  # a worker process gets the group's SIGINT too
     proc, lines = _start(argv)
-    err = _interrupt(proc, lines, sig, ready=lambda: (out / "checkpoint-4" / "trainer_state.json").is_file())
+    err = _interrupt(proc, lines, sig, ready=lambda: (out / "checkpoint-2" / "trainer_state.json").is_file())
     _check_interrupted(proc, err, sig)
     assert not (out / "modules.json").exists()  # no final model
     last = guards_latest(out)
-    assert last >= 4
+    assert last >= 2
     # resumable: the same settings, a run length that the checkpoint reaches in one more step
     argv[argv.index("--max_steps") + 1] = str(last + 1)
     r = subprocess.run([sys.executable, "-m", "rir_finetune", *argv, "--resume_from_checkpoint", "auto"],
