@@ -192,6 +192,66 @@ def test_augment_resumes_after_a_kill_without_duplicates(tiny_llm, tmp_path, qid
     assert not partial.exists()
 
 
+def test_resumed_run_with_other_settings_is_refused_in_one_line(tiny_llm, tmp_path):
+    src = write_queries(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    tokens = ["--input", str(src), "--output", str(out), "--model", str(tiny_llm), "--batch_size", "2",
+              "--max_new_tokens", "4"]  # fmt: skip
+    cfg = load_config(AugmentConfig, None, tokens)
+    with pytest.raises(Killed):
+        augment(cfg, load_generator(cfg), after_batch=_kill_after(1))
+    before = partial_path(out).read_bytes()
+    with pytest.raises(UserError, match=r"out.jsonl.partial: an unfinished run with other settings "
+                       r"\(max_new_tokens: 4 -> 5; query_type: 'Question' -> 'Claim'; task: 'generic' -> 'scifact'.*\); .*delete out.jsonl.partial"):  # fmt: skip
+        run_augment(None, tokens[:-1] + ["5", "--task", "scifact"])
+    assert partial_path(out).read_bytes() == before and not out.exists()
+    counts = run_augment(
+        None, tokens[:-2] + ["--max_new_tokens", "4", "--batch_size", "3"]
+    )  # batch size may change
+    assert counts["kept"] == 2 and counts["generated"] == 3
+
+
+class FailingAfter:
+    """A real backend that loses its server after ``n`` answers (as an unreachable server would)."""
+
+    def __init__(self, inner, n: int):
+        self.inner, self.n, self.name = inner, n, inner.name
+
+    def generate(self, prompts, sampling, on_result=None):
+        for k in range(self.n):
+            on_result(k, self.inner.generate([prompts[k]], sampling)[0])
+        raise UserError("http://127.0.0.1:9/v1: cannot reach the server")
+
+
+def test_a_backend_error_keeps_finished_answers_and_the_run_resumes(tiny_llm, tmp_path):
+    src = write_queries(tmp_path / "in.jsonl", 6)
+    out = tmp_path / "out.jsonl"
+    tokens = ["--input", str(src), "--output", str(out), "--model", str(tiny_llm), "--batch_size", "2",
+              "--max_new_tokens", "4"]  # fmt: skip
+    cfg = load_config(AugmentConfig, None, tokens)
+    backend = load_generator(cfg)
+    with pytest.raises(UserError, match="cannot reach the server"):
+        augment(cfg, FailingAfter(backend, 3))
+    assert not out.exists() and len(read_out(partial_path(out))) == 1 + 3  # settings + 3 answers, none torn
+    counts = run_augment(None, tokens)
+    assert counts["kept"] == 3 and counts["generated"] == 3
+    uninterrupted = tmp_path / "whole.jsonl"
+    run_augment(None, tokens[:2] + ["--output", str(uninterrupted)] + tokens[4:])
+    assert out.read_bytes() == uninterrupted.read_bytes()  # greedy: resumed = uninterrupted, byte for byte
+
+
+def test_a_prompt_longer_than_the_context_names_its_line_and_writes_nothing(tiny_llm, tmp_path):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "cells"}\n\n{"query": "' + " ".join(["gene"] * 40) + '"}\n')
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(
+        UserError, match=r"in.jsonl:3: prompt 2 is \d+ tokens: with max_new_tokens=8 .*context of 48"
+    ):
+        run_augment(None, ["--input", str(src), "--output", str(out), "--model", str(tiny_llm), "--n_ctx", "48",
+                           "--max_new_tokens", "8"])  # fmt: skip
+    assert not out.exists() and not partial_path(out).exists()
+
+
 def test_augment_refuses_a_partial_file_from_another_input(tiny_llm, tmp_path):
     src = write_queries(tmp_path / "in.jsonl", 3)
     out = tmp_path / "out.jsonl"
