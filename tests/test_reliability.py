@@ -217,7 +217,7 @@ def test_interrupt_is_never_success(command, sig, beir, records, tiny_bert_dir, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_interrupted_training_keeps_its_checkpoint_and_resumes(sig, tiny_bert_dir, records, tmp_path):
     out = tmp_path / "run"
     argv = train_args(tiny_bert_dir, records, out, "--save_strategy", "steps", "--save_steps", "1")
@@ -683,3 +683,18 @@ def test_repeated_qrels_rows_count_once_with_a_warning(tmp_path, capsys):
     assert "1 repeated judgements (same grade) counted once" in err
     recs = [json.loads(x) for x in (tmp_path / "t.jsonl").read_text().splitlines()]
     assert [r["pos_ids"] for r in recs] == [["d5"], ["d3"]]
+
+
+def test_new_outputs_next_to_inputs_are_allowed(tmp_path):
+    data = write_beir(tmp_path / "data")
+    model = tmp_path / "models" / "m"
+    model.mkdir(parents=True)
+    # a new file inside a data folder is fine (nothing of the input is replaced); an existing one is not
+    assert guards.check_output_file(data / "train.jsonl", key="out", reads=[data]) == data / "train.jsonl"
+    with pytest.raises(guards.UserError, match="is a file of the input folder"):
+        guards.check_output_file(data / "queries.jsonl", key="out", reads=[data])
+    # eval writes four named files: a folder above the model is fine; train writes sub-folders: refused
+    assert guards.check_output_dir(tmp_path / "models", key="output_dir", reads=[model], may_hold_inputs=True)
+    with pytest.raises(guards.UserError, match=r"is \(or holds\) the input"):
+        guards.check_output_dir(tmp_path / "models", key="output_dir", reads=[model])
+    assert not (data / "train.jsonl").exists()  # the checks create nothing

@@ -311,9 +311,14 @@ def check_output_file(
 
 
 def check_output_dir(
-    path: str | os.PathLike | None, *, key: str, reads: Iterable[str | os.PathLike | None] = ()
+    path: str | os.PathLike | None,
+    *,
+    key: str,
+    reads: Iterable[str | os.PathLike | None] = (),
+    may_hold_inputs: bool = False,
 ) -> Path:
-    """The output folder ``path``, refused when it is a file, one of the input folders (or holds one), or
+    """The output folder ``path``, refused when it is a file, one of the input folders (or, unless
+    ``may_hold_inputs``, an existing folder holding one: a command that writes sub-folders could reach it), or
     cannot be written. Nothing is created."""
     if not path:
         raise UserError(f"config key {key!r}: required (the folder to write)")
@@ -321,7 +326,8 @@ def check_output_dir(
     if out.exists() and not out.is_dir():
         raise UserError(f"config key {key!r}: {out} is a file, not a folder")
     for src in _paths(reads):
-        if _same(out, src) or (src.exists() and _inside(src, out) and out.exists() and src.is_dir()):
+        holds = not may_hold_inputs and src.exists() and src.is_dir() and out.exists() and _inside(src, out)
+        if _same(out, src) or holds:
             raise UserError(
                 f"config key {key!r}: {out} is (or holds) the input {src}; writing there would change it; "
                 "choose another folder"

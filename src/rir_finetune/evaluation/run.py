@@ -129,7 +129,9 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     keep_freed_memory()
     start = time.perf_counter()
     # every output location before any work; the output folder is never an input folder
-    out = guards.check_output_dir(args.output_dir, key="output_dir", reads=[args.model, args.data])
+    out = guards.check_output_dir(
+        args.output_dir, key="output_dir", reads=[args.model, args.data], may_hold_inputs=True
+    )  # eval writes four named files (checked next), never sub-folders
     for name in ("metrics.json", "metrics.md", "run.trec", "eval_config.json"):
         guards.check_output_file(out / name, key="output_dir", reads=[args.answers])
     guards.check_device(args.device)
