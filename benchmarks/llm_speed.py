@@ -178,7 +178,7 @@ def start_server(gguf: Path, work: Path) -> tuple[subprocess.Popen, str]:
 
 def same_share(a: list[str], b: list[str]) -> str:
     n = min(len(a), len(b))
-    return f"{sum(x == y for x, y in zip(a[:n], b[:n]))}/{n}"
+    return f"{sum(x == y for x, y in zip(a[:n], b[:n], strict=True))}/{n}"
 
 
 def main() -> None:

@@ -45,8 +45,11 @@ class TransformersBackend:
                 )
         extra = {"gguf_file": gguf} if gguf else {}
         self.name = gguf or Path(folder).name
-        if settings.n_threads:
-            torch.set_num_threads(settings.n_threads)
+        from rir_finetune.llm.generation import threads_setting
+
+        threads = threads_setting(settings.n_threads)
+        if threads < torch.get_num_threads():  # fewer threads on busy cores (threads_setting); never more
+            torch.set_num_threads(threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
             self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -66,7 +66,7 @@ class AugmentConfig:
         None  # transformers: cpu, cuda...; llama_cpp: cpu = no GPU offload; None: the backend's
     )
     n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
-    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: all cores
+    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
     batch_size: int = 16  # sequences decoded together; answers written together
     api_base: str | None = None  # openai: the endpoint, e.g. http://localhost:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
