@@ -62,6 +62,7 @@ def child_today(args) -> dict:
     module_file.write_text(src)
     spec = importlib.util.spec_from_file_location("today_generation", module_file)
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["today_generation"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     from rir_finetune.llm.prompts import TASKS, TEMPLATES, build_prompt
 

@@ -296,3 +296,25 @@ def test_augment_with_smollm2_gguf(scifact_dir, tmp_path):
                        "--batch_size", "3"])  # fmt: skip
     records = read_out(out)
     assert len(records) == 3 and all(len(r["answer"].split()) >= 5 for r in records)
+
+
+@pytest.mark.parametrize("backend", ["llama_cpp", "openai"])
+def test_cli_bad_model_or_server_is_one_line_exit_2_and_nothing_written(tmp_path, capsys, backend):
+    from rir_finetune.cli import main
+
+    pytest.importorskip("openai")
+    src = write_queries(tmp_path / "in.jsonl", 2)
+    out = tmp_path / "out.jsonl"
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    extra = (
+        ["--model", str(fake)]
+        if backend == "llama_cpp"
+        else ["--model", "m", "--api_base", "http://127.0.0.1:9/v1"]
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["augment", "--input", str(src), "--output", str(out), "--backend", backend, *extra])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert ("not a GGUF file" if backend == "llama_cpp" else "cannot reach the server") in err[0]
+    assert not out.exists() and not partial_path(out).exists()

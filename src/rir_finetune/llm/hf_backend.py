@@ -21,6 +21,7 @@ from rir_finetune.llm.generation import (
     Prompt,
     PromptTooLong,
     Sampling,
+    check_gguf,
     messages_of,
     model_file,
     order_by_length,
@@ -37,6 +38,8 @@ class TransformersBackend:
         folder, gguf = model_file(settings.model, settings.gguf_file)
         if gguf:
             import importlib.util
+
+            check_gguf(folder / gguf)
 
             if importlib.util.find_spec("gguf") is None:
                 raise UserError(

@@ -66,8 +66,6 @@ def _log_softmax_at(logits: np.ndarray, token: int) -> float:
 
 class LlamaCppBackend:
     def __init__(self, settings: BackendSettings):
-        lc = _import_llama_cpp()
-        self.lc = lc
         self.settings = settings
         folder, gguf = model_file(settings.model, settings.gguf_file)
         if gguf is None:
@@ -76,6 +74,8 @@ class LlamaCppBackend:
             )
         path = folder / gguf
         check_gguf(path)
+        lc = _import_llama_cpp()
+        self.lc = lc
         self.name = gguf
         self.threads = threads_setting(settings.n_threads)
         offload = settings.device != "cpu" and lc.llama_supports_gpu_offload()
