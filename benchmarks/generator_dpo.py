@@ -3,7 +3,7 @@
     python benchmarks/generator_dpo.py --records work/gen/train_all.jsonl --work work/gen \
         --train_queries 48 --eval_queries 24 [--dpo_args "--learning_rate 1e-5"]
 
-1. ``reward`` on the first ``train_queries`` records (SmolLM2 Q4_1 through llama.cpp, K answers each, MiniLM judge)
+1. ``reward`` on the first ``train_queries`` records (SmolLM2 Q4_1 through ``--backend``, K answers each, MiniLM judge)
 2. ``train-generator`` on the kept pairs (SmolLM2 de-quantised by transformers, LoRA), in its own process, which
    prints its seconds per step and peak RSS
 3. on the next ``eval_queries`` records (held out from DPO): a greedy answer from the base and from the DPO model
@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--samples_per_query", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--task", default="scifact")
+    p.add_argument("--backend", default="llama_cpp", help="backend that samples for reward")
     p.add_argument(
         "--dpo_args", default="", help="extra train-generator options, e.g. '--learning_rate 1e-4'"
     )
@@ -84,7 +85,7 @@ def main() -> None:
     t0 = time.time()
     if not (work / "pairs.jsonl").exists():
         cli(["reward", "--input", str(work / "train.jsonl"), "--output", str(work / "pairs.jsonl"),
-             "--samples_output", str(work / "samples.jsonl"), "--retriever", minilm(), "--backend", "llama_cpp",
+             "--samples_output", str(work / "samples.jsonl"), "--retriever", minilm(), "--backend", a.backend,
              "--model", gguf, "--task", a.task, "--samples_per_query", str(a.samples_per_query),
              "--max_new_tokens", str(a.max_new_tokens)])  # fmt: skip
     t_reward = time.time() - t0

