@@ -43,6 +43,19 @@ def test_defaults_are_upstreams_dpo_settings(tmp_path):
     assert dpo.activation_checkpointing is False
 
 
+def test_shipped_config_loads_with_its_command(tmp_path):
+    path = Path(__file__).resolve().parents[2] / "configs" / "generator_dpo.yaml"
+    assert "rir-finetune train-generator --config configs/generator_dpo.yaml" in path.read_text()
+    gen, dpo = load_configs(str(path), ["--output_dir", str(tmp_path / "o")])
+    assert (gen.lora_rank, gen.lora_alpha, dpo.beta, dpo.learning_rate, dpo.loss_type) == (
+        32,
+        64.0,
+        0.1,
+        1e-5,
+        ["sigmoid"],
+    )
+
+
 def test_two_dpo_steps_save_a_model_transformers_and_augment_load(tiny_llm, pairs, tmp_path, capsys):
     out = tmp_path / "gen"
     main_args = ["train-generator", "--model", str(tiny_llm), "--data", str(pairs), "--output_dir", str(out),
