@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rir_finetune.errors import UserError
-from rir_finetune.llm.generation import (
+from rir_finetune.llm.common import (
     BackendSettings,
     Completion,
     OnResult,
@@ -48,7 +48,7 @@ class TransformersBackend:
                 )
         extra = {"gguf_file": gguf} if gguf else {}
         self.name = gguf or Path(folder).name
-        from rir_finetune.llm.generation import threads_setting
+        from rir_finetune.llm.common import threads_setting
 
         threads = threads_setting(settings.n_threads)
         if threads < torch.get_num_threads():  # fewer threads on busy cores (threads_setting); never more

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rir_finetune.errors import UserError
-from rir_finetune.llm.generation import (
+from rir_finetune.llm.common import (
     BackendSettings,
     Completion,
     OnResult,

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 from rir_finetune.errors import UserError
-from rir_finetune.llm.generation import (
+from rir_finetune.llm.common import (
     BackendSettings,
     Completion,
     OnResult,

@@ -1,0 +1,259 @@
+"""What the LLM backends share: the call types (:class:`Sampling`, :class:`Completion`, :class:`BackendSettings`),
+prompt and seed helpers, the progress bar and counts. The entry point is :mod:`rir_finetune.llm.generation`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, Union
+
+from rir_finetune.errors import UserError
+
+Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (a runtime alias)
+BACKENDS = ("transformers", "llama_cpp", "openai")
+
+
+@dataclass
+class Sampling:
+    """Per call, not per backend."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1  # completions per prompt
+    seed: int = 42
+    logprobs: bool = (
+        False  # per-token log-probabilities of the generated tokens (the model's, at temperature 1)
+    )
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise UserError("max_new_tokens must be at least 1")
+        if self.temperature < 0:
+            raise UserError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise UserError("top_p must be in (0, 1]")
+        if self.n < 1:
+            raise UserError("n (completions per prompt) must be at least 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    text: str
+    tokens: int  # generated tokens (the end-of-sequence token not counted)
+    finish_reason: str  # "stop" | "length"
+    token_logprobs: list[float] | None = None
+
+
+OnResult = Callable[[int, list[Completion]], None]
+
+
+class Backend(Protocol):
+    name: str
+
+    def generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, on_result: OnResult | None = None
+    ) -> list[list[Completion]]:
+        """One list of ``sampling.n`` completions per prompt, in input order whatever the batching.
+
+        ``on_result(i, completions)`` runs as soon as prompt ``i`` is finished (in finishing order), so a caller
+        can write results as they come; the list returned is complete.
+        """
+        ...
+
+    def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
+        """log p(continuation token | prompt, earlier continuation tokens), per continuation token."""
+        ...
+
+
+@dataclass
+class BackendSettings:
+    backend: str = "transformers"  # transformers | llama_cpp | openai
+    model: str | None = None  # model folder, .gguf file, or (openai) the model name to request
+    gguf_file: str | None = None  # GGUF file inside the 'model' folder
+    device: str | None = (
+        None  # transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers
+    )
+    n_ctx: int = 4096  # context window in tokens (prompt + reply) for local backends
+    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
+    batch_size: int = 8  # sequences decoded together (transformers, llama_cpp)
+    use_chat_template: bool = True  # wrap a plain prompt in the model's chat template when it has one
+    system_prompt: str | None = None  # system message sent before a plain prompt (chat models)
+    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key (unset: no key)
+    api_timeout: float = 300.0  # openai: seconds per request
+    api_max_retries: int = 5  # openai: retries on 429, 5xx, timeouts and refused connections (with backoff)
+    api_concurrency: int = 8  # openai: requests in flight
+    api_extra_body: str | None = (
+        None  # openai: JSON object added to every request, e.g. '{"repeat_penalty": 1}'
+    )
+    progress: bool = True  # a progress bar on stderr (prompts and tokens/s)
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise UserError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        for key in ("n_ctx", "batch_size", "api_concurrency"):
+            if getattr(self, key) < 1:
+                raise UserError(f"config key {key!r}: must be a positive integer")
+        if self.n_threads is not None and self.n_threads < 1:
+            raise UserError("config key 'n_threads': must be a positive integer (or unset)")
+        if self.api_timeout <= 0:
+            raise UserError("config key 'api_timeout': must be > 0 seconds")
+        if self.api_max_retries < 0:
+            raise UserError("config key 'api_max_retries': must be 0 or more")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by the backends
+
+
+class PromptTooLong(UserError):
+    """Prompt ``index`` (0-based, in the caller's list) does not fit the context with ``max_new_tokens``."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def model_file(model: str | None, gguf_file: str | None, key: str = "model") -> tuple[Path, str | None]:
+    """(folder, GGUF file name or None) for ``--model FOLDER [--gguf_file F]`` or ``--model FILE.gguf``."""
+    if not model:
+        raise UserError(f"config key {key!r} is required")
+    path = Path(model)
+    if gguf_file is None and path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise UserError(f"{path}: GGUF file not found")
+        return path.parent, path.name
+    if not path.is_dir():
+        raise UserError(f"{model}: model folder not found (config key {key!r})")
+    if gguf_file is not None and not (path / gguf_file).is_file():
+        raise UserError(f"{path / gguf_file}: GGUF file not found (config key 'gguf_file')")
+    return path, gguf_file
+
+
+def check_gguf(path: Path) -> None:
+    """A file that does not start with the GGUF magic is refused in one line (llama.cpp would abort)."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the model file ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise UserError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+
+
+def messages_of(prompt: Prompt, system_prompt: str | None) -> list[dict[str, str]]:
+    """Chat messages for a prompt: a plain text becomes a user message (after the system message, if any)."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": system_prompt})
+        return messages
+    if not isinstance(prompt, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in prompt
+    ):
+        raise UserError("a prompt must be a string or a list of {'role': ..., 'content': ...} messages")
+    return [dict(m) for m in prompt]
+
+
+def sample_seed(seed: int, prompt: Prompt, j: int) -> int:
+    """The seed of sample ``j`` of ``prompt``: the same whatever the batch, the order or an earlier interruption."""
+    key = json.dumps([seed, prompt, j], ensure_ascii=False, sort_keys=True)
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "little") & 0x7FFFFFFF
+
+
+def order_by_length(lengths: Sequence[int]) -> list[int]:
+    """Prompt indices, longest first (the batches that need most memory come first; equal lengths keep order)."""
+    return sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+
+
+@dataclass
+class Counts:
+    """What a generate call produced; :meth:`lines` is the end-of-run summary."""
+
+    prompts: int = 0
+    completions: int = 0
+    tokens: int = 0
+    empty: int = 0  # completions whose text is blank
+    cut: int = 0  # completions stopped by max_new_tokens
+    seconds: float = 0.0
+
+    def add(self, completions: list[Completion]) -> None:
+        self.prompts += 1
+        for c in completions:
+            self.completions += 1
+            self.tokens += c.tokens
+            self.empty += not c.text.strip()
+            self.cut += c.finish_reason == "length"
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self, max_new_tokens: int) -> list[str]:
+        return [
+            f"{self.prompts} prompts, {self.completions} completions, {self.tokens} tokens in {self.seconds:.1f} s "
+            f"({self.tokens_per_s:.1f} tokens/s)",
+            f"{self.empty} empty, {self.cut} cut at max_new_tokens={max_new_tokens}",
+        ]
+
+
+@dataclass
+class Progress:
+    """A tqdm bar over prompts with tokens/s, plus the counts; backends call :meth:`done` per finished prompt."""
+
+    total: int
+    enabled: bool = True
+    on_result: OnResult | None = None
+    counts: Counts = field(default_factory=Counts)
+
+    def __post_init__(self):
+        from tqdm import tqdm
+
+        self._start = time.perf_counter()
+        self._bar = tqdm(
+            total=self.total, desc="generate", unit="prompt", disable=not self.enabled, file=sys.stderr
+        )
+
+    def done(self, index: int, completions: list[Completion]) -> None:
+        self.counts.add(completions)
+        self.counts.seconds = time.perf_counter() - self._start
+        self._bar.set_postfix_str(f"{self.counts.tokens_per_s:.0f} tok/s", refresh=False)
+        self._bar.update(1)
+        if self.on_result is not None:
+            self.on_result(index, completions)
+
+    def close(self) -> None:
+        self.counts.seconds = time.perf_counter() - self._start
+        self._bar.close()
+
+
+def threads_setting(n_threads: int | None) -> int:
+    """The thread count for a local backend: the setting, else the cores not already busy.
+
+    On a machine whose cores other processes keep busy (the 1-minute load average), every extra thread waits for
+    a descheduled sibling at each barrier: measured here with SmolLM2 on 2 shared cores, 1 thread decoded 4-5x
+    faster than 2. So ``None`` takes the cores minus the load (at least 1); an idle machine gets every core.
+    """
+    if n_threads:
+        return n_threads
+    try:
+        cores = max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        cores = max(os.cpu_count() or 1, 1)
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
