@@ -100,20 +100,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_causal_lm(folder: Path, chat: bool = True, words: list[str] | None = None) -> Path:
+def build_tiny_causal_lm(
+    folder: Path, chat: bool = True, words: list[str] | None = None, seed: int = 0, max_positions: int = 512
+) -> Path:
     """A random 1-layer Llama (hidden 16) with a word-level tokenizer built offline, saved with its tokenizer.
 
-    ``words`` adds vocabulary (a test's own texts), so prompts are not all ``<unk>``.
+    ``words``: the vocabulary after the four special tokens (default: the shared test words and prompt words), so
+    a test's prompts are not all ``<unk>``; the same words and seed give the same model.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    extra = "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant"
-    vocab_words = (
-        specials + LLM_WORDS + WORDS + extra.split() + [f"w{i}" for i in range(40)] + list(words or [])
-    )
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
+    if words is None:
+        extra = "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant"
+        words = LLM_WORDS + WORDS + extra.split() + [f"w{i}" for i in range(40)]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(specials + list(words)))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     hf_tok = PreTrainedTokenizerFast(
@@ -121,11 +123,12 @@ def build_tiny_causal_lm(folder: Path, chat: bool = True, words: list[str] | Non
     )
     if chat:
         hf_tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
+        num_key_value_heads=1, max_position_embeddings=max_positions, bos_token_id=2, eos_token_id=3, pad_token_id=0,
     )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     hf_tok.save_pretrained(folder)
     return folder

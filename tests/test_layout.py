@@ -15,7 +15,11 @@ ALLOWED = {
     "round": {"training", "prep", "generator", "evaluation", "retrieval", "llm", "base"},
     "training": {"evaluation", "retrieval", "base"},  # train_eval scores with evaluation's metrics
     "prep": {"retrieval", "llm", "base"},
-    "generator": {"retrieval", "llm", "base"},  # reward judges with the retriever, samples with the llm backends
+    "generator": {
+        "retrieval",
+        "llm",
+        "base",
+    },  # reward judges with the retriever, samples with the llm backends
     "evaluation": {"retrieval", "base"},
     "retrieval": {"base"},
     "llm": {"base"},

@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import conftest
+
 WORDS = (
     "cells gene protein heart brain virus drug risk study trial mice level effect diet sleep the a of and to in "
     "is for with increase decrease blood cancer patients dose insulin glucose liver vitamin"
 ).split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<s> assistant {% endif %}"
-)
 PROMPT_WORDS = (
     "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant "
     "system passage: claim: question: answer the"
@@ -21,29 +19,8 @@ PROMPT_WORDS = (
 
 def build_tiny_causal_lm(folder: Path, chat: bool = True, seed: int = 0) -> Path:
     """Save a random Llama (hidden 16) and its word-level tokenizer to ``folder``."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
-    words = specials + WORDS + PROMPT_WORDS.split() + [f"w{i}" for i in range(40)]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    if chat:
-        hf_tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    folder.mkdir(parents=True, exist_ok=True)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return folder
+    words = WORDS + PROMPT_WORDS.split() + [f"w{i}" for i in range(40)]
+    return conftest.build_tiny_causal_lm(folder, chat=chat, words=words, seed=seed)
 
 
 def write_beir_records(path: Path, n: int) -> Path:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import build_tiny_causal_lm
 from rir_finetune.errors import UserError
 from rir_finetune.llm.prompts import TEMPLATES, build_prompt, resolve_template
 from rir_finetune.prep.augment import AugmentConfig, augment, load_generator, run_augment
@@ -14,39 +15,12 @@ from rir_finetune.prep.common import load_config
 from rir_finetune.prep.io import partial_path
 
 WORDS = "cells gene protein heart brain virus drug risk study trial mice level effect diet sleep".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
-    "{% if add_generation_prompt %}<s> assistant {% endif %}"
-)
 
 
 def build_tiny_llm(folder: Path, chat: bool) -> Path:
     """A random 1-layer Llama with a word-level tokenizer trained offline on a few words."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<unk>", "<s>", "</s>"]
     extra = "please write a scientific paper passage to support/refute the claim claim question : ? . user assistant"
-    vocab = {
-        w: i
-        for i, w in enumerate(dict.fromkeys(specials + WORDS + extra.split() + [f"w{i}" for i in range(30)]))
-    }
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
-    if chat:
-        hf_tok.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=512, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    hf_tok.save_pretrained(folder)
-    return folder
+    return build_tiny_causal_lm(folder, chat=chat, words=WORDS + extra.split() + [f"w{i}" for i in range(30)])
 
 
 @pytest.fixture(scope="module")

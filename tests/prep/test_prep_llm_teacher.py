@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import build_tiny_causal_lm
 from rir_finetune.errors import UserError
 from rir_finetune.llm.rank_prompts import (
     LISTWISE_FIELDS,
@@ -327,24 +328,8 @@ PROMPT_WORDS = "Passage: Please write a question based on this passage. Question
 
 def build_tiny_llm(folder: Path) -> Path:
     """A random 1-layer Llama with a word-level tokenizer (whitespace-split; no special tokens added)."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    words = ["<pad>", "<unk>", "<s>", "</s>", *QL_WORDS, *PROMPT_WORDS, *[f"w{i}" for i in range(10)]]
-    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    ).save_pretrained(folder)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=128, bos_token_id=2, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    words = [*QL_WORDS, *PROMPT_WORDS, *[f"w{i}" for i in range(10)]]
+    return build_tiny_causal_lm(folder, chat=False, words=words, max_positions=128)
 
 
 @pytest.fixture(scope="module")
