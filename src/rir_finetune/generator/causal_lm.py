@@ -6,28 +6,11 @@ import json
 from pathlib import Path
 
 from rir_finetune.errors import UserError
+from rir_finetune.llm.common import model_file as model_location  # noqa: F401 (one rule for --model / --gguf_file)
 
 # architectures that generate text left to right; BERT-like encoders have a causal-LM head class too
 # (BertLMHeadModel), so the saved architecture, not the model type, decides
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-
-
-def model_location(model: str | None, gguf_file: str | None, key: str = "model") -> tuple[Path, str | None]:
-    """(folder, GGUF file name or None) for ``from_pretrained``; a path to a ``.gguf`` file is split into both."""
-    if not model:
-        raise UserError(f"config key {key!r} is required (a local causal LM folder or .gguf file)")
-    path = Path(model)
-    if gguf_file is None and path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise UserError(f"{path}: GGUF file not found")
-        return path.parent, path.name
-    if not path.is_dir():
-        raise UserError(f"{path}: model folder not found (config key {key!r})")
-    if gguf_file is not None:
-        if not (path / gguf_file).is_file():
-            raise UserError(f"{path / gguf_file}: GGUF file not found (config key 'gguf_file')")
-        return path, gguf_file
-    return path, None
 
 
 def is_causal_architecture(architectures: list[str]) -> bool:

@@ -25,18 +25,8 @@ from typing import Any
 from rir_finetune.config import convert_value, parse_overrides, read_config_file, suggest
 from rir_finetune.errors import UserError
 
-SECTIONS = (
-    "generate",
-    "queries",
-    "augment",
-    "mine",
-    "score",
-    "train",
-    "test_answers",
-    "eval",
-    "reward",
-    "train_generator",
-)
+PIPELINE = ("generate", "queries", "augment", "mine", "score", "train", "test_answers", "eval")  # stage order
+SECTIONS = (*PIPELINE, "reward", "train_generator")  # every section a round config may hold
 
 
 @dataclass

@@ -17,18 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rir_finetune.errors import UserError
-from rir_finetune.round.config import RoundConfig, stage_config_file
-
-PIPELINE = (
-    "generate",
-    "queries",
-    "augment",
-    "mine",
-    "score",
-    "train",
-    "test_answers",
-    "eval",
-)
+from rir_finetune.round.config import PIPELINE, RoundConfig, stage_config_file
 
 
 @dataclass
