@@ -159,6 +159,11 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
         )
     if data_args.knowledge_distillation and data_args.train_group_size < 2:
         raise UserError("config key 'train_group_size': distillation needs at least 2 passages per query")
+    from rir_finetune.training.objectives.compose import inert_terms
+
+    for line in inert_terms(model_args, data_args, obj_args, train_args.per_device_train_batch_size,
+                            train_args.world_size):  # fmt: skip
+        logger.warning("a configured term cannot contribute: %s", line)
 
     # one run per output_dir; a refused run leaves the folder as it found it (guards.py, issue 13)
     with guards.refused_run_cleanup(train_args.output_dir, ours={RESOLVED_CONFIG}):

@@ -100,3 +100,69 @@ def compute_objectives(
 
     loss = sum(weights[k] * v for k, v in terms.items())
     return ObjectiveOutput(loss=loss, terms=terms)
+
+
+def inert_terms(
+    model_args, data_args, cfg: ObjectiveArguments, batch_size: int, world_size: int = 1
+) -> list[str]:
+    """One line per configured term that cannot change the model (issue 16), naming the key(s) and the fix.
+
+    A term is inert when it is computed with a positive weight but is identically 0 (L_norm on normalised
+    embeddings; an InfoNCE term whose softmax has a single candidate), or when its weight or temperature was set
+    away from the default but the term is never computed (wrong ``training_type``, no distillation).
+    batch_size: queries per device and step; world_size: processes.
+    """
+    found: list[str] = []
+    defaults = ObjectiveArguments()
+    uses_answers = cfg.training_type != "retrieval"
+    kd = bool(data_args.knowledge_distillation)
+    if uses_answers and cfg.normalize_answer and cfg.norm_weight > 0 and model_args.normalize_embeddings:
+        found.append(
+            "config keys 'normalize_answer' and 'normalize_embeddings': L_norm (loss_norm) is identically 0 because "
+            "normalize_embeddings is true (every answer embedding has norm 1 by construction); set "
+            "normalize_embeddings false to train with L_norm (upstream trains contriever unnormalised), or "
+            "normalize_answer false to stop computing it"
+        )
+    # candidates per anchor of an InfoNCE term: its own group, times the batch's anchors with in-batch negatives
+    rows = 1
+    if cfg.use_in_batch_negatives:
+        rows = batch_size * (world_size if cfg.negatives_cross_device else 1)
+    group = data_args.train_group_size
+    qp_computed = not kd or cfg.kd_loss_type == "kl_div"
+    how = "raise train_group_size above 1 or set use_in_batch_negatives true"
+    if rows * group == 1 and qp_computed and cfg.qp_weight > 0:
+        found.append(f"config keys 'train_group_size' and 'use_in_batch_negatives': L_qp has one candidate per "
+                     f"query, so it is identically 0; {how}")  # fmt: skip
+    if uses_answers and cfg.qa_weight > 0:
+        a_group = group if data_args.answer_inbatch else 1
+        if rows * a_group == 1:
+            found.append(
+                "config keys 'use_in_batch_negatives' and 'answer_inbatch': L_qa has one candidate per query (its "
+                "own answer), so it is identically 0; set use_in_batch_negatives true or answer_inbatch true"
+            )
+    if cfg.training_type == "retrieval_answer_passage" and cfg.ap_weight > 0 and rows * group == 1:
+        found.append(f"config keys 'train_group_size' and 'use_in_batch_negatives': L_ap has one candidate per "
+                     f"answer, so it is identically 0; {how}")  # fmt: skip
+    # set away from the default, but the term is never computed
+    tt = f"training_type is {cfg.training_type}"
+    unused = []
+    if not uses_answers:
+        unused += [
+            ("qa_weight", "L_qa", tt),
+            ("answer_temperature", "L_qa", tt),
+            ("norm_weight", "L_norm", tt),
+        ]
+    if cfg.training_type != "retrieval_answer_passage":
+        unused += [("ap_weight", "L_ap", tt + " (L_ap needs retrieval_answer_passage)")]
+    if not kd:
+        no_kd = "knowledge_distillation is false, no teacher scores are read"
+        unused += [("kd_weight", "L_kd", no_kd), ("teacher_temperature", "L_kd", no_kd)]
+    elif cfg.kd_loss_type == "m3_kd_loss":
+        unused += [("teacher_temperature", "L_kd", "m3_kd_loss uses the teacher's order, not its scores")]
+    if kd and cfg.kd_loss_type != "kl_div":
+        unused += [("qp_weight", "L_qp", f"kd_loss_type {cfg.kd_loss_type} replaces L_qp by L_kd")]
+    for key, term, why in unused:
+        if getattr(cfg, key) != getattr(defaults, key):
+            found.append(f"config key {key!r}: set to {getattr(cfg, key)} but {term} is never computed ({why}); "
+                         "remove the key or change what it depends on")  # fmt: skip
+    return found

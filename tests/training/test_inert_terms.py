@@ -1,0 +1,94 @@
+"""Issue 16: a configured term that cannot change the model is named at train start, with what to change."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from conftest import make_records, write_jsonl
+from rir_finetune.training.arguments import DataArguments, ModelArguments, ObjectiveArguments
+from rir_finetune.training.objectives import answer_norm_loss, info_nce
+from rir_finetune.training.objectives.compose import inert_terms
+from rir_finetune.training.train import run_train
+
+L_NORM = "config keys 'normalize_answer' and 'normalize_embeddings': L_norm (loss_norm) is identically 0"
+
+
+def _check(batch_size=4, world_size=1, normalize=True, group=4, **obj):
+    model = ModelArguments(model_name_or_path="m", normalize_embeddings=normalize)
+    data_keys = {k: obj.pop(k) for k in ("knowledge_distillation", "answer_inbatch") if k in obj}
+    data = DataArguments(train_data=["x"], train_group_size=group, **data_keys)
+    return inert_terms(model, data, ObjectiveArguments(**obj), batch_size, world_size)
+
+
+def test_l_norm_on_normalised_embeddings_is_named_and_really_zero():
+    lines = _check(training_type="retrieval_answer")
+    assert len(lines) == 1
+    assert lines[0].startswith(L_NORM)
+    assert "set normalize_embeddings false" in lines[0] and "normalize_answer false" in lines[0]
+    # the claim holds: answers embedded with normalisation give L_norm == 0 whatever their direction
+    a = F.normalize(torch.randn(8, 16) * 5, dim=-1)
+    assert float(answer_norm_loss(a)) < 1e-12
+
+
+def test_every_term_contributes_no_warning():
+    assert _check(training_type="retrieval") == []  # configs/scifact_retrieval.yaml's objectives
+    assert _check(training_type="retrieval_answer", normalize=False) == []
+    assert _check(training_type="retrieval_answer", normalize_answer=False) == []
+    assert (
+        _check(training_type="retrieval_answer_passage", normalize=False, knowledge_distillation=True) == []
+    )
+
+
+def test_single_candidate_info_nce_is_named_and_really_zero():
+    lines = _check(training_type="retrieval_answer", normalize=False, use_in_batch_negatives=False)
+    assert lines == [
+        "config keys 'use_in_batch_negatives' and 'answer_inbatch': L_qa has one candidate per query (its own "
+        "answer), so it is identically 0; set use_in_batch_negatives true or answer_inbatch true"
+    ]
+    assert float(info_nce(torch.randn(4, 8), torch.randn(4, 8), 0.05, 1, in_batch=False)) == 0.0
+    assert (
+        "L_qp has one candidate"
+        in _check(group=1, training_type="retrieval", use_in_batch_negatives=False)[0]
+    )
+    # one query per step: in-batch negatives add nothing unless shared across devices
+    assert _check(batch_size=1, group=1, training_type="retrieval") != []
+    assert (
+        _check(batch_size=1, group=1, world_size=2, negatives_cross_device=True, training_type="retrieval")
+        == []
+    )
+
+
+def test_weights_of_terms_that_are_never_computed():
+    lines = _check(training_type="retrieval", kd_weight=0.5, ap_weight=0.25)
+    assert lines == [
+        "config key 'kd_weight': set to 0.5 but L_kd is never computed (knowledge_distillation is false, no "
+        "teacher scores are read); remove the key or change what it depends on"
+    ]
+    lines = _check(
+        training_type="retrieval", knowledge_distillation=True, kd_loss_type="m3_kd_loss", qp_weight=2.0
+    )
+    assert lines == ["config key 'qp_weight': set to 2.0 but L_qp is never computed (kd_loss_type m3_kd_loss replaces "
+                     "L_qp by L_kd); remove the key or change what it depends on"]  # fmt: skip
+
+
+def _opts(model_dir, data, out, **kw):
+    return {"model_name_or_path": str(model_dir), "train_data": [str(data)], "output_dir": str(out),
+            "per_device_train_batch_size": 4, "train_group_size": 2, "query_max_len": 16, "passage_max_len": 24,
+            "max_steps": 1, "save_strategy": "no", "use_cpu": True, "disable_tqdm": True,
+            "dataloader_num_workers": 0, **kw}  # fmt: skip
+
+
+def test_train_start_logs_one_line(tmp_path, tiny_bert_dir, caplog):
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(n=8, n_neg=2))
+    with caplog.at_level(logging.WARNING, logger="rir_finetune"):
+        run_train(None, _opts(tiny_bert_dir, data, tmp_path / "a", training_type="retrieval_answer"))
+    hits = [r.getMessage() for r in caplog.records if "cannot contribute" in r.getMessage()]
+    assert len(hits) == 1 and L_NORM in hits[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rir_finetune"):
+        run_train(None, _opts(tiny_bert_dir, data, tmp_path / "b", training_type="retrieval_answer",
+                              normalize_embeddings=False))  # fmt: skip
+    assert [r for r in caplog.records if "cannot contribute" in r.getMessage()] == []
