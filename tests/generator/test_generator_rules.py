@@ -53,6 +53,12 @@ def test_same_text_is_dropped_and_ties_take_the_first():
     assert (choice.chosen, choice.rejected) == (1, 0)
 
 
+def test_an_empty_answer_makes_no_pair():
+    # passes every other rule; train-generator refuses an empty chosen or rejected text
+    assert choose_pair([-0.9, -0.95], -1.0, ["x", "  "], UPSTREAM).dropped_by == "empty_answer"
+    assert choose_pair([-0.9, -0.95], -1.0, ["", "y"], UPSTREAM).dropped_by == "empty_answer"
+
+
 def test_pair_prompt_plain_or_chat():
     assert pair_prompt("Q?", None) == "Q?"
     assert pair_prompt("Q?", "Be brief.") == [

@@ -9,57 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from round_fixtures import round_config
 
-from conftest import REPO, WORDS
-from eval_fixtures import write_beir
+from conftest import REPO
 from rir_finetune.errors import UserError
 from rir_finetune.round.config import load_round_config, resolve_value
 from rir_finetune.round.run import plan
-
-TOPICS = WORDS[10:22]
-
-
-def tiny_beir(root: Path) -> Path:
-    """12 documents, 8 training and 4 test queries, each query judged relevant to its own topic's document."""
-    corpus = {f"d{i}": (t, f"{t} w{i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(6)))
-              for i, t in enumerate(TOPICS)}  # fmt: skip
-    queries = {f"q{i}": f"{t} effect w{i}" for i, t in enumerate(TOPICS)}
-    write_beir(root, corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(8)], split="train")
-    lines = ["query-id\tcorpus-id\tscore"] + [f"q{i}\td{i}\t1" for i in range(8, 12)]
-    (root / "qrels" / "test.tsv").write_text("\n".join(lines) + "\n")
-    return root
-
-
-def round_config(tmp_path: Path, bert: Path, llm: Path, out: Path) -> Path:
-    cfg = {
-        "output_dir": str(out),
-        "data": str(tiny_beir(tmp_path / "beir")),
-        "retriever": str(bert),
-        "llm": {"model": str(llm), "max_new_tokens": 4, "batch_size": 4},
-        "alphas": [0.5, 0.8],
-        "mine": {"negatives": 2, "range_for_sampling": "0-8", "use_cache": False},
-        "train": {
-            "training_type": "retrieval_answer",
-            "sentence_pooling_method": "mean",
-            "train_group_size": 2,
-            "per_device_train_batch_size": 4,
-            "max_steps": 4,
-            "save_strategy": "steps",
-            "save_steps": 2,
-            "learning_rate": 1e-3,
-            "query_max_len": 16,
-            "passage_max_len": 32,
-            "use_cpu": True,
-            "logging_steps": 1,
-            "disable_tqdm": True,
-            "report_to": "none",
-        },  # fmt: skip
-        "eval": {"use_cache": False, "show_progress": False},
-    }
-    path = tmp_path / "round.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -69,14 +24,24 @@ def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
 
 def test_shipped_round_configs_dry_run():
     """The README's command: the plan is printed and nothing runs."""
-    for name in ("round_scifact.yaml", "round_upstream.yaml", "round_cisi_corpus_only.yaml"):
+    names = (
+        "round_scifact.yaml",
+        "round_upstream.yaml",
+        "round_cisi_corpus_only.yaml",
+        "round_scifact_2rounds.yaml",
+    )
+    for name in names:
         path = REPO / "configs" / name
         if not path.exists():
             continue
         r = run_cli(["--config", str(path), "--dry-run"])
         assert r.returncode == 0, r.stderr[-2000:]
         assert "round plan:" in r.stdout and "train" in r.stdout and "eval" in r.stdout
+        if name == "round_scifact_2rounds.yaml":
+            assert "round plan: 2 rounds" in r.stdout and "1.train_generator" in r.stdout
+            assert "not the llm section's llama_cpp" in r.stdout and "2.eval" in r.stdout
     assert (REPO / "configs" / "round_scifact.yaml").exists()
+    assert (REPO / "configs" / "round_scifact_2rounds.yaml").exists()
 
 
 def test_plan_lists_every_stage_and_honours_from_until(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):

@@ -14,7 +14,7 @@ research/Reinforced_IR, ``generate_llm_dpo_train_data``)::
 where ``e_q`` prepends the retriever folder's query prompt and ``e_p`` its passage prompt. The best answer is
 ``chosen``, the worst ``rejected``; the pair is kept when best > raw (the answer moves the query towards its
 passage) and (best - 0.8 raw) * 0.95 >= (worst - 0.8 raw) (the answers' contributions differ by at least 5 %), and,
-beyond upstream, when the two texts differ. Weights, prefix and threshold are config keys.
+beyond upstream, when the two texts differ and neither is empty. Weights, prefix and threshold are config keys.
 
 Output: one line per kept pair in TRL's preference format (``prompt`` as the generator saw it, ``chosen``,
 ``rejected``) plus ``chosen_score``, ``rejected_score``, ``raw_score`` (and ``qid``); ``samples_output`` optionally
@@ -43,7 +43,7 @@ from rir_finetune.generator.io import PartialJsonl, Record, read_checked, write_
 from rir_finetune.llm.prompts import TASKS, build_prompt, resolve_template
 
 ANSWER_PREFIX = "Generate the topic about this passage: "  # upstream's 'new_query' prefix
-DROP_REASONS = ("not_better_than_query", "margin_too_small", "same_text")
+DROP_REASONS = ("not_better_than_query", "margin_too_small", "same_text", "empty_answer")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +78,8 @@ class PairChoice:
 
 
 def choose_pair(scores: Sequence[float], raw: float, answers: Sequence[str], rule: RewardRule) -> PairChoice:
-    """chosen = best, rejected = worst; keep when best > raw, the margin rule holds and the texts differ."""
+    """chosen = best, rejected = worst; keep when best > raw, the margin rule holds, the texts differ and neither
+    is empty (an empty answer, which a model can write, is no text to train on)."""
     scores = np.asarray(scores, dtype=np.float64)
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
     hi, lo = float(scores[best]), float(scores[worst])
@@ -89,6 +90,8 @@ def choose_pair(scores: Sequence[float], raw: float, answers: Sequence[str], rul
         reason = "margin_too_small"
     elif answers[best].strip() == answers[worst].strip():
         reason = "same_text"
+    elif not answers[best].strip() or not answers[worst].strip():  # train-generator needs text on both sides
+        reason = "empty_answer"
     else:
         reason = None
     return PairChoice(best, worst, reason)

@@ -26,7 +26,9 @@ from rir_finetune.config import convert_value, parse_overrides, read_config_file
 from rir_finetune.errors import UserError
 
 PIPELINE = ("generate", "queries", "augment", "mine", "score", "train", "test_answers", "eval")  # stage order
-SECTIONS = (*PIPELINE, "reward", "train_generator")  # every section a round config may hold
+# after eval: the generator learns from the round's retriever (preference pairs, then DPO)
+GENERATOR_STAGES = ("reward", "train_generator")
+SECTIONS = (*PIPELINE, *GENERATOR_STAGES)  # every section a round config may hold
 
 
 @dataclass
@@ -51,6 +53,11 @@ class RoundConfig:
     train_launcher: str | None = (
         None  # e.g. "torchrun --nproc_per_node 8": train in that many processes; None: here
     )
+    rounds: int = 1  # retriever + generator rounds; round r >= 2 answers with round r-1's DPO generator
+    final_generator: bool | None = (
+        None  # reward + train_generator after the last round too; None: only as rounds: 1 asks
+    )
+    max_reward_queries: int | None = None  # reward samples for only the first N training records
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> that command's keys
 
     def __post_init__(self):
@@ -60,6 +67,10 @@ class RoundConfig:
             raise UserError("config key 'max_train_queries': must be a positive integer or unset")
         if self.max_eval_queries is not None and self.max_eval_queries <= 0:
             raise UserError("config key 'max_eval_queries': must be a positive integer or unset")
+        if self.rounds < 1:
+            raise UserError(f"config key 'rounds': {self.rounds} (must be 1 or more)")
+        if self.max_reward_queries is not None and self.max_reward_queries <= 0:
+            raise UserError("config key 'max_reward_queries': must be a positive integer or unset")
         if not self.alphas or not all(0.0 <= a <= 1.0 for a in self.alphas):
             raise UserError("config key 'alphas': a list of fused weights between 0 and 1")
         if self.stages is not None:
@@ -155,6 +166,9 @@ def load_round_config(config_file: str | None, tokens: list[str]) -> RoundConfig
         "alphas": list[float],
         "seed": int,
         "train_launcher": str | None,
+        "rounds": int,
+        "final_generator": bool | None,
+        "max_reward_queries": int | None,
     }
     values: dict[str, Any] = {}
     for key, value in top.items():

@@ -28,31 +28,139 @@ def _alpha(label: str) -> float | None:
     return None
 
 
+def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
+    summary = _read_json(ev.outputs[0]) if ev is not None else None
+    if not summary:
+        return []
+    split = ev.settings.get("split", cfg.eval_split)
+    lines = [f"Retrieval on `{cfg.data}` split `{split}`"
+             + (f" (first {cfg.max_eval_queries} judged queries)" if cfg.max_eval_queries else "") + ".", ""]  # fmt: skip
+    lines += ["| model | mode | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+    for key, metrics in summary.items():
+        model, label = key.split("/", 1)
+        cells = [f"{metrics[m]:.4f}" if m in metrics else "-" for m in METRICS]
+        lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for model, (label, value) in _best(summary).items():
+        lines.append(f"- best mode of the {model} model: {label} (nDCG@10 {value:.4f})")
+    if "base/query" in summary and "trained/query" in summary:
+        d = summary["trained/query"]["ndcg@10"] - summary["base/query"]["ndcg@10"]
+        lines.append(f"- training changed query-mode nDCG@10 by {100 * d:+.2f} points")
+    lines.append("")
+    return lines
+
+
+def _best(summary: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
+    best: dict[str, tuple[str, float]] = {}
+    for key, metrics in summary.items():
+        model, label = key.split("/", 1)
+        if model not in best or metrics.get("ndcg@10", -1) > best[model][1]:
+            best[model] = (label, metrics.get("ndcg@10", -1))
+    return best
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def generator_summary(stages: list[Stage]) -> dict[str, Any]:
+    """The round's reward counts and scores and its DPO's margins, from the stage markers and the samples file."""
+    out: dict[str, Any] = {}
+    rw = next((s for s in stages if s.name == "reward"), None)
+    tg = next((s for s in stages if s.name == "train_generator"), None)
+    if rw is not None:
+        mark = _read_json(rw.folder / "stage.json") or {}
+        counts = (mark.get("result") or {}).get("counts") if mark.get("status") == "done" else None
+        if counts:
+            out["counts"] = counts
+            out["samples_per_query"] = rw.settings.get("samples_per_query", 5)
+            samples = rw.settings.get("samples_output")
+            rows = []
+            if samples and Path(samples).is_file():
+                rows = [
+                    json.loads(line)
+                    for line in Path(samples).read_text(encoding="utf-8").splitlines()
+                    if line.strip()
+                ]
+            out["mean_score"] = _mean([x for r in rows for x in r.get("scores", [])])
+            out["mean_raw"] = _mean([r["raw_score"] for r in rows if "raw_score" in r])
+    if tg is not None:
+        mark = _read_json(tg.folder / "stage.json") or {}
+        if mark.get("status") == "done":
+            out["dpo"] = mark.get("result") or {}
+            out["generator_dir"] = str(tg.outputs[0].parent)
+    return out
+
+
+def _generator_lines(stages: list[Stage]) -> list[str]:
+    g = generator_summary(stages)
+    if not g:
+        return []
+    lines = []
+    if "counts" in g:
+        c = g["counts"]
+        dropped = ", ".join(f"{c.get(k, 0)} {k[len('dropped_') :]}" for k in c if k.startswith("dropped_"))
+        lines.append(f"- reward: {c.get('records')} queries x {g['samples_per_query']} sampled answers, "
+                     f"{c.get('pairs')} preference pairs kept (dropped: {dropped})")  # fmt: skip
+        if g.get("mean_score") is not None and g.get("mean_raw") is not None:
+            lines.append(f"- reward: mean answer score {g['mean_score']:.4f}, "
+                         f"mean query-only score {g['mean_raw']:.4f}")  # fmt: skip
+    if "dpo" in g:
+        d = g["dpo"]
+        text = f"- train_generator: {d.get('steps')} DPO steps"
+        if "margins" in d:
+            text += (f", reward margin {d['margins'][0]:.4f} -> {d['margins'][1]:.4f}, "
+                     f"accuracy {d['accuracies'][0]:.2f} -> {d['accuracies'][1]:.2f}")  # fmt: skip
+        lines.append(text + f"; the generator is in `{g['generator_dir']}`")
+    return ["Generator (reward and DPO):", "", *lines, ""]
+
+
+def _round_header(cfg: RoundConfig, stages: list[Stage], r: int) -> list[str]:
+    mine = [s for s in stages if s.round == r]
+    llm = next((s for s in mine if s.name in {"augment", "test_answers", "generate"}), None)
+    train = next((s for s in mine if s.name == "train"), None)
+    lines = [f"## Round {r}", ""]
+    if llm is not None:
+        lines.append(
+            f"- answers by `{llm.settings.get('model')}` (backend {llm.settings.get('backend', 'transformers')})"
+        )
+    if train is not None:
+        lines.append(f"- retriever trained from `{train.settings.get('model_name_or_path')}` "
+                     f"into `{train.folder / 'model'}`")  # fmt: skip
+    return [*lines, ""] if len(lines) > 2 else lines
+
+
+def _across_rounds(stages: list[Stage], rounds: int) -> list[str]:
+    lines = ["## Across rounds", "", "| round | trained, query nDCG@10 | best trained mode | pairs kept |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in range(1, rounds + 1):
+        mine = [s for s in stages if s.round == r]
+        ev = next((s for s in mine if s.name == "eval"), None)
+        summary = (_read_json(ev.outputs[0]) if ev is not None else None) or {}
+        query = summary.get("trained/query", {}).get("ndcg@10")
+        best = _best(summary).get("trained")
+        counts = generator_summary(mine).get("counts")
+        q = f"{query:.4f}" if query is not None else "-"
+        b = f"{best[0]} ({best[1]:.4f})" if best else "-"
+        kept = f"{counts['pairs']} of {counts['records']}" if counts else "-"
+        lines.append(f"| {r} | {q} | {b} | {kept} |")
+    return [*lines, ""]
+
+
 def report_lines(cfg: RoundConfig, stages: list[Stage]) -> list[str]:
     lines = [f"# Round report: {cfg.output_dir}", ""]
-    ev = next((s for s in stages if s.name == "eval"), None)
-    summary = _read_json(ev.outputs[0]) if ev is not None else None
-    if summary:
-        split = ev.settings.get("split", cfg.eval_split)
-        lines += [f"Retrieval on `{cfg.data}` split `{split}`"
-                  + (f" (first {cfg.max_eval_queries} judged queries)" if cfg.max_eval_queries else "") + ".", ""]  # fmt: skip
-        lines += ["| model | mode | " + " | ".join(METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
-        for key, metrics in summary.items():
-            model, label = key.split("/", 1)
-            cells = [f"{metrics[m]:.4f}" if m in metrics else "-" for m in METRICS]
-            lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-        best = {}
-        for key, metrics in summary.items():
-            model, label = key.split("/", 1)
-            if model not in best or metrics.get("ndcg@10", -1) > best[model][1]:
-                best[model] = (label, metrics.get("ndcg@10", -1))
-        for model, (label, value) in best.items():
-            lines.append(f"- best mode of the {model} model: {label} (nDCG@10 {value:.4f})")
-        if "base/query" in summary and "trained/query" in summary:
-            d = summary["trained/query"]["ndcg@10"] - summary["base/query"]["ndcg@10"]
-            lines.append(f"- training changed query-mode nDCG@10 by {100 * d:+.2f} points")
-        lines.append("")
+    rounds = max((s.round for s in stages), default=1)
+    if rounds == 1:
+        lines += _eval_lines(cfg, next((s for s in stages if s.name == "eval"), None))
+        lines += _generator_lines(stages)
+    else:
+        for r in range(1, rounds + 1):
+            mine = [s for s in stages if s.round == r]
+            lines += _round_header(cfg, stages, r)
+            lines += _eval_lines(cfg, next((s for s in mine if s.name == "eval"), None))
+            lines += _generator_lines(mine)
+        lines += _across_rounds(stages, rounds)
+        lines += ["## Stages", ""]
     lines += ["| stage | command | wall (s) |", "|---|---|---|"]
     total = 0.0
     for s in stages:
@@ -60,7 +168,7 @@ def report_lines(cfg: RoundConfig, stages: list[Stage]) -> list[str]:
         wall = mark.get("wall_s")
         total += wall or 0.0
         status = f"{wall:.1f}" if isinstance(wall, (int, float)) else mark.get("status", "not run")
-        lines.append(f"| {s.name} | `{s.command}` | {status} |")
+        lines.append(f"| {s.label} | `{s.command}` | {status} |")
     lines += [f"| total | | {total:.1f} |", ""]
     lines.append(
         "Wall times are those of each stage's last run (a resumed stage counts only its resumed part)."
@@ -101,11 +209,21 @@ def write_png(path: Path, summary: dict[str, dict[str, float]]) -> bool:
     return True
 
 
+def _all_summaries(stages: list[Stage]) -> dict[str, dict[str, float]]:
+    """Every round's eval summary; with several rounds the model names carry the round (``r2 trained``)."""
+    rounds = max((s.round for s in stages), default=1)
+    merged: dict[str, dict[str, float]] = {}
+    for ev in (s for s in stages if s.name == "eval"):
+        summary = _read_json(ev.outputs[0]) or {}
+        for key, metrics in summary.items():
+            merged[key if rounds == 1 else f"r{ev.round} {key}"] = metrics
+    return merged
+
+
 def write_report(cfg: RoundConfig, stages: list[Stage]) -> Path:
     out = Path(cfg.output_dir)
     lines = report_lines(cfg, stages)
-    ev = next((s for s in stages if s.name == "eval"), None)
-    summary = _read_json(ev.outputs[0]) if ev is not None else None
+    summary = _all_summaries(stages)
     if summary and write_png(out / "report.png", summary):
         lines += ["", "![nDCG@10 against alpha](report.png)"]
     text = "\n".join(lines) + "\n"

@@ -1,15 +1,18 @@
-"""``rir-finetune round``: one Reinforced-IR retriever round, stage by stage, resumable.
+"""``rir-finetune round``: Reinforced-IR rounds, stage by stage, resumable.
 
     rir-finetune round --config configs/round_scifact.yaml              # run what is not up to date
     rir-finetune round --config configs/round_scifact.yaml --dry-run    # print the plan only
     rir-finetune round --config configs/round_scifact.yaml --from train --until eval --train.max_steps 10
+    rir-finetune round --config configs/round_scifact_2rounds.yaml --from 2.augment
 
-Each stage writes under ``OUTPUT_DIR/<stage>/`` and, when it finishes, ``stage.json`` with its fingerprint (its
-keys, its outside inputs, its upstream stages' fingerprints) and wall time. A stage whose marker says done with the
-same fingerprint, and whose outputs exist, is skipped; one that was interrupted is resumed (``augment`` keeps its
-finished answers, ``train`` continues from its newest complete checkpoint); one whose keys or inputs changed is
-cleared and run again. At the end ``OUTPUT_DIR/report.md`` (+ ``report.png``) compares the base and the trained
-retriever in every evaluated mode.
+Each stage writes under its folder (``OUTPUT_DIR/<stage>/`` in round 1, ``OUTPUT_DIR/round_<r>/<stage>/`` in round
+r >= 2) and, when it finishes, ``stage.json`` with its fingerprint (its keys, its outside inputs, its upstream
+stages' fingerprints, across rounds) and wall time. A stage whose marker says done with the same fingerprint, and
+whose outputs exist, is skipped; one that was interrupted is resumed (``augment`` keeps its finished answers,
+``train`` and ``train_generator`` continue from their newest complete checkpoint, ``reward`` keeps its scored
+queries); one whose keys or inputs changed is cleared and run again. ``--from`` / ``--until`` take a stage name (its
+first round's) or ``<round>.<stage>``. At the end ``OUTPUT_DIR/report.md`` (+ ``report.png``) compares the base and
+the trained retriever in every evaluated mode, round by round, with the generator's pair counts.
 """
 
 from __future__ import annotations
@@ -29,9 +32,16 @@ import yaml
 from rir_finetune.errors import UserError
 from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig, load_round_config
-from rir_finetune.round.stages import Stage, build_stages, fingerprint
+from rir_finetune.round.stages import Stage, build_stages, fingerprint, round_note
 
 MARKER = "stage.json"
+LLM_STAGES = (
+    "generate",
+    "augment",
+    "test_answers",
+    "reward",
+    "train_generator",
+)  # stages that use the generator
 
 
 @dataclass
@@ -53,26 +63,39 @@ def _marker(stage: Stage) -> dict[str, Any] | None:
 
 
 def _write_marker(stage: Stage, fp: str, status: str, **extra: Any) -> None:
-    body = {"stage": stage.name, "fingerprint": fp, "status": status, **extra}
+    body = {"stage": stage.name, "round": stage.round, "fingerprint": fp, "status": status, **extra}
+    if stage.name in LLM_STAGES:  # the generator of this stage's text (round r >= 2: round r-1's DPO model)
+        body["generator"] = {
+            k: stage.settings.get(k) for k in ("backend", "model", "gguf_file") if stage.settings.get(k)
+        }
     atomic_write(stage.folder / MARKER, lambda f: f.write(json.dumps(body, indent=2) + "\n"))
+
+
+def _position(stages: list[Stage], key: str, value: str) -> int:
+    """Index of ``value``: a stage's label or key (``2.train``), or a plain name (that stage's first round)."""
+    for i, s in enumerate(stages):
+        if value in {s.label, s.key} or value == f"{s.round}.{s.name}":
+            return i
+    for i, s in enumerate(stages):
+        if value == s.name:
+            return i
+    raise UserError(
+        f"--{key} {value}: not a stage of this round (stages: {', '.join(s.label for s in stages)})"
+    )
 
 
 def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -> list[Step]:
     """What each stage will do and why, without running anything."""
     stages = build_stages(cfg)
-    names = [s.name for s in stages]
-    for key, value in (("from", start), ("until", until)):
-        if value is not None and value not in names:
-            raise UserError(f"--{key} {value}: not a stage of this round (stages: {', '.join(names)})")
-    lo = names.index(start) if start else 0
-    hi = names.index(until) if until else len(names) - 1
+    lo = _position(stages, "from", start) if start else 0
+    hi = _position(stages, "until", until) if until else len(stages) - 1
     if lo > hi:
         raise UserError(f"--from {start} comes after --until {until}")
     fps: dict[str, str] = {}
     steps: list[Step] = []
     for i, stage in enumerate(stages):
         fp = fingerprint(stage, fps)
-        fps[stage.name] = fp
+        fps[stage.key] = fp
         mark = _marker(stage)
         complete = (
             mark is not None and mark.get("status") == "done" and all(p.exists() for p in stage.outputs)
@@ -93,8 +116,8 @@ def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -
         if i < lo:
             if action != "skip":
                 raise UserError(
-                    f"--from {start}: the earlier stage {stage.name!r} is not complete and up to date ({reason}); "
-                    f"run it first (drop --from, or use --from {stage.name})"
+                    f"--from {start}: the earlier stage {stage.label!r} is not complete and up to date ({reason}); "
+                    f"run it first (drop --from, or use --from {stage.label})"
                 )
             action = "before-from"
         elif i > hi:
@@ -103,12 +126,21 @@ def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -
     return steps
 
 
-def print_plan(steps: list[Step], out=sys.stdout) -> None:
-    print("round plan:", file=out)
+def print_plan(steps: list[Step], out=None, cfg: RoundConfig | None = None) -> None:
+    out = out or sys.stdout  # looked up now, not at import (a test's captured stdout)
+    rounds = max((s.stage.round for s in steps), default=1)
+    print("round plan:" if rounds == 1 else f"round plan: {rounds} rounds", file=out)
+    width = max([13, *(len(s.stage.label) for s in steps)])
+    shown = 0
     for s in steps:
+        if rounds > 1 and s.stage.round != shown:
+            shown = s.stage.round
+            if cfg is not None:
+                print(f" {round_note(cfg, [t.stage for t in steps], shown)}", file=out)
         verb = {"before-from": "skip", "after-until": "stop"}.get(s.action, s.action)
         why = "up to date (before --from)" if s.action == "before-from" else s.reason
-        print(f"  {s.stage.name:<13} {verb:<7} {s.stage.command:<27} {why}", file=out)
+        note = f" [{s.stage.note}]" if s.stage.note and s.stage.round > 1 else ""
+        print(f"  {s.stage.label:<{width}} {verb:<7} {s.stage.command:<28} {why}{note}", file=out)
     out.flush()
 
 
@@ -195,7 +227,41 @@ def _run_stage(stage: Stage, resume: bool) -> dict[str, Any]:
         return {}
     if name == "eval":
         return {"summary": _run_eval(stage)}
+    if name == "reward":
+        from rir_finetune.generator.reward import run_reward
+
+        if stage.extra.get("limit"):
+            limit = stage.extra["limit"]
+            _limit_lines(Path(stage.extra["source"]), Path(stage.settings["input"]), lambda i, _: i < limit)
+        return {"counts": run_reward(str(path), [])}
+    if name == "train_generator":
+        return _run_train_generator(stage, path, resume)
     raise AssertionError(name)  # pragma: no cover
+
+
+def _run_train_generator(stage: Stage, path: Path, resume: bool) -> dict[str, Any]:
+    pairs = Path(stage.settings["data"])
+    if pairs.is_file() and not pairs.read_text(encoding="utf-8").strip():
+        raise UserError(
+            f"stage {stage.label!r}: reward kept no preference pairs ({pairs} is empty; its counts are in "
+            f"{pairs.parent / MARKER}); loosen reward.threshold, sample more (reward.samples_per_query) or "
+            "set reward.require_beats_query false"
+        )
+    from rir_finetune.generator.dpo import run_train_generator
+
+    out = Path(stage.settings["output_dir"])
+    overrides = {"resume_from_checkpoint": "auto"} if resume and out.exists() else {}
+    run_train_generator(str(path), overrides)
+    try:
+        state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    logs = [h for h in state.get("log_history", []) if "rewards/margins" in h]
+    result: dict[str, Any] = {"steps": state.get("global_step")}
+    if logs:
+        for key in ("rewards/margins", "rewards/accuracies"):
+            result[key.split("/")[1]] = [logs[0][key], logs[-1][key]]  # first and last logged step
+    return result
 
 
 def _run_eval(stage: Stage) -> dict[str, dict[str, float]]:
@@ -230,7 +296,7 @@ def run_round(
     """Plan the round, print the plan, and (unless ``dry_run``) run every stage that is not up to date."""
     cfg = load_round_config(config_file, overrides)
     steps = plan(cfg, start, until)
-    print_plan(steps)
+    print_plan(steps, cfg=cfg)
     if dry_run:
         return steps
     out_dir = Path(cfg.output_dir)
@@ -239,18 +305,18 @@ def run_round(
         stage = step.stage
         if step.action in {"skip", "before-from", "after-until"}:
             if step.action == "skip":
-                print(f"round: {stage.name}: skipped, up to date", file=sys.stderr, flush=True)
+                print(f"round: {stage.label}: skipped, up to date", file=sys.stderr, flush=True)
             continue
         if step.action == "rerun":
             shutil.rmtree(stage.folder)  # the round made it (it holds our marker)
-        print(f"round: {stage.name}: {step.action} ({step.reason})", file=sys.stderr, flush=True)
+        print(f"round: {stage.label}: {step.action} ({step.reason})", file=sys.stderr, flush=True)
         stage.folder.mkdir(parents=True, exist_ok=True)
         _write_marker(stage, step.fingerprint, "running", started=time.time())
         start_t = time.perf_counter()
         result = _run_stage(stage, resume=step.action == "resume")
         wall = time.perf_counter() - start_t
         _write_marker(stage, step.fingerprint, "done", wall_s=round(wall, 1), result=result)
-        print(f"round: {stage.name}: done in {wall:.1f} s", file=sys.stderr, flush=True)
+        print(f"round: {stage.label}: done in {wall:.1f} s", file=sys.stderr, flush=True)
     from rir_finetune.round.report import write_report
 
     write_report(cfg, [s.stage for s in steps])
