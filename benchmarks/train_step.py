@@ -1,7 +1,16 @@
-"""Training-step benchmarks (issue 5) on all-MiniLM-L6-v2 and SciFact hard-negative records.
+"""Training-step benchmarks (issues 5 and 19) on all-MiniLM-L6-v2 and SciFact hard-negative records.
 
+    python benchmarks/train_step.py train  [--steps 5 --rounds 1]      # `rir-finetune train` vs bare, same run
     python benchmarks/train_step.py speed  [--steps 5 --warmup 2]      # ours vs bare encoder vs sentence-transformers
     python benchmarks/train_step.py memory [--batches 16 64 256]       # peak RSS with / without gradient caching
+
+`train` (issue 19): each in its own process, one after the other (--rounds times): (1) a bare transformers forward +
+  backward of 16 queries x 4 passages (query 64 / passage 256 tokens, the first 16 records, transformers' default
+  attention, glibc's default malloc, no optimizer step); (2) the same bare step with rir-finetune's malloc setting
+  given through the environment (what the allocator alone buys); (3) `rir-finetune train --config
+  configs/scifact_retrieval.yaml --max_steps N` on the SciFact hard-negative file, its own path and defaults
+  (optimizer step and data loading included), timed per step by benchmarks/peers/timed_run.py. Median seconds per
+  step after the warm-up steps, and each process's peak RSS (ru_maxrss; the tokenising worker apart).
 
 `speed`: one batch of B=16 queries x group 4 (query 64 / passage 256 tokens), the same padded tensors for
   (1) the bare floor: backbone forward on queries and passages, mean pooling, a sum, backward;
@@ -10,14 +19,16 @@
   (4) sentence-transformers MultipleNegativesRankingLoss and (5) CachedMultipleNegativesRankingLoss (mini-batch 8)
       on the same texts (anchor, positive, 3 negatives), forward + backward.
   Median seconds per step over --steps timed steps after --warmup, all in one process, one after the other.
-`memory`: each (batch size, caching) pair in its own subprocess (peak RSS is per process): group 8, query 32 /
-  passage 64 tokens, one step of ours with and without gradient caching (chunk 32).
+`memory`: each (batch size, caching) pair in its own subprocess (peak RSS is per process): group --group, query
+  --query_len / passage --passage_len tokens, one step of ours with the default path (gradient cache with its
+  memory budget, rir_sdpa attention) and with the plain step (gradient_cache false).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -110,22 +121,24 @@ def speed(args) -> dict:
     return results
 
 
-def memory_one(batch: int, cached: bool) -> dict:
+def memory_one(batch: int, cached: bool, g: int = 8, qlen: int = 32, plen: int = 64) -> dict:
     import torch
 
-    from rir_finetune.training.arguments import ObjectiveArguments
+    from rir_finetune.cpu_memory import keep_freed_memory
+    from rir_finetune.training.arguments import ModelArguments, ObjectiveArguments
     from rir_finetune.training.collator import RIRCollator
     from rir_finetune.training.gradcache import cached_step
     from rir_finetune.training.model import BiEncoder, load_tokenizer
     from rir_finetune.training.objectives import compute_objectives
 
+    keep_freed_memory()  # as `rir-finetune train` does
     torch.manual_seed(0)
-    g = 8
+    defaults = ModelArguments()
     recs = scifact_hn_records()
     recs = (recs * (batch // len(recs) + 1))[:batch]
     path = minilm_path()
     tok = load_tokenizer(path)
-    data = RIRCollator(tok, 32, 64, 32)(_items(recs, batch, g))
+    data = RIRCollator(tok, qlen, plen, qlen)(_items(recs, batch, g))
     cfg = ObjectiveArguments(training_type="retrieval", temperature=0.02)
     model = BiEncoder.from_pretrained(path, pooling="mean", normalize=True).train()
     base = peak_rss_gib()
@@ -134,12 +147,17 @@ def memory_one(batch: int, cached: bool) -> dict:
     t0 = time.perf_counter()
     if cached:
         cached_step(
-            lambda f: model(features=f), data, 32, lambda r: compute_objectives(r.q_reps, r.p_reps, cfg)
-        )
+            lambda f: model(features=f), data, defaults.gradient_cache_chunk_size,
+            lambda r: compute_objectives(r.q_reps, r.p_reps, cfg),
+            keep_bytes=defaults.gradient_cache_memory_mb << 20, params=list(model.parameters()),
+        )  # fmt: skip
     else:
         reps = model(**data)
         compute_objectives(reps.q_reps, reps.p_reps, cfg).loss.backward()
-    return {"batch": batch, "group": g, "gradient_cache": cached, "peak_rss_gib": round(peak_rss_gib(), 2),
+    return {"batch": batch, "group": g, "query_len": qlen, "passage_len": plen, "gradient_cache": cached,
+            "chunk": defaults.gradient_cache_chunk_size if cached else None,
+            "keep_mb": defaults.gradient_cache_memory_mb if cached else None,
+            "attn": model.backbone.config._attn_implementation, "peak_rss_gib": round(peak_rss_gib(), 2),
             "rss_before_step_gib": round(base, 2), "step_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
@@ -148,10 +166,11 @@ def memory(args) -> list[dict]:
     for cached in (True, False):
         for b in args.batches:
             if not cached and b > args.max_plain_batch:
-                rows.append({"batch": b, "group": 8, "gradient_cache": False, "peak_rss_gib": None,
+                rows.append({"batch": b, "group": args.group, "gradient_cache": False, "peak_rss_gib": None,
                              "note": f"not run: over --max_plain_batch {args.max_plain_batch} (would not fit)"})  # fmt: skip
                 continue
-            cmd = [sys.executable, __file__, "memory-one", str(b), "1" if cached else "0"]
+            cmd = [sys.executable, __file__, "memory-one", str(b), "1" if cached else "0", "--group",
+                   str(args.group), "--query_len", str(args.query_len), "--passage_len", str(args.passage_len)]  # fmt: skip
             r = subprocess.run(cmd, capture_output=True, text=True)
             row = (
                 json.loads(r.stdout.strip().splitlines()[-1])
@@ -161,6 +180,100 @@ def memory(args) -> list[dict]:
             print(row, flush=True)
             rows.append(row)
     return rows
+
+
+def bare_one(steps: int, warmup: int) -> dict:
+    """A bare transformers forward + backward of the first 16 records (16 x 4, query 64 / passage 256 tokens)."""
+    import resource
+    import time
+
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.manual_seed(0)
+    recs = scifact_hn_records()[:16]
+    path = minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).train()
+    q = tok([r["query"] for r in recs], padding=True, truncation=True, max_length=64, return_tensors="pt")
+    p = tok([t for r in recs for t in [r["pos"][0], *r["neg"][:3]]], padding=True, truncation=True,
+            max_length=256, return_tensors="pt")  # fmt: skip
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        total = 0
+        for feats in (q, p):
+            h = model(**feats).last_hidden_state
+            m = feats["attention_mask"].unsqueeze(-1).float()
+            total = total + ((h * m).sum(1) / m.sum(1)).sum()
+        total.backward()
+
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        step()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return {"times": [round(t, 2) for t in times], "median_s": round(median(times), 3),
+            "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
+            "attn": model.config._attn_implementation,
+            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}  # fmt: skip
+
+
+def train_compare(args) -> dict:
+    """Bare step (glibc default and with our malloc setting) and `rir-finetune train`'s own path, same run."""
+    import tempfile
+
+    from common import REPO, write_records
+
+    from rir_finetune.cpu_memory import env_equivalent
+
+    work = Path(tempfile.mkdtemp(prefix="rir_train_step_"))
+    data = write_records(work / "train_hn.jsonl", scifact_hn_records())
+    res: dict = {"machine": machine(), "load_before": os.getloadavg(), "rounds": []}
+    for r in range(args.rounds):
+        row: dict = {}
+        for name, extra_env in (("bare", {}), ("bare, our malloc env", env_equivalent())):
+            cmd = [
+                sys.executable,
+                __file__,
+                "bare-one",
+                "--steps",
+                str(args.steps),
+                "--warmup",
+                str(args.warmup),
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extra_env})
+            row[name] = (
+                json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else out.stderr[-800:]
+            )
+            print(name, row[name], flush=True)
+        timings = work / f"ours_{r}.json"
+        cmd = [sys.executable, str(REPO / "benchmarks/peers/timed_run.py"), "--out", str(timings), "--module",
+               "rir_finetune", "--", "train", "--config", str(REPO / "configs/scifact_retrieval.yaml"),
+               "--model_name_or_path", minilm_path(), "--train_data", str(data), "--output_dir",
+               str(work / f"model_{r}"), "--max_steps", str(args.steps + args.warmup), "--save_strategy", "no",
+               "--report_to", "none", *args.train_args]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            row["rir-finetune train"] = out.stderr[-2000:]
+        else:
+            t = json.loads(timings.read_text())
+            ends = [t["train_begin"], *t["step_end"]]
+            steps = [b - a for a, b in zip(ends[:-1], ends[1:], strict=True)][args.warmup :]
+            row["rir-finetune train"] = {"times": [round(x, 2) for x in steps], "median_s": round(median(steps), 3),
+                                         "peak_rss_gib": round(t["peak_rss_gib"], 2),
+                                         "worker_peak_rss_gib": round(t["children_peak_rss_gib"], 2)}  # fmt: skip
+            row["ratio ours / bare"] = round(
+                row["rir-finetune train"]["median_s"] / row["bare"]["median_s"], 3
+            )
+            row["ratio ours / bare with our malloc env"] = round(
+                row["rir-finetune train"]["median_s"] / row["bare, our malloc env"]["median_s"], 3
+            )
+        print("rir-finetune train", row["rir-finetune train"], flush=True)
+        res["rounds"].append(row)
+    res["load_after"] = os.getloadavg()
+    return res
 
 
 def main():
@@ -176,12 +289,31 @@ def main():
     one = sub.add_parser("memory-one")
     one.add_argument("batch", type=int)
     one.add_argument("cached", type=int)
+    for q in (m, one):
+        q.add_argument("--group", type=int, default=8)
+        q.add_argument("--query_len", type=int, default=32)
+        q.add_argument("--passage_len", type=int, default=64)
+    t = sub.add_parser("train")
+    t.add_argument("--steps", type=int, default=5)
+    t.add_argument("--warmup", type=int, default=1)
+    t.add_argument("--rounds", type=int, default=1)
+    t.add_argument("--train_args", nargs="*", default=[], help="extra `rir-finetune train` options")
+    b1 = sub.add_parser("bare-one")
+    b1.add_argument("--steps", type=int, default=5)
+    b1.add_argument("--warmup", type=int, default=1)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.cmd == "memory-one":
-        print(json.dumps(memory_one(args.batch, bool(args.cached))))
+        print(
+            json.dumps(
+                memory_one(args.batch, bool(args.cached), args.group, args.query_len, args.passage_len)
+            )
+        )
         return
-    res = speed(args) if args.cmd == "speed" else memory(args)
+    if args.cmd == "bare-one":
+        print(json.dumps(bare_one(args.steps, args.warmup)))
+        return
+    res = {"speed": speed, "memory": memory, "train": train_compare}[args.cmd](args)
     text = json.dumps(res, indent=2)
     print(text)
     if args.out:

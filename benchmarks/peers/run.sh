@@ -4,6 +4,12 @@
 #
 #   bash benchmarks/peers/run.sh                 # = make bench-peers; WORK defaults to work/peers
 #   ROWS="base flagembedding sentence-transformers rir-finetune" bash benchmarks/peers/run.sh
+#   ROWS="flagembedding flagembedding-malloc sentence-transformers sentence-transformers-malloc rir-finetune" \
+#     MAX_STEPS=14 TIMED_STEPS=10 EVAL=0 WORK=work/peers-short bash benchmarks/peers/run.sh   # short, fair rows
+#
+# A row named PEER-malloc trains PEER with the glibc malloc setting that rir-finetune applies to itself
+# (src/rir_finetune/cpu_memory.py, given as MALLOC_* environment variables), so the table separates what the code
+# does from what the allocator setting does.
 #
 # Needs the project's venv (make setup) and the shared data (../shared/data/scifact). Each peer gets its own venv
 # under $WORK (FlagEmbedding 1.4.2 needs transformers < 5; sentence-transformers at the version our venv has).
@@ -57,6 +63,9 @@ from common import scifact_hn_records, write_records
 write_records(Path('$TRAIN'), scifact_hn_records(Path('$DATA')))"
 fi
 
+MALLOC_ENV=$("$OURS/bin/python" -m rir_finetune.cpu_memory)  # e.g. MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...
+ENV_PREFIX=()
+
 timed() {  # row, python, timed_run args...
   local row=$1 py=$2; shift 2
   if [ -f "$WORK/$row/timings.json" ] && [ -f "$WORK/$row/model/config.json" ]; then
@@ -64,7 +73,9 @@ timed() {  # row, python, timed_run args...
   fi
   rm -rf "$WORK/$row/model" && mkdir -p "$WORK/$row"
   log "training: $row"
-  "$py" benchmarks/peers/timed_run.py --out "$WORK/$row/timings.json" "$@" 2>&1 | tee "$WORK/$row/train.log" \
+  [ ${#ENV_PREFIX[@]} -gt 0 ] && log "environment: ${ENV_PREFIX[*]}"
+  env "${ENV_PREFIX[@]}" "$py" benchmarks/peers/timed_run.py --out "$WORK/$row/timings.json" "$@" 2>&1 \
+    | tee "$WORK/$row/train.log" \
     | grep -E --line-buffered "^\{|loss|Error|error" || true
   [ -f "$WORK/$row/model/config.json" ] || { echo "error: $row saved no model (see $WORK/$row/train.log)" >&2; exit 1; }
 }
@@ -86,10 +97,12 @@ ours_train() {  # row, extra train options...
 
 for row in $ROWS; do
   [ -f "$WORK/$row/eval/metrics.json" ] && { log "done already: $row"; continue; }
+  ENV_PREFIX=()
+  case $row in *-malloc) read -r -a ENV_PREFIX <<< "$MALLOC_ENV" ;; esac
   case $row in
     base)
       mkdir -p "$WORK/base" && evaluate base "$MINILM" ;;
-    flagembedding)
+    flagembedding|flagembedding-malloc)
       setup_venv flag "FlagEmbedding==1.4.2" "transformers>=4.44,<5"
       timed "$row" "$WORK/venv-flag/bin/python" --module FlagEmbedding.finetune.embedder.encoder_only.base -- \
         --model_name_or_path "$MINILM" --train_data "$TRAIN" --train_group_size 4 \
@@ -99,7 +112,7 @@ for row in $ROWS; do
         --per_device_train_batch_size 16 --dataloader_drop_last True --seed "$SEED" --logging_steps 5 \
         --save_strategy no --report_to none --use_cpu True --output_dir "$WORK/$row/model" "${STEPS_OPT[@]}"
       evaluate "$row" "$WORK/$row/model" ;;
-    sentence-transformers)
+    sentence-transformers|sentence-transformers-malloc)
       setup_venv st "sentence-transformers==$(version sentence-transformers)" \
         "transformers==$(version transformers)" "datasets==$(version datasets)" "accelerate==$(version accelerate)"
       timed "$row" "$WORK/venv-st/bin/python" --script benchmarks/peers/st_train.py -- --model "$MINILM" \

@@ -19,7 +19,9 @@ from pathlib import Path
 ROWS = {
     "base": "all-MiniLM-L6-v2, no training",
     "flagembedding": "FlagEmbedding (encoder_only.base), InfoNCE",
+    "flagembedding-malloc": "FlagEmbedding, with rir-finetune's malloc setting",
     "sentence-transformers": "sentence-transformers, MultipleNegativesRankingLoss",
+    "sentence-transformers-malloc": "sentence-transformers, with rir-finetune's malloc setting",
     "rir-finetune": "rir-finetune, `retrieval` (L_qp)",
     "rir-finetune-answer": "rir-finetune, `retrieval_answer`, SmolLM2 answers, fused eval",
     "rir-finetune-distill": "rir-finetune, `retrieval` + distillation (kl_div, base-model teacher)",
@@ -95,6 +97,17 @@ def main() -> None:
         lines.append(f"\nrir-finetune / FlagEmbedding throughput: {ours / flag:.2f}x")
     if ours and st:
         lines.append(f"rir-finetune / sentence-transformers throughput: {ours / st:.2f}x")
+    same_env = {
+        k: results[k] for k in ("flagembedding-malloc", "sentence-transformers-malloc") if k in results
+    }
+    best = max(same_env.items(), key=lambda kv: kv[1].get("queries_per_s") or 0, default=None)
+    if ours and best and best[1].get("queries_per_s"):
+        peer = best[1]
+        lines.append(
+            f"rir-finetune / best peer with the same malloc setting ({best[0]}): "
+            f"{ours / peer['queries_per_s']:.2f}x throughput, peak RSS {results['rir-finetune']['peak_rss_gib']:.2f} "
+            f"vs {peer['peak_rss_gib']:.2f} GiB"
+        )
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
 

@@ -57,6 +57,7 @@ def main() -> None:
         record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
         record["children_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
         record["torch_threads"] = torch.get_num_threads()
+        record["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
         record["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
         for name in ("FlagEmbedding", "sentence-transformers", "rir-finetune"):
             try:

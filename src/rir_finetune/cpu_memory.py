@@ -1,11 +1,19 @@
-"""Keep freed CPU memory in the process for reuse (glibc), instead of returning it to the kernel after every op.
+"""Keep freed CPU memory in the process for reuse (glibc), up to a bound, instead of returning it after every op.
 
 A transformer step on CPU allocates and frees the same large blocks (activations, attention scores of tens to
 hundreds of MiB) over and over. glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
 ``mmap`` and unmaps it on free, so each step faults in every page again: on a 2-core machine about a third of a
-MiniLM training step went to the kernel. With mmap disabled for the heap and trimming off, freed blocks stay in the
-heap and the next step reuses them: the resident set stays at its peak (which the step needs anyway) and the page
-faults stop. Nothing happens off glibc (macOS, musl) or when ``RIR_FINETUNE_MALLOC=default``.
+MiniLM training step went to the kernel. With mmap off for the heap, freed blocks stay in the heap and the next step
+reuses them without page faults.
+
+Retention is bounded (issue 19): when the free memory at the top of the heap exceeds ``M_TRIM_THRESHOLD`` (1 GiB)
+glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB), so the process keeps at most about that much
+freed memory at the top of the heap beyond what its steps use, instead of everything it ever held (the earlier
+setting, trimming off, kept the heap at its all-time peak). The step's own working set is bounded elsewhere
+(the gradient cache's memory budget, :mod:`rir_finetune.training.gradcache`).
+
+Nothing happens off glibc (macOS, musl) or when ``RIR_FINETUNE_MALLOC=default``. ``python -m rir_finetune.cpu_memory``
+prints the same setting as glibc environment variables, for giving it to another program (benchmarks/peers).
 """
 
 from __future__ import annotations
@@ -19,9 +27,22 @@ import sys
 logger = logging.getLogger("rir_finetune")
 
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_MAX = -4
 
+# (mallopt parameter, value, glibc environment variable of the same setting)
+SETTINGS = (
+    (M_MMAP_MAX, 0, "MALLOC_MMAP_MAX_"),  # large blocks from the heap, so freeing them keeps them for reuse
+    (M_TRIM_THRESHOLD, 1 << 30, "MALLOC_TRIM_THRESHOLD_"),  # free top of heap above 1 GiB goes back ...
+    (M_TOP_PAD, 512 << 20, "MALLOC_TOP_PAD_"),  # ... down to 512 MiB kept for the next step
+)
+
 _applied = False
+
+
+def env_equivalent() -> dict[str, str]:
+    """The setting as glibc environment variables (read at process start)."""
+    return {name: str(value) for _, value, name in SETTINGS}
 
 
 def keep_freed_memory() -> bool:
@@ -38,8 +59,15 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    ok = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok = all(mallopt(param, value) == 1 for param, value, _ in SETTINGS)
     _applied = ok
     if ok:
-        logger.debug("glibc malloc: freed memory kept for reuse (RIR_FINETUNE_MALLOC=default turns this off)")
+        logger.debug(
+            "glibc malloc: freed memory kept for reuse, at most ~1 GiB at the top of the heap "
+            "(RIR_FINETUNE_MALLOC=default turns this off)"
+        )
     return ok
+
+
+if __name__ == "__main__":
+    print(" ".join(f"{k}={v}" for k, v in env_equivalent().items()))

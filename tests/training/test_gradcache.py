@@ -89,6 +89,63 @@ def test_cached_equals_plain_with_dropout(tiny_bert_dir, training_type, kd):
     assert n_checked > 10
 
 
+@pytest.mark.parametrize("keep_bytes", [10**12, 100_000, 1])
+def test_memory_budget_equals_plain_and_encodes_twice_only_what_does_not_fit(tiny_bert_dir, keep_bytes):
+    """Chunks whose activations fit the budget keep their graph (encoded once); the rest are encoded twice; the
+    step equals the plain chunked step whatever the split, dropout on."""
+    model = BiEncoder.from_pretrained(str(tiny_bert_dir), pooling="mean", normalize=False).train()
+    batch = _batch(tiny_bert_dir)
+    kd = "kl_div"
+    cfg = _cfg("retrieval_answer_passage", kd)
+    plain = copy.deepcopy(model)
+    plain.sub_batch_size = CHUNK
+    torch.manual_seed(11)
+    ref = _loss_fn(cfg, batch, kd)(plain(**batch))
+    ref.loss.backward()
+
+    cached = copy.deepcopy(model)
+    calls = []
+
+    def encode(f):
+        calls.append(torch.is_grad_enabled())
+        return cached(features=f)
+
+    torch.manual_seed(11)
+    loss, _ = cached_step(encode, batch, CHUNK, _loss_fn(cfg, batch, kd), keep_bytes=keep_bytes,
+                          params=list(cached.parameters()))  # fmt: skip
+    n_chunks = sum(-(-batch[p]["input_ids"].size(0) // CHUNK) for p in ("queries", "passages", "answers"))
+    twice = len(calls) - n_chunks
+    if keep_bytes == 10**12:
+        assert twice == 0  # everything fits: a plain step's cost
+    elif keep_bytes == 1:
+        assert twice == n_chunks  # nothing fits (the first chunk's graph is dropped): classic GradCache
+    else:
+        assert 0 < twice < n_chunks
+    torch.testing.assert_close(loss, ref.loss.detach())
+    for (name, p1), (_, p2) in zip(plain.named_parameters(), cached.named_parameters(), strict=True):
+        if p1.grad is not None:
+            assert (p2.grad - p1.grad).abs().max() <= 1e-5 * p1.grad.abs().max() + 1e-8, name
+
+
+def test_saved_bytes_counts_activations_not_parameters(tiny_bert_dir):
+    from rir_finetune.training.gradcache import SavedBytes
+
+    model = BiEncoder.from_pretrained(str(tiny_bert_dir), pooling="mean", normalize=False).train()
+    batch = _batch(tiny_bert_dir)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    sizes, with_params = [], []
+    for n in (3, 6):
+        feats = {k: v[:n] for k, v in batch["passages"].items()}
+        for exclude, out in ((params, sizes), (set(), with_params)):
+            counter = SavedBytes(exclude)
+            with counter():
+                model(features=feats)
+            out.append(counter.bytes)
+    # the weights autograd saves are counted only without the exclusion, once, whatever the chunk
+    assert with_params[0] - sizes[0] == with_params[1] - sizes[1] > 0
+    assert 1.5 * sizes[0] < sizes[1] < 2.5 * sizes[0]  # activations: proportional to the chunk
+
+
 def test_dropout_really_differs_between_draws(tiny_bert_dir):
     # guards the test above: with dropout on, two unseeded passes differ, so equality needs the RNG replay
     model = BiEncoder.from_pretrained(str(tiny_bert_dir), pooling="mean", normalize=False).train()

@@ -24,7 +24,7 @@ KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "m3_kd_loss_weighted")
 class ModelArguments:
     RANGES: ClassVar[dict[str, str]] = {  # checked by config.build_configs (guards.py)
         "sub_batch_size": ">=1", "lora_rank": ">=1", "lora_alpha": ">0", "lora_dropout": "[0, 1)",
-        "gradient_cache_chunk_size": ">=1",
+        "gradient_cache_chunk_size": ">=1", "gradient_cache_memory_mb": ">=0",
     }  # fmt: skip
     model_name_or_path: str | None = None  # local folder or hub name of the encoder to fine-tune (required)
     config_name: str | None = None  # config path if not the same as model_name_or_path
@@ -41,8 +41,12 @@ class ModelArguments:
     lora_alpha: float = 64.0
     lora_dropout: float = 0.1
     lora_target_modules: list[str] | None = None  # None: peft's defaults for the architecture
-    gradient_cache: bool = False  # GradCache: batch size bounded by compute, not memory
-    gradient_cache_chunk_size: int = 32  # texts per chunk under gradient caching
+    # GradCache with a memory budget (gradcache.py): memory bounded whatever the batch; None (auto): on, except
+    # under DeepSpeed; false: the plain step (every activation of the batch kept at once)
+    gradient_cache: bool | None = None
+    gradient_cache_chunk_size: int = 16  # texts per chunk under gradient caching
+    gradient_cache_memory_mb: int = 1024  # activations kept from the first pass; the rest encoded twice
+    attn_implementation: str | None = "auto"  # auto: rir_sdpa (training/attention.py) if supported; sdpa, ...
 
     def __post_init__(self):
         if self.sentence_pooling_method not in POOLING_METHODS:

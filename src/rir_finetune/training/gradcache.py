@@ -1,13 +1,17 @@
-"""Gradient caching (GradCache, Gao et al. 2021): the batch size is bounded by compute, not by memory.
+"""Gradient caching (GradCache, Gao et al. 2021) with a memory budget: memory bounded, second pass only where needed.
 
-1. Embed every chunk of queries, passages and answers without an autograd graph, recording the RNG state before
-   each chunk.
-2. Compute every objective on the cached embeddings (made leaf tensors) and backpropagate to the embeddings only.
-3. Re-run each chunk with a graph, restoring its RNG state so dropout draws the same masks, and push its cached
-   gradient through: backward of sum(reps * cached_grad).
+1. Embed every chunk of queries, passages and answers, recording the RNG state before each chunk. While the
+   activations kept for the backward fit ``keep_bytes`` (counted exactly, as autograd saves them), a chunk runs with
+   its graph and keeps it; once the next chunk would not fit, the rest run without a graph.
+2. Compute every objective on the embeddings (detached leaf tensors) and backpropagate to the embeddings only.
+3. Push each chunk's embedding gradient through its encoder: a kept chunk through its kept graph (no second
+   forward), any other chunk by re-running it with a graph, its RNG state restored so dropout draws the same
+   masks: backward of sum(reps * cached_grad).
 
-Peak activation memory is one chunk's, whatever the batch. The result equals a plain step that encodes in the same
-chunks (``sub_batch_size`` = chunk size), dropout included; without dropout it equals the unchunked step.
+Peak activation memory is ``keep_bytes`` plus one chunk's, whatever the batch: when the whole batch fits the budget
+no chunk is encoded twice (a plain step's cost); ``keep_bytes=0`` is classic GradCache (every chunk twice). The
+result equals a plain step that encodes in the same chunks (``sub_batch_size`` = chunk size), dropout included;
+without dropout it equals the unchunked step.
 """
 
 from __future__ import annotations
@@ -44,6 +48,27 @@ class _Chunk:
     start: int
     features: dict[str, Tensor]
     rng: dict
+    reps: Tensor | None = None  # with its graph, when kept
+
+
+class SavedBytes:
+    """Counts the bytes autograd saves for the backward inside the context (each storage once, parameters not)."""
+
+    def __init__(self, exclude: set[int]):
+        self.exclude = exclude
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, t: Tensor) -> Tensor:
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr not in self.exclude and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.bytes += st.nbytes()
+        return t
+
+    def __call__(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 def cached_step(
@@ -54,6 +79,8 @@ def cached_step(
     backward: Callable[[Tensor], None] = Tensor.backward,
     no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     scale: float = 1.0,
+    keep_bytes: int = 0,
+    params: list[Tensor] | None = None,
 ) -> tuple[Tensor, object]:
     """One GradCache step; parameter gradients are accumulated by ``backward``.
 
@@ -64,18 +91,38 @@ def cached_step(
     no_sync: context that suspends DDP's gradient all-reduce; used for every chunk but the last, so the
         gradients are synchronised once per step.
     scale: factor on the gradients (1 / gradient_accumulation_steps).
+    keep_bytes: budget for the activations of chunks that keep their graph from the first pass (0: none).
+    params: the model's parameters (their storages are not activations); needed when ``keep_bytes`` > 0.
     Returns (loss detached, loss_fn's output).
     """
     todo = [(p, batch[p]) for p in PARTS if batch.get(p) is not None]
     plan: list[_Chunk] = []
     cached: dict[str, list[Tensor]] = {}
-    with torch.no_grad():
-        for part, feats in todo:
-            start = 0
-            for ch in chunks(feats, chunk_size):
-                plan.append(_Chunk(part, start, ch, get_rng_state()))
-                cached.setdefault(part, []).append(encode(ch))
-                start += ch["input_ids"].size(0)
+    exclude = {p.untyped_storage().data_ptr() for p in params or []}
+    kept_bytes, per_token = 0, 0.0  # saved bytes so far; the most seen per token of a chunk
+    keeping = keep_bytes > 0
+    for part, feats in todo:
+        start = 0
+        for ch in chunks(feats, chunk_size):
+            c = _Chunk(part, start, ch, get_rng_state())
+            tokens = ch["input_ids"].numel()
+            keeping = keeping and kept_bytes + per_token * tokens <= keep_bytes
+            if keeping:
+                counter = SavedBytes(exclude)
+                with counter():
+                    r = encode(ch)
+                per_token = max(per_token, counter.bytes / max(tokens, 1))
+                if kept_bytes + counter.bytes <= keep_bytes:
+                    kept_bytes += counter.bytes
+                    c.reps = r
+                else:  # over budget: this graph is dropped, this chunk and the rest run twice
+                    keeping = False
+                cached.setdefault(part, []).append(r.detach())
+            else:
+                with torch.no_grad():
+                    cached.setdefault(part, []).append(encode(ch))
+            plan.append(c)
+            start += ch["input_ids"].size(0)
     after_first_pass = get_rng_state()
 
     leaves = {p: torch.cat(v).detach().requires_grad_(True) for p, v in cached.items()}
@@ -85,13 +132,18 @@ def cached_step(
     grads = {p: t.grad for p, t in leaves.items()}
 
     plan = [ch for ch in plan if grads[ch.part] is not None]  # parts no objective uses need no second pass
+    plan.sort(key=lambda ch: ch.reps is None)  # kept graphs first: freed before any re-encoding
     for i, ch in enumerate(plan):
-        set_rng_state(ch.rng)
         ctx = no_sync() if i < len(plan) - 1 else contextlib.nullcontext()
         with ctx:
-            r = encode(ch.features)  # (n, D), with a graph
+            r = ch.reps
+            if r is None:
+                set_rng_state(ch.rng)
+                r = encode(ch.features)  # (n, D), with a graph
+            ch.reps = None
             g = grads[ch.part][ch.start : ch.start + r.size(0)]
             backward((r * g).sum() * scale)
+            del r
     set_rng_state(after_first_pass)
     return out.loss.detach(), out
 

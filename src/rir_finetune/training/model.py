@@ -64,10 +64,18 @@ class BiEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str, pooling: str, normalize: bool, sub_batch_size: int | None = None, **hf_kwargs
+        cls,
+        path: str,
+        pooling: str,
+        normalize: bool,
+        sub_batch_size: int | None = None,
+        attn_implementation: str | None = "auto",
+        **hf_kwargs,
     ) -> BiEncoder:
+        """``attn_implementation``: ``auto`` (``rir_sdpa`` of :mod:`.attention` where the model accepts it, else
+        transformers' default), None (transformers' default) or any name transformers knows (sdpa, eager, ...)."""
         try:
-            backbone = AutoModel.from_pretrained(path, **hf_kwargs)
+            backbone = load_backbone(path, attn_implementation, **hf_kwargs)
         except OSError as e:
             raise UserError(
                 f"config key 'model_name_or_path': cannot load a model from {path!r} ({e})"
@@ -134,6 +142,18 @@ class BiEncoder(nn.Module):
 
     def enable_input_require_grads(self) -> None:
         self.backbone.enable_input_require_grads()
+
+
+def load_backbone(path: str, attn_implementation: str | None, **hf_kwargs) -> nn.Module:
+    if attn_implementation != "auto":
+        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        return AutoModel.from_pretrained(path, **extra, **hf_kwargs)
+    from rir_finetune.training.attention import register
+
+    try:
+        return AutoModel.from_pretrained(path, attn_implementation=register(), **hf_kwargs)
+    except ValueError:  # the architecture takes no registered attention function: transformers' default
+        return AutoModel.from_pretrained(path, **hf_kwargs)
 
 
 def freeze_unused(backbone: nn.Module) -> None:

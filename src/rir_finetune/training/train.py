@@ -114,6 +114,8 @@ def write_resolved_config(out: Path, parts: list) -> None:
 def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     """Train and save; returns the output folder. Raises :class:`UserError` for bad input."""
     model_args, data_args, obj_args, train_args = load_configs(config_file, overrides)
+    if model_args.gradient_cache is None:  # auto: bounded memory (gradcache.py), except where it cannot run
+        model_args.gradient_cache = not train_args.deepspeed
     level = logging.INFO if train_args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     logger.setLevel(level)
@@ -198,6 +200,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         pooling=model_args.sentence_pooling_method,
         normalize=model_args.normalize_embeddings,
         sub_batch_size=model_args.sub_batch_size,
+        attn_implementation=model_args.attn_implementation,
         **hf,
     )
     if model_args.fix_position_embedding:
@@ -257,6 +260,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         batch_sampler=sampler,
         save_info=save_info,
         gradient_cache_chunk_size=model_args.gradient_cache_chunk_size if model_args.gradient_cache else None,
+        gradient_cache_memory_bytes=model_args.gradient_cache_memory_mb << 20,
         retrieval_evaluator=evaluator,
     )
     if trainer.is_deepspeed_enabled and train_args.process_index == 0:

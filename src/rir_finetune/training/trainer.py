@@ -104,6 +104,7 @@ class RIRTrainer(Trainer):
         batch_sampler: GroupedBatchSampler,
         save_info: dict[str, Any],
         gradient_cache_chunk_size: int | None = None,
+        gradient_cache_memory_bytes: int = 0,
         retrieval_evaluator: Any = None,
         **kwargs: Any,
     ):
@@ -113,6 +114,7 @@ class RIRTrainer(Trainer):
         self.retrieval_evaluator = retrieval_evaluator
         self.objective_args = objective_args
         self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
+        self.gradient_cache_memory_bytes = gradient_cache_memory_bytes  # graphs kept from the first pass
         self.batch_sampler = batch_sampler
         self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
         self._term_values: torch.Tensor | None = None  # running sum of the named terms since the last log
@@ -186,6 +188,8 @@ class RIRTrainer(Trainer):
                 backward=self.accelerator.backward,
                 no_sync=no_sync,
                 scale=scale,
+                keep_bytes=self.gradient_cache_memory_bytes,
+                params=list(model.parameters()),
             )
         self._record_terms(out.terms)
         return loss * scale
