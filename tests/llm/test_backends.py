@@ -210,6 +210,42 @@ def test_a_file_that_is_not_gguf_is_one_line(tmp_path, backend):
         load_backend(BackendSettings(backend=backend, model=str(fake)))
 
 
+@pytest.mark.slow  # real llama.cpp re-quantisation and decoding
+def test_gguf_requantize_writes_one_cached_file_and_leaves_the_source(gguf, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RIR_FINETUNE_CACHE", str(tmp_path))
+    before = (gguf.stat().st_size, gguf.stat().st_mtime_ns)
+    settings = BackendSettings(
+        backend="llama_cpp", model=str(gguf), gguf_requantize="q8_0", batch_size=2, progress=False
+    )
+    q8 = load_backend(settings)
+    made = sorted((tmp_path / "gguf").iterdir())
+    assert [p.name.rsplit(".", 3)[-2:] for p in made] == [["q8_0", "gguf"]]  # one file, no temporary left
+    assert "re-quantised to q8_0" in capsys.readouterr().err
+    with made[0].open("rb") as f:
+        assert f.read(4) == b"GGUF"
+    assert q8.llm.metadata.get("general.file_type") == "7"  # LLAMA_FTYPE_MOSTLY_Q8_0
+    replies = q8.generate(PROMPTS[:2], Sampling(max_new_tokens=12))
+    assert all(c[0].tokens > 3 and c[0].text.strip() for c in replies)
+    q8.close()
+    again = load_backend(settings)  # the cached file is reused: nothing re-quantised, no message
+    assert "re-quantised" not in capsys.readouterr().err
+    assert sorted((tmp_path / "gguf").iterdir()) == made
+    assert texts(again.generate(PROMPTS[:2], Sampling(max_new_tokens=12))) == texts(replies)
+    assert (gguf.stat().st_size, gguf.stat().st_mtime_ns) == before
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"backend": "llama_cpp", "gguf_requantize": "q4_1"}, "'gguf_requantize': 'q4_1' is not one of q4_0"),
+        ({"backend": "transformers", "gguf_requantize": "q8_0"}, "only the llama_cpp backend re-quantises"),
+    ],
+)
+def test_gguf_requantize_is_checked(keys, message):
+    with pytest.raises(UserError, match=message):
+        BackendSettings(model="m.gguf", **keys)
+
+
 @pytest.mark.slow  # real llama.cpp decoding (minutes when the 2 cores are shared)
 def test_llama_cpp_prompt_longer_than_the_context(gguf):
     small = load_backend(BackendSettings(backend="llama_cpp", model=str(gguf), n_ctx=64, progress=False))

@@ -17,6 +17,11 @@ from rir_finetune.errors import UserError
 
 Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (a runtime alias)
 BACKENDS = ("transformers", "llama_cpp", "openai")
+REQUANTIZE_TYPES = (
+    "q4_0",
+    "q8_0",
+    "f16",
+)  # gguf_requantize targets: types with batched CPU kernels in llama.cpp
 
 
 @dataclass
@@ -98,10 +103,21 @@ class BackendSettings:
         None  # openai: JSON object added to every request, e.g. '{"repeat_penalty": 1}'
     )
     progress: bool = True  # a progress bar on stderr (prompts and tokens/s)
+    gguf_requantize: str | None = (
+        None  # llama_cpp: re-quantise the GGUF once (cached) to q4_0 / q8_0 / f16, types that batch on CPU
+    )
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise UserError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.gguf_requantize is not None and self.gguf_requantize not in REQUANTIZE_TYPES:
+            raise UserError(
+                f"config key 'gguf_requantize': {self.gguf_requantize!r} is not one of {', '.join(REQUANTIZE_TYPES)}"
+            )
+        if self.gguf_requantize is not None and self.backend != "llama_cpp":
+            raise UserError(
+                "config key 'gguf_requantize': only the llama_cpp backend re-quantises a GGUF file"
+            )
         for key in ("n_ctx", "batch_size", "api_concurrency"):
             if getattr(self, key) < 1:
                 raise UserError(f"config key {key!r}: must be a positive integer")

@@ -15,8 +15,13 @@ one numpy generator per prompt and sample (temperature, then top-p), seeded by
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -46,6 +51,51 @@ def _import_llama_cpp():
     except ImportError:
         raise UserError(INSTALL) from None
     return llama_cpp
+
+
+def gguf_cache_dir() -> Path:
+    """Where re-quantised GGUF files go: ``$RIR_FINETUNE_CACHE/gguf``, else ``~/.cache/rir_finetune/gguf``."""
+    if os.environ.get("RIR_FINETUNE_CACHE"):
+        return Path(os.environ["RIR_FINETUNE_CACHE"]) / "gguf"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rir_finetune" / "gguf"
+
+
+def requantized(lc, path: Path, kind: str, threads: int) -> Path:
+    """``path`` re-quantised to ``kind`` (q4_0, q8_0, f16), made once and cached; the source is only read.
+
+    Why: llama.cpp's CPU backend has repacked / tinyBLAS matrix kernels for Q4_0, Q8_0 and F16 but not for every
+    type (Q4_1, Q5_x), and without them a step of B sequences costs about B single steps. Re-quantising changes
+    the weights slightly (from Q4_1: Q8_0 keeps them within rounding, Q4_0 rounds them again), so greedy answers
+    can differ from the source file's; the file name holds the source's identity (path, size, mtime).
+    """
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = gguf_cache_dir() / f"{path.stem}.{key}.{kind}.gguf"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = {"q4_0": lc.LLAMA_FTYPE_MOSTLY_Q4_0, "q8_0": lc.LLAMA_FTYPE_MOSTLY_Q8_0,
+                    "f16": lc.LLAMA_FTYPE_MOSTLY_F16}[kind]  # fmt: skip
+    params.allow_requantize = True
+    params.nthread = threads
+    start = time.perf_counter()
+    try:
+        import ctypes
+
+        rc = lc.llama_model_quantize(str(path).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise UserError(f"{path}: llama.cpp could not re-quantise it to {kind} (code {rc})")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(
+        f"{path.name}: re-quantised to {kind} in {time.perf_counter() - start:.1f} s (gguf_requantize), "
+        f"cached at {out}",
+        file=sys.stderr,
+    )
+    return out
 
 
 @dataclass
@@ -78,6 +128,8 @@ class LlamaCppBackend:
         self.lc = lc
         self.name = gguf
         self.threads = threads_setting(settings.n_threads)
+        if settings.gguf_requantize:
+            path = requantized(lc, path, settings.gguf_requantize, self.threads)
         offload = settings.device != "cpu" and lc.llama_supports_gpu_offload()
         self.gpu = bool(offload)
         try:

@@ -68,6 +68,7 @@ class AugmentConfig:
     n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
     n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
     batch_size: int = 16  # sequences decoded together; answers written together
+    gguf_requantize: str | None = None  # llama_cpp: re-quantise the GGUF once (cached): q4_0 | q8_0 | f16
     api_base: str | None = None  # openai: the endpoint, e.g. http://localhost:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
     api_timeout: float = 300.0  # openai: seconds per request
