@@ -15,7 +15,7 @@ from round_fixtures import round_config
 from rir_finetune.errors import UserError
 from rir_finetune.round.config import load_round_config
 from rir_finetune.round.run import plan, print_plan, run_round
-from rir_finetune.round.stages import GENERATOR_LLM_KEYS, REWARD_LLM_KEYS, Stage
+from rir_finetune.round.stages import GENERATOR_LLM_KEYS, REWARD_LLM_KEYS, Stage, build_stages
 
 # a few DPO steps that move a tiny random Llama
 GENERATOR = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
@@ -273,3 +273,29 @@ def test_no_pairs_stops_with_one_line(tmp_path):
     with pytest.raises(UserError, match="reward kept no preference pairs") as e:
         _run_train_generator(stage, tmp_path / "tg" / "config.yaml", resume=False)
     assert "\n" not in str(e.value) and not (tmp_path / "tg").exists()
+
+
+def test_shipped_two_round_config_keys_fit_their_commands(tmp_path):
+    """configs/round_scifact_2rounds.yaml: the generator stages' resolved keys load in their own commands."""
+    from conftest import REPO
+    from rir_finetune.config import build_configs
+    from rir_finetune.generator.dpo import load_configs
+    from rir_finetune.generator.reward import RewardConfig
+    from rir_finetune.prep.augment import AugmentConfig
+
+    cfg = load_round_config(
+        str(REPO / "configs" / "round_scifact_2rounds.yaml"), ["--output_dir", str(tmp_path)]
+    )
+    by = {s.label: s for s in build_stages(cfg)}
+    (reward,) = build_configs([RewardConfig], None, by["1.reward"].settings)
+    assert (reward.samples_per_query, reward.temperature, reward.task, reward.backend) == (
+        5,
+        0.9,
+        "scifact",
+        "llama_cpp",
+    )
+    assert by["1.reward"].extra["limit"] == 128
+    gen, dpo = load_configs(None, by["1.train_generator"].settings)
+    assert (gen.lora_rank, dpo.beta, dpo.max_length) == (32, 0.1, 384) and gen.model.endswith(".gguf")
+    (augment,) = build_configs([AugmentConfig], None, by["2.augment"].settings)
+    assert (augment.backend, augment.model) == ("transformers", str(tmp_path / "train_generator" / "model"))

@@ -107,7 +107,7 @@ def _generator_lines(stages: list[Stage]) -> list[str]:
                          f"mean query-only score {g['mean_raw']:.4f}")  # fmt: skip
     if "dpo" in g:
         d = g["dpo"]
-        text = f"- train_generator: {d.get('steps')} DPO steps"
+        text = f"- train_generator: {d.get('steps')} DPO step{'' if d.get('steps') == 1 else 's'}"
         if "margins" in d:
             text += (f", reward margin {d['margins'][0]:.4f} -> {d['margins'][1]:.4f}, "
                      f"accuracy {d['accuracies'][0]:.2f} -> {d['accuracies'][1]:.2f}")  # fmt: skip
