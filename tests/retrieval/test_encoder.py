@@ -6,7 +6,7 @@ import torch
 
 from eval_fixtures import add_st_files, make_tiny_bert
 from rir_finetune.errors import UserError
-from rir_finetune.retrieval.encoder import Encoder, pool
+from rir_finetune.retrieval.encoder import Encoder, length_sorted_batches, pool
 from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
 
 TEXTS = ["apple", "the banana is a cherry of the apple", "cherry cherry", "a", "banana of apple"]
@@ -94,3 +94,24 @@ def test_length_sorted_batches_return_input_order(plain_dir):
     one_by_one = np.concatenate([enc.encode([t]) for t in TEXTS])
     np.testing.assert_allclose(batched, one_by_one, atol=1e-5)
     assert enc.encode([]).shape == (0, 32)
+
+
+def test_length_sorted_batches_cover_every_position_once():
+    batches = length_sorted_batches([3, 5, 5, 1, 4], 2)
+    # longest first, ties in input order (positions 1 and 2 both have 5 tokens)
+    assert [b.tolist() for b in batches] == [[1, 2], [4, 0], [3]]
+    assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3, 4]
+    assert length_sorted_batches([], 4) == []
+
+
+def test_sorted_batches_equal_one_unsorted_padded_batch(plain_dir):
+    """The length-sorted, batched path against the whole input padded together in input order."""
+    enc = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False)
+    feats = enc.tokenizer(TEXTS, padding=True, truncation=True, max_length=512, return_tensors="pt")
+    with torch.inference_mode():
+        hidden = enc.model(**feats).last_hidden_state
+    expected = torch.nn.functional.normalize(pool(hidden, feats["attention_mask"], "mean"), dim=-1).numpy()
+    got = enc.encode(TEXTS)
+    assert got.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert not np.allclose(got[0], got[1], atol=1e-3)  # distinct texts, distinct rows: order is tested

@@ -23,6 +23,14 @@ from rir_finetune.retrieval.pooling import pool
 TOKENIZE_CHUNK = 32_768  # texts tokenized and sorted together; bounds the memory held by token ids
 
 
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
+    """Positions of the texts, longest first (ties in input order), cut into batches of ``batch_size``.
+
+    Every position appears exactly once, so writing batch results to ``out[idx]`` restores input order."""
+    order = np.argsort([-n for n in lengths], kind="stable")
+    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+
+
 class Encoder:
     """A model folder ready to encode queries and passages the way :class:`EncoderSettings` says."""
 
@@ -77,9 +85,7 @@ class Encoder:
         for start in range(0, len(texts), TOKENIZE_CHUNK):
             chunk = [instruction + t for t in texts[start : start + TOKENIZE_CHUNK]]
             enc = self.tokenizer(chunk, truncation=True, max_length=self.settings.max_length)
-            order = np.argsort([-len(ids) for ids in enc["input_ids"]], kind="stable")
-            for b in range(0, len(order), self.batch_size):
-                idx = order[b : b + self.batch_size]
+            for idx in length_sorted_batches([len(ids) for ids in enc["input_ids"]], self.batch_size):
                 feats = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
                 reps = self._embed({k: v.to(self.device) for k, v in feats.items()})  # (b, H)
                 if out is None:
