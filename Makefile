@@ -3,14 +3,14 @@ PY        ?= python3
 VENV      ?= .venv
 BIN        = $(VENV)/bin
 DATA      ?= ../shared/data/scifact
-WORK      ?= work/scifact
+WORK      ?= work/round_scifact
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test test-slow test-all lint format main-job data mine train eval bench bench-peers clean
+.PHONY: help setup setup-llamacpp test test-slow test-all lint format main-job retrieval-only bench bench-peers clean
 
 help:  ## list the targets
-	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-15s %s\n", $$1, $$2}'
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -38,8 +38,14 @@ format:  ## ruff format
 	$(BIN)/ruff format src tests benchmarks scripts
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
-main-job:  ## SciFact end to end: training file, hard negatives, one epoch of MiniLM, evaluation
-	bash scripts/main_job.sh $(DATA) $(WORK)
+setup-llamacpp: $(BIN)/python  ## install llama-cpp-python, the main job's LLM backend (compiles llama.cpp once: ~10 min)
+	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -e ".[llamacpp]"
+
+main-job: setup-llamacpp  ## one Reinforced-IR round on SciFact: answers, negatives, 1 epoch MiniLM, eval, report.md
+	VENV=$(VENV) bash scripts/main_job.sh $(DATA) $(WORK)
+
+retrieval-only:  ## the retrieval-only job: SciFact training file, hard negatives, 1 epoch MiniLM, evaluation
+	VENV=$(VENV) bash scripts/retrieval_only.sh $(DATA) work/scifact
 
 bench:  ## speed and memory benchmarks (benchmarks/README.md)
 	$(BIN)/python benchmarks/eval_speed.py

@@ -10,6 +10,8 @@ Rows:
   ``--slow_queries`` queries;
 - ``llama_cpp`` with batch 1 and batch 16, ``augment`` end to end on ``--queries`` queries, the batch-16 run
   twice (the rerun must be byte-identical);
+- ``llama_cpp`` on the GGUF re-quantised (``gguf_requantize``, cached; the conversion is in the first row's
+  wall): ``--requantized_rows q4_0:16,q4_0:32,q8_0:16`` by default; their answers are compared with batch 1's;
 - ``openai``: ``augment --backend openai`` against a ``python -m llama_cpp.server`` started here on the same GGUF
   (``repeat_penalty`` 1 so its greedy is plain argmax); its answers are compared with llama_cpp's batch-1 answers.
 
@@ -94,12 +96,15 @@ def child_augment(args) -> dict:
     for p in (out, out.with_name(out.name + ".partial")):
         p.unlink(missing_ok=True)
     tokens = ["--input", args.input, "--output", str(out), "--task", "scifact", "--max_new_tokens", "128",
-              "--backend", args.backend, "--batch_size", str(args.batch_size), "--progress", "false"]  # fmt: skip
+              "--backend", args.backend, "--batch_size", str(args.batch_size), "--progress", "false",
+              "--n_threads", str(args.threads)]  # fmt: skip
     gguf = gguf_path()
     if args.backend == "transformers":
         tokens += ["--model", str(gguf.parent), "--gguf_file", gguf.name, "--device", "cpu"]
     elif args.backend == "llama_cpp":
         tokens += ["--model", str(gguf), "--device", "cpu"]
+        if args.requantize:
+            tokens += ["--gguf_requantize", args.requantize]
     else:
         tokens += ["--model", gguf.name, "--api_base", args.api_base, "--api_concurrency", "4",
                    "--api_extra_body", '{"repeat_penalty": 1.0}']  # fmt: skip
@@ -147,9 +152,11 @@ def spawn(name: str, args, **kw) -> dict:
         sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
     result = json.loads(lines[-1][7:])
     result["name"] = name
+    result["load_avg"] = os.getloadavg()[0]
     result["answers"] = json.loads(answers.read_text())
     print(
-        f"[{time.strftime('%H:%M:%S')}] {name}: {result['tokens']} tokens in {result['gen_s']:.1f} s",
+        f"[{time.strftime('%H:%M:%S')}] {name}: {result['tokens']} tokens in {result['gen_s']:.1f} s "
+        f"(load average {result['load_avg']:.2f})",
         file=sys.stderr,
     )
     return result
@@ -193,6 +200,13 @@ def main() -> None:
     ap.add_argument("--backend")
     ap.add_argument("--batch_size", type=int, default=1)
     ap.add_argument("--api_base")
+    ap.add_argument("--threads", type=int, default=2, help="n_threads for the local backends")
+    ap.add_argument("--requantize", help="child: gguf_requantize for llama_cpp")
+    ap.add_argument(
+        "--requantized_rows",
+        default="q4_0:16,q4_0:32,q8_0:16",
+        help="extra llama_cpp rows TYPE:BATCH on the re-quantised GGUF ('' for none)",
+    )
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
     args = ap.parse_args()
     Path(args.work).mkdir(parents=True, exist_ok=True)
@@ -211,6 +225,10 @@ def main() -> None:
     rows.append(spawn("llama_cpp_b1", args, input=full, backend="llama_cpp", batch_size=1))
     rows.append(spawn("llama_cpp_b16", args, input=full, backend="llama_cpp", batch_size=16))
     rows.append(spawn("llama_cpp_b16_rerun", args, input=full, backend="llama_cpp", batch_size=16))
+    for item in filter(None, args.requantized_rows.split(",")):
+        kind, _, bs = item.partition(":")
+        rows.append(spawn(f"llama_cpp_{kind}_b{bs}", args, input=full, backend="llama_cpp", batch_size=int(bs),
+                          requantize=kind))  # fmt: skip
     if "openai" not in skip:
         proc, base = start_server(gguf_path(), work)
         try:
@@ -230,6 +248,11 @@ def main() -> None:
     print(
         f"- llama_cpp answers equal between batch 1 and batch 16: {same_share(b1['answers'], b16['answers'])}"
     )
+    for r in rows:
+        if r["name"].startswith("llama_cpp_q"):
+            print(
+                f"- {r['name']} answers equal to llama_cpp batch 1 (Q4_1): {same_share(r['answers'], b1['answers'])}"
+            )
     if "openai" in by:
         print(f"- openai (llama_cpp.server) answers equal to llama_cpp batch 1: "
               f"{same_share(by['openai']['answers'], b1['answers'])}")  # fmt: skip

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The main job on a fresh machine: SciFact training records -> mined hard negatives -> one epoch of
+# Retrieval only (the main job before the round, issue 16): SciFact training records -> mined hard negatives -> one epoch of
 # all-MiniLM-L6-v2 -> SciFact test evaluation. Usage:
-#   bash scripts/main_job.sh [DATA_DIR] [WORK_DIR] [extra train options...]
-#   bash scripts/main_job.sh ../shared/data/scifact work/scifact --max_steps 10      # a shorter run
+#   bash scripts/retrieval_only.sh [DATA_DIR] [WORK_DIR] [extra train options...]
+#   bash scripts/retrieval_only.sh ../shared/data/scifact work/scifact --max_steps 10      # a shorter run
 # DATA_DIR defaults to ../shared/data/scifact; without it, pass a BEIR folder (e.g. one from
 # `rir-finetune data get scifact --out data`). Takes 30-45 min on a 2-core CPU (most of it training).
 set -euo pipefail

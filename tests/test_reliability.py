@@ -322,7 +322,7 @@ def test_inputs_are_never_overwritten_or_deleted(name, argv, expected, tiny_bert
 
 
 def test_main_job_resumes_only_a_folder_it_trained():
-    text = (REPO / "scripts" / "main_job.sh").read_text()
+    text = (REPO / "scripts" / "retrieval_only.sh").read_text()
     assert '[ -f "$WORK/model/rir_config.yaml" ] && resume=(--resume_from_checkpoint auto)' in text
     assert '[ -d "$WORK/model" ] && resume' not in text
 
