@@ -109,7 +109,7 @@ def cached_step(
             keeping = keeping and kept_bytes + per_token * tokens <= keep_bytes
             if keeping:
                 counter = SavedBytes(exclude)
-                with counter():
+                with counter(), no_sync():  # DDP: only the last backward's forward may run outside no_sync
                     r = encode(ch)
                 per_token = max(per_token, counter.bytes / max(tokens, 1))
                 if kept_bytes + counter.bytes <= keep_bytes:
@@ -133,6 +133,9 @@ def cached_step(
 
     plan = [ch for ch in plan if grads[ch.part] is not None]  # parts no objective uses need no second pass
     plan.sort(key=lambda ch: ch.reps is None)  # kept graphs first: freed before any re-encoding
+    if no_sync is not contextlib.nullcontext and plan and plan[-1].reps is not None:
+        # DDP all-reduces in the backward of a forward that ran outside no_sync: re-encode the last chunk
+        plan[-1].reps = None
     for i, ch in enumerate(plan):
         ctx = no_sync() if i < len(plan) - 1 else contextlib.nullcontext()
         with ctx:
