@@ -9,6 +9,9 @@
 3. on the next ``eval_queries`` records (held out from DPO): a greedy answer from the base and from the DPO model
    (both through the transformers backend), each scored as reward scores answers (0.8 e(q) + 0.2 e(prefix + answer))
    . e(passage)); prints the mean reward of each and the DPO model's win rate against the base.
+4. with ``--test_queries N``: a greedy answer from each generator for the first N judged SciFact test queries (the
+   ones ``eval --max_queries N`` evaluates), then SciFact test nDCG@10 of zero-shot MiniLM in query mode and in fused
+   mode (``--alphas``) with each generator's answers (the corpus embedded once, then cached).
 """
 
 from __future__ import annotations
@@ -62,6 +65,45 @@ def greedy_rewards(
     return [float(s[0]) for s, _ in judged], [raw for _, raw in judged]
 
 
+def test_answers(model: str, queries: dict[str, str], out: Path, max_new_tokens: int, task: str) -> Path:
+    """Greedy answers in ``eval --answers`` form (``_id``, ``answer``), the reward's prompt, transformers backend."""
+    from rir_finetune.generator.reward import RewardConfig
+    from rir_finetune.llm.generation import BackendSettings, Sampling, load_backend
+    from rir_finetune.llm.prompts import build_prompt, resolve_template
+
+    if out.exists():
+        return out
+    cfg = RewardConfig(retriever=minilm(), task=task)
+    backend = load_backend(BackendSettings(backend="transformers", model=model, batch_size=16, progress=True))
+    template = resolve_template(cfg.prompt_template)
+    ids = list(queries)
+    prompts = [build_prompt(template, queries[q], cfg.task_description, cfg.query_type, cfg.answer_type)
+               for q in ids]  # fmt: skip
+    replies = backend.generate(prompts, Sampling(max_new_tokens=max_new_tokens))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(
+        "".join(
+            json.dumps({"_id": q, "answer": g[0].text.strip()}) + "\n"
+            for q, g in zip(ids, replies, strict=True)
+        )
+    )
+    tmp.replace(out)
+    return out
+
+
+def fused_ndcg(answers: Path | None, alpha: float, n: int, data: str, out: Path) -> float:
+    from rir_finetune.config import build_configs
+    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
+
+    keys = (
+        {"mode": "query"} if answers is None else {"mode": "fused", "alpha": alpha, "answers": str(answers)}
+    )
+    (args,) = build_configs([EvalArguments], None, {"model": minilm(), "data": data, "split": "test",
+                                                    "output_dir": str(out), "show_progress": False,
+                                                    "max_queries": n, **keys})  # fmt: skip
+    return float(evaluate_folder(args)["ndcg@10"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--records", required=True)
@@ -72,6 +114,13 @@ def main() -> None:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--task", default="scifact")
     p.add_argument("--backend", default="llama_cpp", help="backend that samples for reward")
+    p.add_argument(
+        "--test_queries", type=int, default=0, help="fused nDCG@10 on the first N SciFact test queries"
+    )
+    p.add_argument(
+        "--test_data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact")
+    )
+    p.add_argument("--alphas", type=float, nargs="+", default=[0.8, 0.9])
     p.add_argument(
         "--dpo_args", default="", help="extra train-generator options, e.g. '--learning_rate 1e-4'"
     )
@@ -105,6 +154,25 @@ def main() -> None:
         "win_rate_dpo": float((dpo > base).mean()), "ties": float((dpo == base).mean()),
         "reward_s": round(t_reward, 1), "dpo_s": round(t_dpo, 1),
     }  # fmt: skip
+    if a.test_queries:
+        from rir_finetune.retrieval.data import load_beir
+
+        t0 = time.time()
+        queries = load_beir(a.test_data, "test").limit_queries(a.test_queries).queries
+        base_answers = test_answers(gguf, queries, work / "test_answers_base.jsonl", a.max_new_tokens, a.task)
+        dpo_answers = test_answers(
+            str(out), queries, work / "test_answers_dpo.jsonl", a.max_new_tokens, a.task
+        )
+        result["test_queries"] = len(queries)
+        result["test_ndcg@10_query"] = fused_ndcg(
+            None, 1.0, a.test_queries, a.test_data, work / "eval" / "query"
+        )
+        for alpha in a.alphas:
+            for name, answers in (("base", base_answers), ("dpo", dpo_answers)):
+                result[f"test_ndcg@10_fused{alpha}_{name}"] = fused_ndcg(
+                    answers, alpha, a.test_queries, a.test_data, work / "eval" / f"{name}_{alpha}"
+                )
+        result["test_s"] = round(time.time() - t0, 1)
     print(json.dumps(result, indent=1))
     (work / "result.json").write_text(json.dumps(result, indent=1) + "\n")
 
