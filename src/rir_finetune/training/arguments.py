@@ -41,8 +41,9 @@ class ModelArguments:
     lora_alpha: float = 64.0
     lora_dropout: float = 0.1
     lora_target_modules: list[str] | None = None  # None: peft's defaults for the architecture
-    # GradCache with a memory budget (gradcache.py): memory bounded whatever the batch; None (auto): on, except
-    # under DeepSpeed; false: the plain step (every activation of the batch kept at once)
+    # GradCache with a memory budget (gradcache.py): true bounds memory whatever the batch (the main job's shapes:
+    # 2.98 GiB at ~1.36x the step time on a 2-core CPU); None (auto) and false: the plain step (every activation of
+    # the batch kept at once: fastest, ~10 GiB for the main job's shapes)
     gradient_cache: bool | None = None
     gradient_cache_chunk_size: int = 16  # texts per chunk under gradient caching
     gradient_cache_memory_mb: int = 1024  # activations kept from the first pass; the rest encoded twice
