@@ -10,7 +10,7 @@ Retention is bounded (issue 19): when the free memory at the top of the heap exc
 glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB), so the process keeps at most about that much
 freed memory at the top of the heap beyond what its steps use, instead of everything it ever held (the earlier
 setting, trimming off, kept the heap at its all-time peak). Freed blocks below a live one (holes) stay resident
-until reused: glibc trims only the top. What bounds the process is the step's own working set (the gradient
+until reused: glibc trims only the top, and a small chunk parked in its tcache counts as live. What bounds the process is the step's own working set (the gradient
 cache's memory budget, :mod:`rir_finetune.training.gradcache`): the heap cannot grow far beyond it.
 
 Nothing happens off glibc (macOS, musl) or when ``RIR_FINETUNE_MALLOC=default``. ``python -m rir_finetune.cpu_memory``

@@ -11,15 +11,25 @@ import pytest
 from rir_finetune.cpu_memory import SETTINGS, env_equivalent
 
 PROBE = """
-import sys, torch
+import ctypes, resource, sys
 from rir_finetune.cpu_memory import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "call" else None
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+# One 1.5 GiB block straight from glibc, touched, then freed: more than the kept bound. Between malloc and free
+# nothing may allocate from the heap: a small chunk carved above the block and parked in glibc's tcache (a file
+# read, a torch tensor's bookkeeping) leaves the block a hole below the top, which glibc does not trim until that
+# chunk goes (cpu_memory's docstring). So the resident size while held is the peak from getrusage, not a file read.
+n = 1536 * 2**20
 base = rss()
-x = torch.ones(384 * 2**20)  # 1.5 GiB, then freed: more than the kept bound
-held = rss() - base
-del x
+p = libc.malloc(n)
+ctypes.memset(p, 1, n)
+held = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
+libc.free(p)
 print(applied, round(held), round(rss() - base))
 """
 
