@@ -287,3 +287,17 @@ def test_openai_unreachable_server_is_one_line():
     base = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(UserError, match=r"127.0.0.1:\d+/v1: cannot reach the server"):
         load_backend(openai_settings(Path("SmolLM2.gguf"), base, api_timeout=5))
+
+
+@pytest.mark.parametrize(("value", "amx", "expected"), [("on", True, True), ("off", False, False),
+                                                         ("auto", True, False), ("auto", False, True)])  # fmt: skip
+def test_llama_cpp_extra_buffers_are_off_by_default_on_amx_cpus(monkeypatch, value, amx, expected):
+    """llama.cpp's CPU extra buffers (AMX, repacked Q4_0) segfault in llama_decode on AMX CPUs (0.3.36, native)."""
+    from rir_finetune.llm import llamacpp_backend as lb
+
+    monkeypatch.setenv("RIR_FINETUNE_LLAMA_EXTRA_BUFFERS", value)
+    monkeypatch.setattr(lb, "cpu_has_amx", lambda: amx)
+    assert lb.extra_buffers_wanted() is expected
+    monkeypatch.setenv("RIR_FINETUNE_LLAMA_EXTRA_BUFFERS", "maybe")
+    with pytest.raises(UserError, match="RIR_FINETUNE_LLAMA_EXTRA_BUFFERS='maybe'"):
+        lb.extra_buffers_wanted()

@@ -20,6 +20,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,52 @@ from rir_finetune.llm.common import (
 )
 
 INSTALL = "the llama_cpp backend needs llama-cpp-python: pip install 'rir-finetune[llamacpp]' (it compiles llama.cpp)"
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def extra_buffers_wanted() -> bool:
+    """Whether llama.cpp may repack weights into its CPU "extra" buffer types (AMX tiles, interleaved Q4_0).
+
+    ``RIR_FINETUNE_LLAMA_EXTRA_BUFFERS=on|off`` decides; by default they are off on CPUs with AMX: there
+    llama-cpp-python 0.3.36 built from source (native) segfaults in ``llama_decode`` on any batch of more than a
+    few tokens (seen on a Sapphire Rapids VM: Q4_1, Q4_0 and Q8_0, batch 1 and 16; fine with them off).
+    """
+    value = os.environ.get("RIR_FINETUNE_LLAMA_EXTRA_BUFFERS", "auto").lower()
+    if value in ("on", "1", "true"):
+        return True
+    if value in ("off", "0", "false"):
+        return False
+    if value != "auto":
+        raise UserError(f"RIR_FINETUNE_LLAMA_EXTRA_BUFFERS={value!r}: use on, off or auto")
+    return not cpu_has_amx()
+
+
+@contextmanager
+def _model_params(**fields):
+    """Llama() takes no option for some model parameters: set them on the defaults it starts from."""
+    import llama_cpp.llama as high
+
+    orig = high.llama_cpp.llama_model_default_params
+
+    def patched():
+        params = orig()
+        for k, v in fields.items():
+            if hasattr(params, k):
+                setattr(params, k, v)
+        return params
+
+    high.llama_cpp.llama_model_default_params = patched
+    try:
+        yield
+    finally:
+        high.llama_cpp.llama_model_default_params = orig
 
 
 def _import_llama_cpp():
@@ -132,18 +179,13 @@ class LlamaCppBackend:
             path = requantized(lc, path, settings.gguf_requantize, self.threads)
         offload = settings.device != "cpu" and lc.llama_supports_gpu_offload()
         self.gpu = bool(offload)
+        extra = extra_buffers_wanted()
         try:
-            self.llm = lc.Llama(
-                model_path=str(path),
-                n_ctx=256,  # this context is not used for decoding (ours below is): keep it small
-                n_batch=256,
-                n_threads=self.threads,
-                n_threads_batch=self.threads,
-                n_gpu_layers=-1 if offload else 0,
-                verbose=False,
-            )
+            with _model_params(use_extra_bufts=extra):
+                self.llm = self._load(lc, path, offload)
         except (ValueError, RuntimeError) as e:
             raise UserError(f"{path}: llama.cpp cannot load this model ({e})") from None
+        self.extra_buffers = extra
         self.model = self.llm._model.model  # the llama_model pointer for the C API
         self.vocab = lc.llama_model_get_vocab(self.model)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
@@ -163,6 +205,17 @@ class LlamaCppBackend:
             )
         self._ctx = None
         self._ctx_shape: tuple[int, int, int, bool] | None = None
+
+    def _load(self, lc, path: Path, offload: bool):
+        return lc.Llama(
+            model_path=str(path),
+            n_ctx=256,  # this context is not used for decoding (ours below is): keep it small
+            n_batch=256,
+            n_threads=self.threads,
+            n_threads_batch=self.threads,
+            n_gpu_layers=-1 if offload else 0,
+            verbose=False,
+        )
 
     # -- prompts -------------------------------------------------------------------------------------------------
 
