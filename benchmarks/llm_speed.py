@@ -168,7 +168,7 @@ def start_server(gguf: Path, work: Path) -> tuple[subprocess.Popen, str]:
         port = s.getsockname()[1]
     log = (work / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "rir_finetune.llm.llama_server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "4096", "--n_threads", str(len(os.sched_getaffinity(0)))],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip

@@ -68,7 +68,7 @@ def server(gguf, tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("server") / "server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "rir_finetune.llm.llama_server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
          "--n_ctx", "4096", "--api_key", KEY],
         stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
