@@ -6,12 +6,13 @@ every backend in one run, each in a fresh process (tokens/s, wall, peak RSS).
 Rows:
 - ``today``: the transformers path as it was before issue 15 (``LocalGenerator`` from commit 65e2a4f: batches of
   8 in input order, ``model.generate``), on the first ``--slow_queries`` queries (it is slow);
-- ``transformers``: the new transformers backend (length-sorted queue, finished rows leave the batch), also on
-  ``--slow_queries`` queries;
+- ``transformers``: the new transformers backend (length-sorted queue, finished rows leave the batch) on all
+  ``--queries`` queries: batch 64 in ``dtype auto`` (bf16 where the CPU has it natively) twice (the rerun must be
+  byte-identical), batch 16 in ``auto`` (how many answers change with the batch) and batch 64 in fp32;
 - ``llama_cpp`` with batch 1 and batch 16, ``augment`` end to end on ``--queries`` queries, the batch-16 run
   twice (the rerun must be byte-identical);
 - ``llama_cpp`` on the GGUF re-quantised (``gguf_requantize``, cached; the conversion is in the first row's
-  wall): ``--requantized_rows q4_0:16,q4_0:32,q8_0:16`` by default; their answers are compared with batch 1's;
+  wall): ``--requantized_rows q4_0:32,q8_0:16`` by default; their answers are compared with batch 1's;
 - ``openai``: ``augment --backend openai`` against a ``python -m llama_cpp.server`` started here on the same GGUF
   (``repeat_penalty`` 1 so its greedy is plain argmax); its answers are compared with llama_cpp's batch-1 answers.
 
@@ -100,7 +101,16 @@ def child_augment(args) -> dict:
               "--n_threads", str(args.threads)]  # fmt: skip
     gguf = gguf_path()
     if args.backend == "transformers":
-        tokens += ["--model", str(gguf.parent), "--gguf_file", gguf.name, "--device", "cpu"]
+        tokens += [
+            "--model",
+            str(gguf.parent),
+            "--gguf_file",
+            gguf.name,
+            "--device",
+            "cpu",
+            "--dtype",
+            args.dtype,
+        ]
     elif args.backend == "llama_cpp":
         tokens += ["--model", str(gguf), "--device", "cpu"]
         if args.requantize:
@@ -192,7 +202,7 @@ def same_share(a: list[str], b: list[str]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=64)
-    ap.add_argument("--slow_queries", type=int, default=16, help="queries for the two transformers rows")
+    ap.add_argument("--slow_queries", type=int, default=16, help="queries for the today row")
     ap.add_argument("--work", default="/tmp/llm_speed")
     ap.add_argument("--child")
     ap.add_argument("--answers")
@@ -202,9 +212,10 @@ def main() -> None:
     ap.add_argument("--api_base")
     ap.add_argument("--threads", type=int, default=2, help="n_threads for the local backends")
     ap.add_argument("--requantize", help="child: gguf_requantize for llama_cpp")
+    ap.add_argument("--dtype", default="auto", help="child: dtype for transformers")
     ap.add_argument(
         "--requantized_rows",
-        default="q4_0:16,q4_0:32,q8_0:16",
+        default="q4_0:32,q8_0:16",
         help="extra llama_cpp rows TYPE:BATCH on the re-quantised GGUF ('' for none)",
     )
     ap.add_argument("--skip", default="", help="comma-separated rows to leave out")
@@ -221,7 +232,9 @@ def main() -> None:
     if "today" not in skip:
         rows.append(spawn("today", args, input=small))
     if "transformers" not in skip:
-        rows.append(spawn("transformers", args, input=small, backend="transformers", batch_size=16))
+        for name, bs, dtype in [("transformers_b64", 64, "auto"), ("transformers_b64_rerun", 64, "auto"),
+                                ("transformers_b16", 16, "auto"), ("transformers_fp32_b64", 64, "float32")]:  # fmt: skip
+            rows.append(spawn(name, args, input=full, backend="transformers", batch_size=bs, dtype=dtype))
     rows.append(spawn("llama_cpp_b1", args, input=full, backend="llama_cpp", batch_size=1))
     rows.append(spawn("llama_cpp_b16", args, input=full, backend="llama_cpp", batch_size=16))
     rows.append(spawn("llama_cpp_b16_rerun", args, input=full, backend="llama_cpp", batch_size=16))
@@ -253,6 +266,14 @@ def main() -> None:
             print(
                 f"- {r['name']} answers equal to llama_cpp batch 1 (Q4_1): {same_share(r['answers'], b1['answers'])}"
             )
+    if "transformers_b64" in by:
+        t64, again, t16 = by["transformers_b64"], by["transformers_b64_rerun"], by["transformers_b16"]
+        from rir_finetune.precision import resolve_dtype
+
+        print(f"- transformers dtype auto = {resolve_dtype('auto', 'cpu')} on this CPU; batch 64 rerun "
+              f"byte-identical: {t64['answers'] == again['answers']}; answers equal between batch 64 and batch 16: "
+              f"{same_share(t64['answers'], t16['answers'])}; auto vs fp32 (batch 64): "
+              f"{same_share(t64['answers'], by['transformers_fp32_b64']['answers'])}")  # fmt: skip
     if "openai" in by:
         print(f"- openai (llama_cpp.server) answers equal to llama_cpp batch 1: "
               f"{same_share(by['openai']['answers'], b1['answers'])}")  # fmt: skip

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from rir_finetune.generator.dpo import cpu_has_bf16, to_trl_example
+from rir_finetune.generator.dpo import to_trl_example
 from rir_finetune.generator.reward import RewardRule, augmented_scores, choose_pair, pair_prompt
+from rir_finetune.precision import cpu_has_bf16
 
 UPSTREAM = RewardRule()  # 0.8 / 0.2, threshold 0.95, best must beat the query
 

@@ -16,6 +16,7 @@ import pytest
 
 from rir_finetune.errors import UserError
 from rir_finetune.llm.generation import BackendSettings, PromptTooLong, Sampling, load_backend, sample_seed
+from rir_finetune.precision import check_dtype
 
 CLAIMS = [
     "Aspirin lowers the risk of heart attacks.",
@@ -301,3 +302,43 @@ def test_llama_cpp_extra_buffers_are_off_by_default_on_amx_cpus(monkeypatch, val
     monkeypatch.setenv("RIR_FINETUNE_LLAMA_EXTRA_BUFFERS", "maybe")
     with pytest.raises(UserError, match="RIR_FINETUNE_LLAMA_EXTRA_BUFFERS='maybe'"):
         lb.extra_buffers_wanted()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dtype: the transformers backend computes in bf16 where the device has it natively
+
+
+def test_transformers_backend_computes_in_the_configured_dtype(tmp_path):
+    import torch
+
+    from prep.test_prep_augment import build_tiny_llm
+
+    folder = build_tiny_llm(tmp_path / "tiny", chat=True)
+    greedy = Sampling(max_new_tokens=6)
+    out = {}
+    for dtype in ("bf16", "float32"):
+        backend = load_backend(BackendSettings(model=str(folder), batch_size=2, progress=False, dtype=dtype))
+        assert {p.dtype for p in backend.model.parameters()} == {getattr(torch, check_dtype(dtype))}
+        out[dtype] = texts(backend.generate(TINY, greedy))
+        assert texts(backend.generate(TINY, greedy)) == out[dtype]  # greedy reruns are identical
+    assert all(out["bf16"]) and all(out["float32"])
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [({"backend": "llama_cpp", "dtype": "bf16"}, "'dtype': only the transformers backend takes a dtype"),
+     ({"backend": "openai", "dtype": "float32", "api_base": "http://127.0.0.1:9/v1"}, "only the transformers"),
+     ({"backend": "transformers", "dtype": "int8"}, "'dtype': 'int8' is not one of")],
+)  # fmt: skip
+def test_dtype_is_checked(keys, message):
+    with pytest.raises(UserError, match=message):
+        BackendSettings(model="m.gguf", **keys)
+
+
+def test_resolved_dtype_is_none_where_the_backend_chooses(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    assert BackendSettings(model="m", device="cpu").resolved_dtype() == "bfloat16"
+    assert BackendSettings(model="m", device="cpu", dtype="fp32").resolved_dtype() == "float32"
+    assert BackendSettings(model="m.gguf", backend="llama_cpp").resolved_dtype() is None

@@ -292,3 +292,20 @@ def test_cli_bad_model_or_server_is_one_line_exit_2_and_nothing_written(tmp_path
     assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
     assert ("not a GGUF file" if backend == "llama_cpp" else "cannot reach the server") in err[0]
     assert not out.exists() and not partial_path(out).exists()
+
+
+def test_a_resumed_run_in_another_dtype_is_refused(tiny_llm, tmp_path):
+    """bf16 and fp32 greedy answers differ, so one file never mixes them: the dtype is in the fingerprint."""
+    src = write_queries(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    tokens = ["--input", str(src), "--output", str(out), "--model", str(tiny_llm), "--batch_size", "2",
+              "--max_new_tokens", "4", "--dtype"]  # fmt: skip
+    cfg = load_config(AugmentConfig, None, tokens + ["bf16"])
+    assert cfg.fingerprint()["dtype"] == "bfloat16"
+    with pytest.raises(Killed):
+        augment(cfg, load_generator(cfg), after_batch=_kill_after(1))
+    before = partial_path(out).read_bytes()
+    with pytest.raises(UserError, match=r"other settings \(dtype: 'bfloat16' -> 'float32'\)"):
+        run_augment(None, tokens + ["fp32"])
+    assert partial_path(out).read_bytes() == before and not out.exists()
+    assert run_augment(None, tokens + ["bfloat16"])["generated"] == 3  # the alias is the same setting

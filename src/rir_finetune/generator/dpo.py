@@ -28,7 +28,6 @@ import re
 import resource
 import sys
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,6 +40,7 @@ from rir_finetune.config import build_configs, parse_overrides
 from rir_finetune.errors import UserError
 from rir_finetune.generator.causal_lm import check_causal_lm, model_location
 from rir_finetune.generator.io import Record, read_checked
+from rir_finetune.precision import bf16_native
 
 logger = logging.getLogger("rir_finetune")
 
@@ -51,17 +51,8 @@ ADAPTER_DIR = "adapter"
 # Config
 
 
-def cpu_has_bf16(capabilities: Mapping[str, Any]) -> bool:
-    """Whether a CPU (``torch.cpu.get_capabilities()``) does bf16 arithmetic natively rather than emulated."""
-    return any(bool(capabilities.get(k)) for k in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
-
-
 def bf16_by_default(use_cpu: bool) -> bool:
-    import torch
-
-    if torch.cuda.is_available() and not use_cpu:
-        return torch.cuda.is_bf16_supported()
-    return cpu_has_bf16(torch.cpu.get_capabilities())
+    return bf16_native("cpu" if use_cpu else None)
 
 
 @dataclass

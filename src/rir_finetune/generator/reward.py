@@ -137,6 +137,9 @@ class RewardConfig:
     device: str | None = None  # LLM device: cpu, cuda ...; None: the backend's choice
     n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
     n_threads: int | None = None  # CPU threads for llama_cpp / torch; None: the library's choice
+    dtype: str = (
+        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
+    )
     api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
     use_chat_template: bool = True  # wrap prompts in the model's chat template when it has one
     system_prompt: str | None = (
@@ -196,6 +199,7 @@ class RewardConfig:
                 "device", "batch_size", "api_base", "n_ctx", "n_threads"}  # fmt: skip
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         keep["retriever"] = str(Path(self.retriever or "").resolve())
+        keep["dtype"] = self.backend_settings().resolved_dtype()  # "auto" as resolved on this machine
         text = json.dumps(keep, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -106,8 +106,28 @@ class BackendSettings:
     gguf_requantize: str | None = (
         None  # llama_cpp: re-quantise the GGUF once (cached) to q4_0 / q8_0 / f16, types that batch on CPU
     )
+    dtype: str = (
+        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
+    )
+
+    def resolved_dtype(self) -> str | None:
+        """The float type the transformers backend computes in (``auto`` resolved on this machine); None for the
+        other backends. Part of every fingerprint: bf16 and fp32 greedy answers differ."""
+        if self.backend != "transformers" or self.api_base:
+            return None
+        from rir_finetune.precision import resolve_dtype
+
+        return resolve_dtype(self.dtype, self.device)
 
     def __post_init__(self):
+        from rir_finetune.precision import check_dtype
+
+        self.dtype = check_dtype(self.dtype)
+        if self.dtype != "auto" and self.backend != "transformers":
+            raise UserError(
+                f"config key 'dtype': only the transformers backend takes a dtype ({self.backend} computes in the "
+                "GGUF file's types or the server's); leave it at auto"
+            )
         if self.backend not in BACKENDS:
             raise UserError(f"config key 'backend': {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if self.gguf_requantize is not None and self.gguf_requantize not in REQUANTIZE_TYPES:

@@ -1,4 +1,8 @@
-"""The ``transformers`` backend: a Hugging Face causal LM (a folder, or a GGUF file de-quantised to fp32).
+"""The ``transformers`` backend: a Hugging Face causal LM (a folder, or a GGUF file de-quantised).
+
+The model computes in ``dtype`` (``auto``: bf16 where the device has native bf16, :mod:`rir_finetune.precision`;
+measured with SmolLM2-135M, 64 SciFact prompts at batch 64 on 2 AVX512-BF16 cores: 495 tokens/s in bf16 against
+190 in fp32). bf16 and fp32 greedy answers differ (7 of those 64 were identical), as two models' would.
 
 Prompts are tokenised once and sorted by length (longest first), then decoded ``batch_size`` at a time: left
 padding with position ids from the mask, a KV cache, and rows that finish (end of sequence or ``max_new_tokens``)
@@ -56,7 +60,12 @@ class TransformersBackend:
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
             self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
-            self.model = AutoModelForCausalLM.from_pretrained(str(folder), **extra).to(self.device).eval()
+            self.dtype = settings.resolved_dtype()
+            self.model = (
+                AutoModelForCausalLM.from_pretrained(str(folder), dtype=getattr(torch, self.dtype), **extra)
+                .to(self.device)
+                .eval()
+            )
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(

@@ -69,6 +69,9 @@ class AugmentConfig:
     n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
     batch_size: int = 16  # sequences decoded together; answers written together
     gguf_requantize: str | None = None  # llama_cpp: re-quantise the GGUF once (cached): q4_0 | q8_0 | f16
+    dtype: str = (
+        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
+    )
     api_base: str | None = None  # openai: the endpoint, e.g. http://localhost:8000/v1
     api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
     api_timeout: float = 300.0  # openai: seconds per request
@@ -123,6 +126,7 @@ class AugmentConfig:
             "backend": "openai" if self.api_base else self.backend,
             "model": model,
             "gguf_file": self.gguf_file,
+            **({"dtype": d} if (d := self.backend_settings().resolved_dtype()) else {}),
             "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p if self.temperature > 0 else None,

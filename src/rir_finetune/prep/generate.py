@@ -145,6 +145,8 @@ class GenerateConfig(BackendSettings):
         ):  # a path is the same file from anywhere
             if out[key] and not (key == "model" and (self.backend == "openai" or self.api_base)):
                 out[key] = str(Path(out[key]).resolve()) if Path(out[key]).exists() else out[key]
+        if self.resolved_dtype():  # bf16 and fp32 write different queries; "auto" is resolved on this machine
+            out["dtype"] = self.resolved_dtype()
         return out
 
 

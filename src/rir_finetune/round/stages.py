@@ -89,7 +89,7 @@ def data_stamp(data_dir: str, splits: list[str]) -> str:
 
 # llm keys that reward takes from the shared llm keys and the augment section, so that it samples with the prompts
 # and backend that augment uses (sampling keys are reward's own: upstream samples at 0.9 / 0.9 whatever augment does)
-REWARD_LLM_KEYS = ("backend", "model", "gguf_file", "device", "n_ctx", "n_threads", "api_base", "batch_size",
+REWARD_LLM_KEYS = ("backend", "model", "gguf_file", "device", "dtype", "n_ctx", "n_threads", "api_base", "batch_size",
                    "use_chat_template", "system_prompt", "max_new_tokens", "task", "task_description",
                    "query_type", "answer_type", "prompt_template")  # fmt: skip
 # llm keys that train_generator takes (the model it trains, and how prompts were shown to it)
