@@ -47,7 +47,12 @@ def _timed(cmd: list[str]) -> tuple[float, float, str]:
 
 
 def time_ours(
-    model: str, data: str, split: str, batch_size: int | None = None, keep: str | None = None
+    model: str,
+    data: str,
+    split: str,
+    batch_size: int | None = None,
+    keep: str | None = None,
+    extra_args: list[str] | None = None,
 ) -> tuple[float, float, float]:
     """(wall s, CPU s, nDCG@10) of ``rir-finetune eval`` with default settings and a cold cache.
 
@@ -57,7 +62,7 @@ def time_ours(
         where = Path(keep) if keep else Path(tmp)
         if (where / "cache").exists():
             raise SystemExit(f"{where / 'cache'}: exists; the run would not start from a cold cache")
-        extra = [] if batch_size is None else ["--batch_size", str(batch_size)]
+        extra = ([] if batch_size is None else ["--batch_size", str(batch_size)]) + list(extra_args or [])
         wall, cpu, _ = _timed(
             [sys.executable, "-m", "rir_finetune", "eval", "--model", model, "--data", data, "--split", split,
              "--output_dir", f"{where}/out", "--cache_dir", f"{where}/cache", "--show_progress", "false", *extra]
@@ -117,6 +122,9 @@ def main() -> None:
         default=None,
         help="ours once per batch size (default: its own)",
     )
+    parser.add_argument(
+        "--ours_dtypes", nargs="*", default=[], help="extra rows of ours (default batch) with --dtype D each"
+    )
     parser.add_argument("--keep", default=None, help="keep ours' outputs and cache under KEEP/bs<N>")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--st_worker", action="store_true", help=argparse.SUPPRESS)
@@ -143,6 +151,13 @@ def main() -> None:
             keep = f"{args.keep}/r{i}_bs{bs or 'default'}" if args.keep else None
             name = "ours" if bs == ours_sizes[0] else f"ours_bs{bs}"
             record(i, name, *time_ours(args.model, args.data, args.split, bs, keep))
+        for dtype in args.ours_dtypes:
+            keep = f"{args.keep}/r{i}_{dtype}" if args.keep else None
+            record(
+                i,
+                f"ours_{dtype}",
+                *time_ours(args.model, args.data, args.split, None, keep, ["--dtype", dtype]),
+            )
         for bs in args.st_batch_sizes:
             record(i, f"st_bs{bs}", *time_sentence_transformers(args.model, args.data, args.split, bs))
     medians = {

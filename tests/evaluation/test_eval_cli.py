@@ -89,6 +89,12 @@ def test_cache_is_keyed_by_content_not_folder_name(model_dir, data, tmp_path):
     run_cli("--model", model, "--output_dir", tmp_path / "o5", *common, "--max_length", "4")
     assert _cache_record(tmp_path / "o5")["hit"] is False
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    # bf16 embeddings are not fp32's: their own key, never a hit on the fp32 entry
+    run_cli("--model", model, "--output_dir", tmp_path / "o6", *common, "--dtype", "bf16")
+    assert _cache_record(tmp_path / "o6")["hit"] is False
+    run_cli("--model", model, "--output_dir", tmp_path / "o7", *common, "--dtype", "bfloat16")
+    assert _cache_record(tmp_path / "o7") == {**_cache_record(tmp_path / "o6"), "hit": True}
+    assert json.loads((tmp_path / "o7" / "eval_config.json").read_text())["arguments"]["dtype"] == "bfloat16"
 
 
 def test_missing_model_folder(capsys, data, tmp_path):

@@ -115,3 +115,21 @@ def test_sorted_batches_equal_one_unsorted_padded_batch(plain_dir):
     assert got.shape == (len(TEXTS), 32)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert not np.allclose(got[0], got[1], atol=1e-3)  # distinct texts, distinct rows: order is tested
+
+
+def test_bf16_encoding_is_close_to_fp32_and_returns_fp32(plain_dir):
+    """bf16 under autocast: the same embeddings within bf16's precision, fp32 out, the weights untouched."""
+    fp32 = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False)
+    bf16 = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False, dtype="bf16")
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    a, b = fp32.encode(TEXTS), bf16.encode(TEXTS)
+    assert b.dtype == np.float32 and {p.dtype for p in bf16.model.parameters()} == {torch.float32}
+    assert 0 < np.abs(a - b).max() < 0.05  # it did compute in bf16 (not identical), and closely
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)  # normalised in fp32
+
+
+def test_encoder_dtype_auto_follows_the_hardware(plain_dir, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "avx2": True})
+    assert Encoder(read_settings(plain_dir), show_progress=False, dtype="auto").dtype == "float32"
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    assert Encoder(read_settings(plain_dir), show_progress=False, dtype="auto").dtype == "bfloat16"

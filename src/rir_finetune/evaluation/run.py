@@ -77,7 +77,8 @@ class EvalArguments:
         None  # corpus-embedding cache; None: $RIR_FINETUNE_CACHE or ~/.cache/rir_finetune/embeddings
     )
     use_cache: bool = True  # false: always encode the corpus, store nothing
-    device: str = "cpu"  # torch device of the encoder (fp32)
+    device: str = "cpu"  # torch device of the encoder
+    dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto: bf16 where the device has it natively
     trust_remote_code: bool = False  # allow custom modelling code from the model folder
     show_progress: bool = True  # tqdm progress bars on stderr
 
@@ -103,6 +104,9 @@ class EvalArguments:
         for key, ok, msg in checks:
             if not ok:
                 raise UserError(f"config key {key!r}: {msg}, got {getattr(self, key)!r}")
+        from rir_finetune.precision import check_dtype
+
+        self.dtype = check_dtype(self.dtype)
         self.top_k = max(self.k_values) if self.top_k is None else self.top_k
         if self.top_k < max(self.k_values):
             raise UserError(
@@ -159,9 +163,12 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         device=args.device,
         show_progress=args.show_progress,
         trust_remote_code=args.trust_remote_code,
+        dtype=args.dtype,
     )
     doc_ids, doc_texts = dataset.corpus_texts(args.corpus_text_format)
-    key, described = cache_key(model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts))
+    key, described = cache_key(
+        model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts), encoder.dtype
+    )
     cache_dir = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) if args.use_cache else None
     cache_dir, store = guards.check_cache_dir(cache_dir)
     corpus_reps, hit = cached_corpus_encode(

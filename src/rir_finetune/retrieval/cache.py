@@ -41,8 +41,12 @@ def corpus_hash(doc_ids: list[str], texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def cache_key(model_fingerprint: str, settings: EncoderSettings, corpus_digest: str) -> tuple[str, dict]:
-    """The cache key and the description it hashes. The model's path is not part of it, only its content."""
+def cache_key(
+    model_fingerprint: str, settings: EncoderSettings, corpus_digest: str, dtype: str = "float32"
+) -> tuple[str, dict]:
+    """The cache key and the description it hashes. The model's path is not part of it, only its content.
+
+    ``dtype``: what the encoder computed in (``Encoder.dtype``); fp32 keys are those of earlier versions."""
     fields = dataclasses.asdict(settings)
     fields.pop("transformer_dir")
     fields.pop("query_instruction")  # queries are never cached
@@ -52,6 +56,8 @@ def cache_key(model_fingerprint: str, settings: EncoderSettings, corpus_digest: 
         "settings": fields,
         "corpus": corpus_digest,
     }
+    if dtype != "float32":
+        described["dtype"] = dtype
     key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
     return key, described
 

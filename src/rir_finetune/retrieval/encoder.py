@@ -1,4 +1,9 @@
-"""Texts -> embeddings with a transformers model: pooling, normalisation, length-sorted batches, fp32.
+"""Texts -> embeddings with a transformers model: pooling, normalisation, length-sorted batches, fp32 output.
+
+The model computes in ``dtype``: ``float32`` (default), or ``bfloat16`` under ``torch.autocast`` (weights stay fp32;
+matmuls in bf16, LayerNorm, softmax, pooling and normalisation in fp32), ``auto`` = bf16 where the device has it
+natively (:mod:`rir_finetune.precision`). bf16 changes embeddings in the third decimal and may swap near-tied
+documents; the embedding cache keys it separately.
 
 Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
 of ``batch_size``, so each batch pads to nearly its own length; the embeddings come back in input order. Before anything is encoded
@@ -42,8 +47,12 @@ class Encoder:
         device: str = "cpu",
         show_progress: bool = True,
         trust_remote_code: bool = False,
+        dtype: str = "float32",
     ):
+        from rir_finetune.precision import resolve_dtype
+
         self.settings = settings
+        self.dtype = resolve_dtype(dtype, device)  # float32 | bfloat16 | float16
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.show_progress = show_progress
@@ -100,7 +109,12 @@ class Encoder:
 
     def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """features: input_ids / attention_mask / ... of shape (B, L). Returns (B, H) pooled (normalised) reps."""
-        hidden = self.model(**features, return_dict=True).last_hidden_state  # (B, L, H)
+        if self.dtype == "float32":
+            hidden = self.model(**features, return_dict=True).last_hidden_state  # (B, L, H)
+        else:
+            with torch.autocast(self.device.type, dtype=getattr(torch, self.dtype)):
+                hidden = self.model(**features, return_dict=True).last_hidden_state
+            hidden = hidden.float()
         reps = pool(hidden, features["attention_mask"], self.settings.pooling)  # (B, H)
         if self.settings.normalize:
             reps = torch.nn.functional.normalize(reps, dim=-1)

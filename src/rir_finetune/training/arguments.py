@@ -207,6 +207,14 @@ class RIRTrainingArguments(TrainingArguments):
         default=None,
         metadata={"help": "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)"},
     )
+    bf16: bool | str = field(
+        default=False,
+        metadata={
+            "help": "bf16 mixed precision (autocast; embeddings, scores and losses stay fp32); auto: on where the "
+            "device computes bf16 natively (CPUs with AVX512-BF16, AMX or Arm BF16; GPUs from Ampere on), "
+            "off elsewhere and with fp16"
+        },
+    )
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -222,8 +230,24 @@ class RIRTrainingArguments(TrainingArguments):
             self.ddp_find_unused_parameters = (
                 False  # every trainable parameter reaches the loss (pooler frozen)
             )
+        self._choose_precision()
         self._choose_cpu_mode()
         super().__post_init__()
+
+    def _choose_precision(self) -> None:
+        """``bf16: auto`` -> true where the training device has native bf16 (:mod:`rir_finetune.precision`).
+
+        On a machine without an accelerator bf16 implies ``use_cpu`` (transformers refuses bf16 without a GPU
+        unless ``use_cpu`` is set, and the CPU is where the run trains anyway)."""
+        from rir_finetune.precision import bf16_native
+
+        cpu_only = not torch.accelerator.is_available()
+        if isinstance(self.bf16, str):
+            if self.bf16.strip().lower() != "auto":
+                raise UserError(f"config key 'bf16': true, false or auto, got {self.bf16!r}")
+            self.bf16 = not self.fp16 and bf16_native("cpu" if self.use_cpu or cpu_only else None)
+        if self.bf16 and cpu_only:
+            self.use_cpu = True
 
     def _choose_cpu_mode(self) -> None:
         """Several processes on a machine without an accelerator train on CPU with gloo, whatever the launch form.
