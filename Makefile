@@ -38,10 +38,10 @@ format:  ## ruff format
 	$(BIN)/ruff format src tests benchmarks scripts
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 
-setup-llamacpp: $(BIN)/python  ## install llama-cpp-python, the main job's LLM backend (compiles llama.cpp once: ~10 min)
+setup-llamacpp: $(BIN)/python  ## install llama-cpp-python, the llama_cpp LLM backend (compiles llama.cpp once: ~10 min)
 	@$(BIN)/python -c "import llama_cpp" 2>/dev/null || $(BIN)/pip install -q -e ".[llamacpp]"
 
-main-job: setup-llamacpp  ## one Reinforced-IR round on SciFact: answers, negatives, 1 epoch MiniLM, eval, report.md
+main-job: $(BIN)/python  ## one Reinforced-IR round on SciFact: answers, negatives, 1 epoch MiniLM, eval, report.md
 	VENV=$(VENV) bash scripts/main_job.sh $(DATA) $(WORK)
 
 retrieval-only:  ## the retrieval-only job: SciFact training file, hard negatives, 1 epoch MiniLM, evaluation

