@@ -92,3 +92,23 @@ def test_train_start_logs_one_line(tmp_path, tiny_bert_dir, caplog):
         run_train(None, _opts(tiny_bert_dir, data, tmp_path / "b", training_type="retrieval_answer",
                               normalize_embeddings=False))  # fmt: skip
     assert [r for r in caplog.records if "cannot contribute" in r.getMessage()] == []
+
+
+def test_flat_teacher_targets_are_warned_with_the_fix():
+    from rir_finetune.training.objectives.compose import flat_teacher_warning
+
+    cosine = [[0.288, 0.258, 0.252, 0.245], [0.61, 0.58, 0.57, 0.55]]  # MiniLM-teacher-like cosines
+    line = flat_teacher_warning(cosine, 1.0, 0.02)
+    # top probability x G: exp(0) / sum(exp(-(0.03, 0.036, 0.043))) x 4 = 1.027 (first group), 1.031 (second)
+    assert (
+        line is not None
+        and "mean top probability 1.03 / G" in line
+        and "teacher_temperature near temperature (0.02)" in line
+    )
+    assert (
+        flat_teacher_warning(cosine, 0.02, 0.02) is None
+    )  # 4 / (1 + e^-1.5 + e^-1.8 + e^-2.15) = 2.66 x uniform
+    assert (
+        flat_teacher_warning([[5.0, 1.0, 0.0, -2.0]], 1.0, 0.02) is None
+    )  # reranker logits: upstream's setting
+    assert flat_teacher_warning([[0.5]], 1.0, 0.02) is None  # one passage: nothing to distil

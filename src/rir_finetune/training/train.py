@@ -166,6 +166,14 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     for line in inert_terms(model_args, data_args, obj_args, train_args.per_device_train_batch_size,
                             train_args.world_size):  # fmt: skip
         logger.warning("a configured term cannot contribute: %s", line)
+    if data_args.knowledge_distillation and obj_args.kd_loss_type == "kl_div":
+        from rir_finetune.training.objectives.compose import flat_teacher_warning
+
+        sample = data.dataset.select(range(min(1000, len(data.dataset))))
+        groups = [list(r["pos_scores"] or []) + list(r["neg_scores"] or []) for r in sample]
+        line = flat_teacher_warning(groups, obj_args.teacher_temperature, obj_args.temperature)
+        if line:
+            logger.warning("%s", line)
 
     # one run per output_dir; a refused run leaves the folder as it found it (guards.py, issue 13)
     with guards.refused_run_cleanup(train_args.output_dir, ours={RESOLVED_CONFIG}):

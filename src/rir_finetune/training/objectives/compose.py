@@ -166,3 +166,32 @@ def inert_terms(
             found.append(f"config key {key!r}: set to {getattr(cfg, key)} but {term} is never computed ({why}); "
                          "remove the key or change what it depends on")  # fmt: skip
     return found
+
+
+def flat_teacher_warning(
+    score_groups: list[list[float]], teacher_temperature: float, temperature: float
+) -> str | None:
+    """A warning when the kl_div teacher targets softmax(scores / teacher_temperature) are nearly uniform.
+
+    score_groups: per record, the teacher scores of its positive and negatives (G_i values). With cosine teachers
+    (scores within a few hundredths of each other) and upstream's teacher_temperature 1, every target is almost
+    flat, and KL then pulls the student's softmax(s / temperature) toward a flat one: measured on SciFact, one epoch
+    with the MiniLM teacher lost 0.09 nDCG@10. Warns when the targets' mean top probability is below 1.5 / G."""
+    import math
+
+    ratios = []
+    for scores in score_groups:
+        if len(scores) < 2:
+            continue
+        top = max(scores)
+        exps = [math.exp((s - top) / teacher_temperature) for s in scores]
+        ratios.append(len(scores) / sum(exps))  # top probability x G: 1 = uniform, G = one-hot
+    if not ratios or sum(ratios) / len(ratios) >= 1.5:
+        return None
+    spread = sum(max(g) - min(g) for g in score_groups if len(g) > 1) / len(ratios)
+    return (
+        f"the teacher's targets are nearly uniform (mean top probability {sum(ratios) / len(ratios):.2f} / G; "
+        f"teacher scores span {spread:.3g} per group, teacher_temperature {teacher_temperature:g}): distillation "
+        f"will flatten the model's scores; for cosine-similarity teachers set teacher_temperature near "
+        f"temperature ({temperature:g})"
+    )
