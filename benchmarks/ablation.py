@@ -27,17 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "configs" / "round_scifact.yaml"
 ANSWER_CONFIG = REPO / "configs" / "scifact_retrieval_answer.yaml"
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
-TEACHERS = {  # name -> score keys
+LLM = ["--model_type", "llm", "--backend", "transformers", "--dtype", "auto", "--passage_max_words", "64"]
+TEACHERS = {  # name -> score keys (the LLM teachers through the fastest local backend, issue 15)
     "bi_encoder": ["--model_type", "bi_encoder"],
-    "llm_listwise": ["--model_type", "llm", "--llm_teacher", "listwise", "--backend", "llama_cpp"],
-    "llm_query_likelihood": [
-        "--model_type",
-        "llm",
-        "--llm_teacher",
-        "query_likelihood",
-        "--backend",
-        "llama_cpp",
-    ],
+    "llm_listwise": [*LLM, "--llm_teacher", "listwise", "--shuffle_passages", "true", "--batch_size", "16"],
+    "llm_query_likelihood": [*LLM, "--llm_teacher", "query_likelihood", "--batch_size", "32"],
 }
 KD = ["--knowledge_distillation", "true", "--kd_loss_type", "kl_div"]
 ROWS = {  # name -> (teacher file or None, train overrides)
@@ -54,6 +48,10 @@ ROWS = {  # name -> (teacher file or None, train overrides)
         ["--training_type", "retrieval_answer_passage", *KD],
     ),
     "+ KD, bi-encoder teacher": ("bi_encoder", ["--training_type", "retrieval_answer_passage", *KD]),
+    "+ KD, bi-encoder teacher, teacher_temperature 0.02": (  # cosine scores need the student's temperature
+        "bi_encoder",
+        ["--training_type", "retrieval_answer_passage", *KD, "--teacher_temperature", "0.02"],
+    ),
 }
 
 

@@ -164,6 +164,40 @@ def test_on_result_sees_every_prompt_once_and_logprobs_match_score(tiny):
     assert scored == pytest.approx(replies[0][0].token_logprobs, abs=1e-4)
 
 
+def test_score_equals_one_full_forward_per_pair(tiny):
+    """score() batches pairs of different lengths and projects only the continuation positions onto the
+    vocabulary; each score must equal the plain reference: one unpadded forward of that pair alone, full
+    logits, log-softmax, the continuation's tokens. Also through the full-logits fallback."""
+    import torch
+
+    prompts = ["cells ?", "a scientific paper passage about heart brain virus drug risk ?", "gene", "w1 w2 w3"]
+    tails = [" study .", " virus", " heart brain drug risk cells gene", ""]
+    tok = tiny.tokenizer
+
+    def reference(p: str, c: str) -> list[float]:
+        head = tok(p, add_special_tokens=True)["input_ids"]
+        tail = tok(c, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logits = tiny.model(input_ids=torch.tensor([head + tail])).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return [float(logp[len(head) + k - 1, t]) for k, t in enumerate(tail)]
+
+    expected = [reference(p, c) for p, c in zip(prompts, tails, strict=True)]
+    assert [len(e) for e in expected][:3] != [0, 0, 0] and expected[3] == []
+    tiny.settings.batch_size, saved = 4, tiny.settings.batch_size  # all four pairs in one padded batch
+    try:
+        narrow = tiny.score(prompts, tails)
+        assert tiny._narrow_logits  # the tiny Llama takes a 2-D logits_to_keep
+        tiny._narrow_logits = False
+        full = tiny.score(prompts, tails)
+    finally:
+        tiny.settings.batch_size, tiny._narrow_logits = saved, True
+    for got, want in ((narrow, expected), (full, expected)):
+        assert [len(g) for g in got] == [len(w) for w in want]
+        for g, w in zip(got, want, strict=True):
+            assert g == pytest.approx(w, abs=1e-4)
+
+
 def test_prompt_longer_than_the_context_is_refused_before_generating(tiny):
     tiny.n_ctx, saved = 12, tiny.n_ctx
     try:

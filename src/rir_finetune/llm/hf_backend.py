@@ -100,6 +100,7 @@ class TransformersBackend:
         if pad is None:
             raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
         self.pad_id = pad
+        self._narrow_logits = True  # score(): logits at the continuation positions only (see _continuation_logits)
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -260,6 +261,24 @@ class TransformersBackend:
 
     # -- scoring -------------------------------------------------------------------------------------------------
 
+    def _continuation_logits(self, ids, mask, positions):
+        """Logits at ``positions`` (batch, K) only: the vocabulary projection of every position (a fifth of a
+        135M model's compute, and a batch x width x vocab float tensor) is what scoring a continuation does not
+        need. Models whose forward does not take a 2-D ``logits_to_keep`` get the full logits, gathered here."""
+        import torch
+
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+        if self._narrow_logits:
+            try:
+                logits = self.model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+                if tuple(logits.shape[:2]) == tuple(positions.shape):
+                    return logits
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                pass
+            self._narrow_logits = False  # this model cannot: full logits from now on
+        logits = self.model(input_ids=ids, attention_mask=mask).logits
+        return torch.take_along_dim(logits, positions[..., None], dim=1)
+
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
         """Per-token log-probabilities of each continuation after its plain-text prompt (no chat template)."""
         import torch
@@ -284,11 +303,17 @@ class TransformersBackend:
             for r, s in enumerate(seqs):  # right padding: positions are the plain 0..len-1
                 ids[r, : len(s)] = torch.tensor(s)
                 mask[r, : len(s)] = 1
+            # the logits that predict each continuation token: positions len(head)-1 .. len(head)+len(tail)-2
+            # of each row, padded to the longest tail by repeating a row's last one
+            wanted = [
+                [len(pairs[i][0]) + k - 1 for k in range(len(pairs[i][1]))] or [0] for i in chunk
+            ]
+            keep = max(len(w) for w in wanted)
+            positions = torch.tensor([w + w[-1:] * (keep - len(w)) for w in wanted], dtype=torch.long)
             with torch.inference_mode():
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                logits = self._continuation_logits(ids, mask, positions)
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
             for r, i in enumerate(chunk):
-                head, tail = pairs[i]
-                start = len(head)
-                out[i] = [float(logp[r, start + k - 1, tok]) for k, tok in enumerate(tail)]
+                tail = pairs[i][1]
+                out[i] = [float(logp[r, k, tok]) for k, tok in enumerate(tail)]
         return out
