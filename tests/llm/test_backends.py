@@ -170,7 +170,12 @@ def test_score_equals_one_full_forward_per_pair(tiny):
     logits, log-softmax, the continuation's tokens. Also through the full-logits fallback."""
     import torch
 
-    prompts = ["cells ?", "a scientific paper passage about heart brain virus drug risk ?", "gene", "w1 w2 w3"]
+    prompts = [
+        "cells ?",
+        "a scientific paper passage about heart brain virus drug risk ?",
+        "gene",
+        "w1 w2 w3",
+    ]
     tails = [" study .", " virus", " heart brain drug risk cells gene", ""]
     tok = tiny.tokenizer
 

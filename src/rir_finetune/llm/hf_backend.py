@@ -100,7 +100,7 @@ class TransformersBackend:
         if pad is None:
             raise UserError(f"{folder}: the tokenizer has neither a pad nor an end-of-sequence token")
         self.pad_id = pad
-        self._narrow_logits = True  # score(): logits at the continuation positions only (see _continuation_logits)
+        self._narrow_logits = True  # score(): continuation positions only (_continuation_logits)
         eos = self.model.generation_config.eos_token_id
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -305,9 +305,7 @@ class TransformersBackend:
                 mask[r, : len(s)] = 1
             # the logits that predict each continuation token: positions len(head)-1 .. len(head)+len(tail)-2
             # of each row, padded to the longest tail by repeating a row's last one
-            wanted = [
-                [len(pairs[i][0]) + k - 1 for k in range(len(pairs[i][1]))] or [0] for i in chunk
-            ]
+            wanted = [[len(pairs[i][0]) + k - 1 for k in range(len(pairs[i][1]))] or [0] for i in chunk]
             keep = max(len(w) for w in wanted)
             positions = torch.tensor([w + w[-1:] * (keep - len(w)) for w in wanted], dtype=torch.long)
             with torch.inference_mode():
