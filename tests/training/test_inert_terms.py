@@ -27,7 +27,7 @@ def test_l_norm_on_normalised_embeddings_is_named_and_really_zero():
     lines = _check(training_type="retrieval_answer")
     assert len(lines) == 1
     assert lines[0].startswith(L_NORM)
-    assert "set normalize_embeddings false" in lines[0] and "normalize_answer false" in lines[0]
+    assert "normalize_answer false to stop" in lines[0] and "only for a model made for dot products" in lines[0]
     # the claim holds: answers embedded with normalisation give L_norm == 0 whatever their direction
     a = F.normalize(torch.randn(8, 16) * 5, dim=-1)
     assert float(answer_norm_loss(a)) < 1e-12
@@ -112,3 +112,40 @@ def test_flat_teacher_targets_are_warned_with_the_fix():
         flat_teacher_warning([[5.0, 1.0, 0.0, -2.0]], 1.0, 0.02) is None
     )  # reranker logits: upstream's setting
     assert flat_teacher_warning([[0.5]], 1.0, 0.02) is None  # one passage: nothing to distil
+
+
+COSINE = "config key 'normalize_embeddings': false, but"
+
+
+def test_unnormalised_training_of_a_cosine_model_is_warned(tmp_path, tiny_bert_dir, minilm_dir, caplog):
+    import json
+    import shutil
+
+    from rir_finetune.training.train import cosine_model_unnormalised_warning as warn
+
+    line = warn(str(minilm_dir), False)  # the real MiniLM folder ends in a Normalize module
+    assert line.startswith(f"{COSINE} {minilm_dir} is made for cosine similarity (a Normalize module")
+    assert "Set normalize_embeddings true" in line
+    assert warn(str(minilm_dir), True) is None
+    assert warn(str(tiny_bert_dir), False) is None  # a bare HF folder (contriever's kind) says nothing
+    dot = tmp_path / "dot"
+    shutil.copytree(tiny_bert_dir, dot)
+    (dot / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "dot"}))
+    assert warn(str(dot), False) is None
+    cos = tmp_path / "cos"
+    shutil.copytree(tiny_bert_dir, cos)
+    (cos / "config_sentence_transformers.json").write_text(json.dumps({"similarity_fn_name": "cosine"}))
+    assert "(similarity_fn_name cosine)" in warn(str(cos), False)
+    # and train logs it at start
+    data = write_jsonl(tmp_path / "t.jsonl", make_records(n=8, n_neg=2))
+    with caplog.at_level(logging.WARNING, logger="rir_finetune"):
+        run_train(
+            None, _opts(cos, data, tmp_path / "a", training_type="retrieval", normalize_embeddings=False)
+        )
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(COSINE)] == [
+        warn(str(cos), False)
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rir_finetune"):
+        run_train(None, _opts(cos, data, tmp_path / "b", training_type="retrieval"))
+    assert [r for r in caplog.records if r.getMessage().startswith(COSINE)] == []

@@ -120,8 +120,8 @@ def inert_terms(
         found.append(
             "config keys 'normalize_answer' and 'normalize_embeddings': L_norm (loss_norm) is identically 0 because "
             "normalize_embeddings is true (every answer embedding has norm 1 by construction); set "
-            "normalize_embeddings false to train with L_norm (upstream trains contriever unnormalised), or "
-            "normalize_answer false to stop computing it"
+            "normalize_answer false to stop computing it, or normalize_embeddings false to train with L_norm, "
+            "but only for a model made for dot products (upstream trains contriever unnormalised)"
         )
     # candidates per anchor of an InfoNCE term: its own group, times the batch's anchors with in-batch negatives
     rows = 1
