@@ -27,7 +27,9 @@ def test_l_norm_on_normalised_embeddings_is_named_and_really_zero():
     lines = _check(training_type="retrieval_answer")
     assert len(lines) == 1
     assert lines[0].startswith(L_NORM)
-    assert "normalize_answer false to stop" in lines[0] and "only for a model made for dot products" in lines[0]
+    assert (
+        "normalize_answer false to stop" in lines[0] and "only for a model made for dot products" in lines[0]
+    )
     # the claim holds: answers embedded with normalisation give L_norm == 0 whatever their direction
     a = F.normalize(torch.randn(8, 16) * 5, dim=-1)
     assert float(answer_norm_loss(a)) < 1e-12
