@@ -62,6 +62,25 @@ def test_overrides_reach_the_stage_and_change_its_fingerprint(tmp_path, tiny_ber
         load_round_config(path, ["--trian.max_steps", "6"])
 
 
+def test_fingerprints_follow_content_not_file_times(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    """A data folder copied or re-synced (new modification times, same bytes) keeps every fingerprint, so a
+    finished round is not redone; an edit that keeps the file's size changes the stages that read it."""
+    path = str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out"))
+    before = {s.stage.name: s.fingerprint for s in plan(load_round_config(path, []))}
+    corpus = tmp_path / "beir" / "corpus.jsonl"
+    for f in (tmp_path / "beir").rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            os.utime(f, ns=(st.st_atime_ns + 10**12, st.st_mtime_ns + 10**12))
+    assert {s.stage.name: s.fingerprint for s in plan(load_round_config(path, []))} == before
+    text = corpus.read_text()
+    i = text.index('"text": "') + len('"text": "')
+    corpus.write_text(text[:i] + ("Q" if text[i] != "Q" else "R") + text[i + 1 :])  # same size, other bytes
+    assert corpus.stat().st_size == len(text.encode())
+    after = {s.stage.name: s.fingerprint for s in plan(load_round_config(path, []))}
+    assert after["queries"] != before["queries"] and after["eval"] != before["eval"]
+
+
 def test_package_paths_resolve():
     assert Path(resolve_value("package:rir_finetune/round/run.py")).is_file()
     with pytest.raises(UserError, match="not installed"):

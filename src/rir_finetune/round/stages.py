@@ -51,16 +51,35 @@ class Stage:
 # Fingerprints of outside inputs
 
 
+_CONTENT: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> digest, for one process
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process for a given (path, inode, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _CONTENT[key] = h.hexdigest()
+    return _CONTENT[key]
+
+
 def file_stamp(path: str | os.PathLike) -> str:
-    """Size and modification time of a file, or of every file under a folder (cheap; for data and LLM files)."""
+    """The content of a file, or of every file under a folder (relative names and bytes), for data and LLM files.
+
+    Content, not size and modification time: a copied, re-synced or re-extracted data folder (new mtimes, same
+    bytes) must not make the round redo hours of LLM work, and an edit that keeps the size must be seen.
+    """
     root = Path(path)
     if not root.exists():
         return "missing"
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for p in files:
-        st = p.stat()
-        h.update(f"{p.relative_to(root) if p != root else p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        h.update(f"{p.relative_to(root) if p != root else p.name}:{_content_digest(p)}\n".encode())
     return h.hexdigest()[:16]
 
 
