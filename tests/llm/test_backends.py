@@ -203,6 +203,16 @@ def test_score_equals_one_full_forward_per_pair(tiny):
             assert g == pytest.approx(w, abs=1e-4)
 
 
+def test_score_shows_a_progress_bar_over_pairs_with_tokens_per_second(tiny, capsys):
+    tiny.settings.progress = True
+    try:
+        tiny.score(["cells ?", "gene", "w1 w2"], [" study", " virus", " drug"])
+    finally:
+        tiny.settings.progress = False
+    err = capsys.readouterr().err
+    assert "score (LLM)" in err and "3/3" in err and "tok/s" in err
+
+
 def test_prompt_longer_than_the_context_is_refused_before_generating(tiny):
     tiny.n_ctx, saved = 12, tiny.n_ctx
     try:

@@ -275,6 +275,25 @@ class Progress:
         self._bar.close()
 
 
+class ScoreProgress:
+    """A tqdm bar over scored (prompt, continuation) pairs with tokens/s, for the backends' ``score``."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        from tqdm import tqdm
+
+        self._start, self._tokens = time.perf_counter(), 0
+        self._bar = tqdm(total=total, desc="score (LLM)", unit="pair", disable=not enabled, file=sys.stderr)
+
+    def update(self, pairs: int, tokens: int) -> None:
+        self._tokens += tokens
+        rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+        self._bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        self._bar.update(pairs)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
 def threads_setting(n_threads: int | None) -> int:
     """The thread count for a local backend: the setting, else the cores not already busy.
 

@@ -26,6 +26,7 @@ from rir_finetune.llm.common import (
     Prompt,
     PromptTooLong,
     Sampling,
+    ScoreProgress,
     check_gguf,
     messages_of,
     model_file,
@@ -294,6 +295,7 @@ class TransformersBackend:
             pairs.append((head, tail))
         out: list[list[float]] = [[] for _ in pairs]
         order = order_by_length([len(h) + len(t) for h, t in pairs])
+        bar = ScoreProgress(len(pairs), self.settings.progress)
         for lo in range(0, len(order), self.settings.batch_size):
             chunk = order[lo : lo + self.settings.batch_size]
             seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
@@ -314,4 +316,6 @@ class TransformersBackend:
             for r, i in enumerate(chunk):
                 tail = pairs[i][1]
                 out[i] = [float(logp[r, k, tok]) for k, tok in enumerate(tail)]
+            bar.update(len(chunk), sum(len(s) for s in seqs))
+        bar.close()
         return out

@@ -35,6 +35,7 @@ from rir_finetune.llm.common import (
     Prompt,
     PromptTooLong,
     Sampling,
+    ScoreProgress,
     check_gguf,
     messages_of,
     model_file,
@@ -428,8 +429,10 @@ class LlamaCppBackend:
         ctx = self._context(1, longest, n_batch, many_outputs=True)
         mem = lc.llama_get_memory(ctx)
         batch = self._batch
+        bar = ScoreProgress(len(pairs), self.settings.progress)
         for i, (head, tail) in enumerate(pairs):
             seq = head + tail
+            bar.update(1, len(seq))
             for k, tok in enumerate(seq):
                 batch.token[k], batch.pos[k], batch.n_seq_id[k] = tok, k, 1
                 batch.seq_id[k][0], batch.logits[k] = 0, k >= len(head) - 1 and k < len(seq) - 1
@@ -442,4 +445,5 @@ class LlamaCppBackend:
             for k, tok in enumerate(tail):
                 out[i].append(_log_softmax_at(self._logits(ctx, len(head) - 1 + k), tok))
             lc.llama_memory_seq_rm(mem, 0, -1, -1)
+        bar.close()
         return out
