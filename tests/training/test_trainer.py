@@ -78,3 +78,27 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_step_and_term():
         assert results[rank].startswith("loss_qa became nan on rank 1 at step 5; training stopped"), results[
             rank
         ]
+
+
+# -- only the saving process writes the model -------------------------------------------------------------------------
+
+
+def test_only_the_saving_process_writes_the_model(tmp_path, monkeypatch):
+    """transformers 5's save_model calls _save on every rank; ranks that are not the saving one must write nothing
+    (two ranks replacing the same files raced for modules.json.tmp under torchrun)."""
+    from conftest import build_tiny_bert
+    from rir_finetune.training.model import BiEncoder, load_tokenizer
+
+    folder = build_tiny_bert(tmp_path / "m")
+    t = object.__new__(RIRTrainer)
+    t.model = BiEncoder.from_pretrained(str(folder), pooling="mean", normalize=True)
+    t.processing_class = load_tokenizer(str(folder))
+    t.accelerator = SimpleNamespace(unwrap_model=lambda m: m)
+    t.save_info = {"pooling": "mean", "normalize": True, "max_seq_length": 32}
+    t.args = SimpleNamespace(should_save=False, output_dir=str(tmp_path / "out"))
+    t._save(str(tmp_path / "rank1"))
+    assert not (tmp_path / "rank1").exists()
+    t.args = SimpleNamespace(should_save=True, output_dir=str(tmp_path / "out"))
+    t._save(str(tmp_path / "rank0"))
+    assert (tmp_path / "rank0" / "modules.json").is_file()
+    assert (tmp_path / "rank0" / "training_args.bin").is_file()

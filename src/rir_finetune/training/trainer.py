@@ -241,6 +241,11 @@ class RIRTrainer(Trainer):
     # -- saving and loading ----------------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Write the model on the saving process only. transformers 5's ``save_model`` calls ``_save`` on every rank
+        (its own ``_save`` returns early on the others): without this guard W processes wrote the same files at once
+        and one could lose the race for ``modules.json.tmp`` and crash (seen under torchrun in CI)."""
+        if not self.args.should_save:
+            return
         output_dir = output_dir or self.args.output_dir
         model: BiEncoder = self.accelerator.unwrap_model(self.model)
         backbone = model.backbone
