@@ -97,12 +97,19 @@ ours_train() {  # row, extra train options...
 
 for row in $ROWS; do
   [ -f "$WORK/$row/eval/metrics.json" ] && { log "done already: $row"; continue; }
-  ENV_PREFIX=()
-  case $row in *-malloc) read -r -a ENV_PREFIX <<< "$MALLOC_ENV" ;; esac
-  case $row in
+  # a peer row is PEER[-malloc][-bf16]: -malloc adds our malloc setting to its environment, -bf16 its Trainer's
+  # --bf16 (autocast; fast only on a CPU with native bf16). Ours: rir-finetune runs the shipped config as it is
+  # (bf16 auto, gradient cache on), -fp32 adds --bf16 false, -plain --gradient_cache false.
+  ENV_PREFIX=() PREC=() kind=$row
+  case $kind in
+    rir-finetune*) ;;
+    *-bf16) kind=${kind%-bf16}; PREC=(--bf16 True) ;;
+  esac
+  case $kind in *-malloc) read -r -a ENV_PREFIX <<< "$MALLOC_ENV"; kind=${kind%-malloc} ;; esac
+  case $kind in
     base)
       mkdir -p "$WORK/base" && evaluate base "$MINILM" ;;
-    flagembedding|flagembedding-malloc)
+    flagembedding)
       setup_venv flag "FlagEmbedding==1.4.2" "transformers>=4.44,<5"
       timed "$row" "$WORK/venv-flag/bin/python" --module FlagEmbedding.finetune.embedder.encoder_only.base -- \
         --model_name_or_path "$MINILM" --train_data "$TRAIN" --train_group_size 4 \
@@ -110,17 +117,28 @@ for row in $ROWS; do
         --query_instruction_format "{}{}" --sentence_pooling_method mean --normalize_embeddings True \
         --temperature 0.02 --learning_rate 2e-5 --warmup_ratio 0.1 --num_train_epochs 1 \
         --per_device_train_batch_size 16 --dataloader_drop_last True --seed "$SEED" --logging_steps 5 \
-        --save_strategy no --report_to none --use_cpu True --output_dir "$WORK/$row/model" "${STEPS_OPT[@]}"
+        --save_strategy no --report_to none --use_cpu True --output_dir "$WORK/$row/model" "${STEPS_OPT[@]}" \
+        "${PREC[@]}"
       evaluate "$row" "$WORK/$row/model" ;;
-    sentence-transformers|sentence-transformers-malloc)
+    sentence-transformers)
       setup_venv st "sentence-transformers==$(version sentence-transformers)" \
         "transformers==$(version transformers)" "datasets==$(version datasets)" "accelerate==$(version accelerate)"
       timed "$row" "$WORK/venv-st/bin/python" --script benchmarks/peers/st_train.py -- --model "$MINILM" \
         --train_data "$TRAIN" --output_dir "$WORK/$row/model" --group_size 4 --batch_size 16 \
-        --max_seq_length 256 --temperature 0.02 --learning_rate 2e-5 --warmup 0.1 --seed "$SEED" "${STEPS_OPT[@]}"
+        --max_seq_length 256 --temperature 0.02 --learning_rate 2e-5 --warmup 0.1 --seed "$SEED" "${STEPS_OPT[@]}" \
+        "${PREC[@]}"
       evaluate "$row" "$WORK/$row/model" ;;
     rir-finetune)
       ours_train "$row"
+      evaluate "$row" "$WORK/$row/model" ;;
+    rir-finetune-fp32)
+      ours_train "$row" --bf16 false
+      evaluate "$row" "$WORK/$row/model" ;;
+    rir-finetune-plain)
+      ours_train "$row" --gradient_cache false
+      evaluate "$row" "$WORK/$row/model" ;;
+    rir-finetune-fp32-plain)
+      ours_train "$row" --bf16 false --gradient_cache false
       evaluate "$row" "$WORK/$row/model" ;;
     rir-finetune-distill)  # teacher scores from the base model (the only teacher available offline)
       [ -f "$WORK/data/train_hn_scored.jsonl" ] || "$OURS/bin/rir-finetune" score --input "$TRAIN" \

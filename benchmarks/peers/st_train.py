@@ -31,6 +31,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_steps", type=int, default=-1)
+    parser.add_argument(
+        "--bf16", default="False", help="True: the Trainer's bf16 autocast (as FlagEmbedding's --bf16)"
+    )
     args = parser.parse_args()
 
     from datasets import Dataset
@@ -74,6 +77,7 @@ def main() -> None:
         logging_steps=5,
         report_to="none",
         use_cpu=True,
+        bf16=args.bf16.lower() in {"true", "1", "yes"},
     )
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss)
     trainer.train()

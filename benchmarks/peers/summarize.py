@@ -22,7 +22,12 @@ ROWS = {
     "flagembedding-malloc": "FlagEmbedding, with rir-finetune's malloc setting",
     "sentence-transformers": "sentence-transformers, MultipleNegativesRankingLoss",
     "sentence-transformers-malloc": "sentence-transformers, with rir-finetune's malloc setting",
+    "flagembedding-malloc-bf16": "FlagEmbedding, our malloc setting, `--bf16 True`",
+    "sentence-transformers-malloc-bf16": "sentence-transformers, our malloc setting, `bf16=True`",
     "rir-finetune": "rir-finetune, `retrieval` (L_qp)",
+    "rir-finetune-plain": "rir-finetune, `retrieval`, `--gradient_cache false`",
+    "rir-finetune-fp32": "rir-finetune, `retrieval`, `--bf16 false`",
+    "rir-finetune-fp32-plain": "rir-finetune, `retrieval`, `--bf16 false --gradient_cache false`",
     "rir-finetune-answer": "rir-finetune, `retrieval_answer`, SmolLM2 answers, fused eval",
     "rir-finetune-distill": "rir-finetune, `retrieval` + distillation (kl_div, base-model teacher)",
 }
@@ -97,17 +102,23 @@ def main() -> None:
         lines.append(f"\nrir-finetune / FlagEmbedding throughput: {ours / flag:.2f}x")
     if ours and st:
         lines.append(f"rir-finetune / sentence-transformers throughput: {ours / st:.2f}x")
-    same_env = {
-        k: results[k] for k in ("flagembedding-malloc", "sentence-transformers-malloc") if k in results
+    groups = {  # peers given our malloc setting, by precision
+        "fp32": ("flagembedding-malloc", "sentence-transformers-malloc"),
+        "bf16": ("flagembedding-malloc-bf16", "sentence-transformers-malloc-bf16"),
     }
-    best = max(same_env.items(), key=lambda kv: kv[1].get("queries_per_s") or 0, default=None)
-    if ours and best and best[1].get("queries_per_s"):
-        peer = best[1]
-        lines.append(
-            f"rir-finetune / best peer with the same malloc setting ({best[0]}): "
-            f"{ours / peer['queries_per_s']:.2f}x throughput, peak RSS {results['rir-finetune']['peak_rss_gib']:.2f} "
-            f"vs {peer['peak_rss_gib']:.2f} GiB"
-        )
+    for precision, peers in groups.items():
+        measured = {k: results[k] for k in peers if (results.get(k) or {}).get("queries_per_s")}
+        if not measured:
+            continue
+        name, peer = max(measured.items(), key=lambda kv: kv[1]["queries_per_s"])
+        for row in ("rir-finetune", "rir-finetune-plain", "rir-finetune-fp32", "rir-finetune-fp32-plain"):
+            mine = results.get(row) or {}
+            if mine.get("queries_per_s"):
+                lines.append(
+                    f"{row} / best {precision} peer with the same malloc setting ({name}): "
+                    f"{mine['queries_per_s'] / peer['queries_per_s']:.2f}x throughput, peak RSS "
+                    f"{mine['peak_rss_gib']:.2f} vs {peer['peak_rss_gib']:.2f} GiB"
+                )
     (args.work / "results.json").write_text(json.dumps(results, indent=1))
     print("\n".join(lines))
 

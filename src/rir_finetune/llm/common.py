@@ -90,7 +90,7 @@ class BackendSettings:
         None  # transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers
     )
     n_ctx: int = 4096  # context window in tokens (prompt + reply) for local backends
-    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
+    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy now (threads_setting)
     batch_size: int = 8  # sequences decoded together (transformers, llama_cpp)
     use_chat_template: bool = True  # wrap a plain prompt in the model's chat template when it has one
     system_prompt: str | None = None  # system message sent before a plain prompt (chat models)
@@ -297,18 +297,53 @@ class ScoreProgress:
 def threads_setting(n_threads: int | None) -> int:
     """The thread count for a local backend: the setting, else the cores not already busy.
 
-    On a machine whose cores other processes keep busy (the 1-minute load average), every extra thread waits for
-    a descheduled sibling at each barrier: measured here with SmolLM2 on 2 shared cores, 1 thread decoded 4-5x
-    faster than 2. So ``None`` takes the cores minus the load (at least 1); an idle machine gets every core.
+    On a machine whose cores other processes keep busy, every extra thread waits for a descheduled sibling at each
+    barrier: measured here with SmolLM2 on 2 shared cores, 1 thread decoded 4-5x faster than 2. So ``None`` takes
+    the cores minus those busy right now (at least 1); an idle machine gets every core. "Right now" is the busy
+    share of this process's cores over a quarter second (``/proc/stat``), not the 1-minute load average: that one
+    still counts a job that ended a minute ago, and a run that started after one kept a single thread for hours
+    (a listwise teacher on SciFact ran at half speed). The load average is the fallback off Linux.
     """
     if n_threads:
         return n_threads
     try:
-        cores = max(len(os.sched_getaffinity(0)), 1)
+        cpus = set(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        cores = max(os.cpu_count() or 1, 1)
+        cpus = set(range(os.cpu_count() or 1))
+    cores = max(len(cpus), 1)
+    busy = busy_cores(cpus)
+    if busy is None:
+        try:
+            busy = os.getloadavg()[0]
+        except OSError:
+            busy = 0.0
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+def _cpu_times(cpus: set[int], stat: str) -> dict[int, tuple[int, int]]:
+    """``{cpu: (total jiffies, idle + iowait jiffies)}`` for the ``cpuN`` lines of ``stat`` named in ``cpus``."""
+    out = {}
+    with open(stat, encoding="ascii") as f:
+        for line in f:
+            name, *values = line.split()
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                v = [int(x) for x in values[:8]]  # user nice system idle iowait irq softirq steal
+                out[int(name[3:])] = (sum(v), v[3] + v[4])
+    return out
+
+
+def busy_cores(cpus: set[int], interval: float = 0.25, stat: str = "/proc/stat") -> float | None:
+    """How many of ``cpus`` other work keeps busy: the non-idle share of each over ``interval`` seconds, summed.
+    None where ``stat`` cannot be read or names none of them."""
     try:
-        busy = int(os.getloadavg()[0] + 0.5)
-    except OSError:
-        busy = 0
-    return max(1, min(cores, cores - busy))
+        before = _cpu_times(cpus, stat)
+        time.sleep(interval)
+        after = _cpu_times(cpus, stat)
+    except (OSError, ValueError, IndexError):
+        return None
+    busy = 0.0
+    for cpu in before.keys() & after.keys():
+        total, idle = after[cpu][0] - before[cpu][0], after[cpu][1] - before[cpu][1]
+        if total > 0:
+            busy += 1.0 - idle / total
+    return busy if before.keys() & after.keys() else None
