@@ -22,6 +22,8 @@ ROWS = {
     "flagembedding-malloc": "FlagEmbedding, with rir-finetune's malloc setting",
     "sentence-transformers": "sentence-transformers, MultipleNegativesRankingLoss",
     "sentence-transformers-malloc": "sentence-transformers, with rir-finetune's malloc setting",
+    "flagembedding-bf16": "FlagEmbedding, `--bf16 True`",
+    "sentence-transformers-bf16": "sentence-transformers, `bf16=True`",
     "flagembedding-malloc-bf16": "FlagEmbedding, our malloc setting, `--bf16 True`",
     "sentence-transformers-malloc-bf16": "sentence-transformers, our malloc setting, `bf16=True`",
     "rir-finetune": "rir-finetune, `retrieval` (L_qp)",

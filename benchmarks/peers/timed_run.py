@@ -6,7 +6,8 @@
 The same file runs in every tool's virtual environment (standard library + transformers only), so the three tools
 are timed by identical code: ``transformers.Trainer.__init__`` is wrapped to append a callback that records the wall
 clock at the end of every optimizer step (data loading, forward, backward and optimizer step all fall between two
-step ends). At exit it writes the step-end times, the process's peak resident memory and the thread count.
+step ends). At exit it writes the step-end times, the process's peak resident memory (also as it stood at each step
+end and at the end of training) and the thread count.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def main() -> None:
     import torch
     import transformers
 
-    record: dict = {"start": time.perf_counter(), "step_end": [], "argv": rest}
+    record: dict = {"start": time.perf_counter(), "step_end": [], "step_peak_rss_gib": [], "argv": rest}
+
+    def peak_gib() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
     class StepTimer(transformers.TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -43,6 +47,10 @@ def main() -> None:
 
         def on_step_end(self, args, state, control, **kwargs):
             record["step_end"].append(time.perf_counter())
+            record["step_peak_rss_gib"].append(round(peak_gib(), 3))  # the peak so far: where it is reached
+
+        def on_train_end(self, args, state, control, **kwargs):
+            record["train_end_peak_rss_gib"] = peak_gib()  # before the model is saved
 
     original_init = transformers.Trainer.__init__
 
@@ -54,7 +62,7 @@ def main() -> None:
 
     def write() -> None:
         record["end"] = time.perf_counter()
-        record["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+        record["peak_rss_gib"] = peak_gib()
         record["children_peak_rss_gib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024**2
         record["torch_threads"] = torch.get_num_threads()
         record["malloc_env"] = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
