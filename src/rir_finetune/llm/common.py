@@ -90,7 +90,7 @@ class BackendSettings:
         None  # transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers
     )
     n_ctx: int = 4096  # context window in tokens (prompt + reply) for local backends
-    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy now (threads_setting)
+    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores idle now
     batch_size: int = 8  # sequences decoded together (transformers, llama_cpp)
     use_chat_template: bool = True  # wrap a plain prompt in the model's chat template when it has one
     system_prompt: str | None = None  # system message sent before a plain prompt (chat models)
