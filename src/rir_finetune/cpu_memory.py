@@ -7,11 +7,11 @@ MiniLM training step went to the kernel. With mmap off for the heap, freed block
 reuses them without page faults.
 
 Retention is bounded (issue 19): when the free memory at the top of the heap exceeds ``M_TRIM_THRESHOLD`` (1 GiB)
-glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB), so the process keeps at most about that much
-freed memory at the top of the heap beyond what its steps use, instead of everything it ever held (the earlier
-setting, trimming off, kept the heap at its all-time peak). Freed blocks below a live one (holes) stay resident
-until reused: glibc trims only the top, and a small chunk parked in its tcache counts as live. What bounds the process is the step's own working set (the gradient
-cache's memory budget, :mod:`rir_finetune.training.gradcache`): the heap cannot grow far beyond it.
+glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB). Freed blocks below a live one (holes) stay
+resident until reused, and blocks of varying sizes leave holes the next step may not fit into; so the trainer also
+calls :func:`release_free_memory` (``malloc_trim(0)``: every whole free page, holes included) once per optimizer
+step, where almost nothing is live. What bounds the process is then the step's own working set (the gradient
+cache's memory budget, :mod:`rir_finetune.training.gradcache`).
 
 Nothing happens off glibc (macOS, musl) or when ``RIR_FINETUNE_MALLOC=default``. ``python -m rir_finetune.cpu_memory``
 prints the same setting as glibc environment variables, for giving it to another program (benchmarks/peers).
@@ -39,6 +39,7 @@ SETTINGS = (
 )
 
 _applied = False
+_malloc_trim = None
 
 
 def env_equivalent() -> dict[str, str]:
@@ -63,11 +64,28 @@ def keep_freed_memory() -> bool:
     ok = all(mallopt(param, value) == 1 for param, value, _ in SETTINGS)
     _applied = ok
     if ok:
+        global _malloc_trim
+        _malloc_trim = libc.malloc_trim
+        _malloc_trim.argtypes = [ctypes.c_size_t]
+        _malloc_trim.restype = ctypes.c_int
+    if ok:
         logger.debug(
             "glibc malloc: freed memory kept for reuse, at most ~1 GiB at the top of the heap "
             "(RIR_FINETUNE_MALLOC=default turns this off)"
         )
     return ok
+
+
+def freed_memory_kept() -> bool:
+    """True when :func:`keep_freed_memory` is in effect in this process."""
+    return _applied
+
+
+def release_free_memory() -> bool:
+    """Give every whole free page of the heap back to the kernel (``malloc_trim(0)``), holes included."""
+    if _malloc_trim is None:
+        return False
+    return bool(_malloc_trim(0))
 
 
 if __name__ == "__main__":

@@ -133,3 +133,21 @@ def test_encoder_dtype_auto_follows_the_hardware(plain_dir, monkeypatch):
     assert Encoder(read_settings(plain_dir), show_progress=False, dtype="auto").dtype == "float32"
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
     assert Encoder(read_settings(plain_dir), show_progress=False, dtype="auto").dtype == "bfloat16"
+
+
+@pytest.mark.parametrize(("dtype", "max_length", "widths"), [("float32", 512, None), ("bf16", 512, 16), ("bf16", 7, 7)])
+def test_bf16_batches_pad_to_a_multiple_of_16_within_max_length(plain_dir, dtype, max_length, widths):
+    # bf16 kernels are built per shape on a CPU (memory grows with every new one): bf16 batches take few widths
+    settings = read_settings(plain_dir)
+    settings = EncoderSettings(settings.transformer_dir, settings.pooling, settings.normalize, max_length, "", "")
+    enc = Encoder(settings, batch_size=2, show_progress=False, dtype=dtype)
+    seen = []
+    enc.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].size(1)), with_kwargs=True)
+    out = enc.encode_passages(TEXTS)
+    exact = Encoder(settings, batch_size=2, show_progress=False, dtype="float32")
+    lengths = sorted((min(len(ids), max_length) for ids in exact.tokenizer(TEXTS)["input_ids"]), reverse=True)
+    if widths is None:
+        assert seen == [lengths[0], lengths[2], lengths[4]]  # each batch its own longest text
+    else:
+        assert seen == [widths] * 3
+    np.testing.assert_allclose(out, exact.encode_passages(TEXTS), atol=3e-2)

@@ -6,7 +6,8 @@ natively (:mod:`rir_finetune.precision`). bf16 changes embeddings in the third d
 documents; the embedding cache keys it separately.
 
 Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
-of ``batch_size``, so each batch pads to nearly its own length; the embeddings come back in input order. Before anything is encoded
+of ``batch_size``, so each batch pads to nearly its own length (in bf16 to a multiple of 16: fewer kernel shapes);
+the embeddings come back in input order. Before anything is encoded
 the folder is checked (:mod:`rir_finetune.guards`: tokenizer files, weights readable and finite, max length within
 the model's positions, the device present); embeddings with NaN or infinity are an error, never a result.
 """
@@ -25,6 +26,7 @@ from rir_finetune.errors import UserError
 from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
 from rir_finetune.retrieval.pooling import pool
 
+BF16_PAD_MULTIPLE = 16  # bf16 batches pad to a multiple of this: CPU bf16 kernels are cached per shape
 TOKENIZE_CHUNK = 32_768  # texts tokenized and sorted together; bounds the memory held by token ids
 
 
@@ -95,7 +97,9 @@ class Encoder:
             chunk = [instruction + t for t in texts[start : start + TOKENIZE_CHUNK]]
             enc = self.tokenizer(chunk, truncation=True, max_length=self.settings.max_length)
             for idx in length_sorted_batches([len(ids) for ids in enc["input_ids"]], self.batch_size):
-                feats = self.tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
+                feats = self.tokenizer.pad(
+                    {k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt", **self._padding(enc, idx)
+                )
                 reps = self._embed({k: v.to(self.device) for k, v in feats.items()})  # (b, H)
                 if out is None:
                     out = np.empty((len(texts), reps.shape[1]), dtype=np.float32)
@@ -106,6 +110,16 @@ class Encoder:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
         guards.check_finite_array(out, f"{self.settings.transformer_dir}: {desc} embeddings")
         return out
+
+    def _padding(self, enc, idx) -> dict:
+        """fp32: to the batch's longest text. bf16: rounded up to a multiple of 16 (at most ``max_length``), so the
+        batches take a few shapes: oneDNN builds and caches bf16 kernels per shape, ~1-5 MiB each, which grew the
+        process by hundreds of MiB over a corpus of length-sorted batches."""
+        if self.dtype == "float32":
+            return {}
+        longest = max(len(enc["input_ids"][i]) for i in idx)
+        m = BF16_PAD_MULTIPLE
+        return {"padding": "max_length", "max_length": max(longest, min(self.settings.max_length, -(-longest // m) * m))}
 
     def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """features: input_ids / attention_mask / ... of shape (B, L). Returns (B, H) pooled (normalised) reps."""

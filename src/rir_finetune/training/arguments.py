@@ -74,7 +74,9 @@ class DataArguments:
     query_max_len: int = 32  # tokens per query
     passage_max_len: int = 128  # tokens per passage
     answer_max_len: int | None = None  # tokens per answer; None: same as query_max_len (upstream)
-    pad_to_multiple_of: int | None = None  # pad sequence lengths to a multiple of this
+    # pad token lengths to a multiple of this (None: to the longest text). A few distinct shapes: on a CPU the bf16
+    # kernels are built and cached per shape (~5 MiB each), exact lengths grew memory every step
+    pad_to_multiple_of: int | None = 16
     max_example_num_per_dataset: int = 100_000_000  # cap on records read from each file
     query_instruction_for_retrieval: str | None = (
         None  # prepended to queries (and answers); None adds nothing

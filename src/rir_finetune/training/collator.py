@@ -1,4 +1,5 @@
-"""Collator: a list of query groups -> one tokenised :class:`Batch`, padded to the longest text of each part."""
+"""Collator: a list of query groups -> one tokenised :class:`Batch`, each part padded to its longest text rounded up
+to ``pad_to_multiple_of`` (never beyond the part's maximum length)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,8 @@ class RIRCollator:
     pad_to_multiple_of: int | None = None
 
     def _tok(self, texts: list[str], max_len: int) -> dict[str, Tensor]:
-        enc = self.tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=max_len,
-            pad_to_multiple_of=self.pad_to_multiple_of,
-            return_tensors="pt",
-        )
-        return dict(enc)
+        enc = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+        return pad_columns(enc, self.tokenizer, self.pad_to_multiple_of, max_len)
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:
         flags = {it["no_in_batch_neg"] for it in items}
@@ -66,3 +60,24 @@ class RIRCollator:
             ),
             no_in_batch_neg=flags.pop(),
         )
+
+
+def pad_columns(
+    enc: dict[str, Tensor], tokenizer: PreTrainedTokenizerBase, multiple: int | None, cap: int
+) -> dict[str, Tensor]:
+    """(n, L) -> (n, L'): L' = L rounded up to ``multiple``, at most ``cap`` (``max_length`` need not be a multiple,
+    which transformers' own ``pad_to_multiple_of`` refuses). Padding goes on the tokenizer's padding side."""
+    length = enc["input_ids"].size(1)
+    target = min(cap, -(-length // multiple) * multiple) if multiple and multiple > 1 else length
+    if target <= length:
+        return enc
+    fill = {"input_ids": tokenizer.pad_token_id or 0, "token_type_ids": tokenizer.pad_token_type_id}
+    left = tokenizer.padding_side == "left"
+    out = {}
+    for k, v in enc.items():
+        if v.dim() != 2 or v.size(1) != length:
+            out[k] = v
+            continue
+        pad = v.new_full((v.size(0), target - length), fill.get(k, 0))
+        out[k] = torch.cat([pad, v] if left else [v, pad], dim=1)
+    return out

@@ -81,6 +81,7 @@ def cached_step(
     scale: float = 1.0,
     keep_bytes: int = 0,
     params: list[Tensor] | None = None,
+    pad_to_multiple_of: int | None = None,
 ) -> tuple[Tensor, object]:
     """One GradCache step; parameter gradients are accumulated by ``backward``.
 
@@ -93,6 +94,7 @@ def cached_step(
     scale: factor on the gradients (1 / gradient_accumulation_steps).
     keep_bytes: budget for the activations of chunks that keep their graph from the first pass (0: none).
     params: the model's parameters (their storages are not activations); needed when ``keep_bytes`` > 0.
+    pad_to_multiple_of: each chunk is padded to its longest text rounded up to this (as the collator pads).
     Returns (loss detached, loss_fn's output).
     """
     todo = [(p, batch[p]) for p in PARTS if batch.get(p) is not None]
@@ -103,7 +105,7 @@ def cached_step(
     keeping = keep_bytes > 0
     for part, feats in todo:
         start = 0
-        for ch in chunks(feats, chunk_size):
+        for ch in chunks(feats, chunk_size, pad_to_multiple_of):
             c = _Chunk(part, start, ch, get_rng_state())
             tokens = ch["input_ids"].numel()
             keeping = keeping and kept_bytes + per_token * tokens <= keep_bytes

@@ -14,10 +14,16 @@ from rir_finetune.errors import UserError
 from rir_finetune.retrieval.pooling import pool
 
 
-def trim_padding(features: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Drop padding columns that no row needs (right or left padding): (n, L) -> (n, L')."""
+def trim_padding(features: dict[str, Tensor], multiple: int | None = None) -> dict[str, Tensor]:
+    """Drop padding columns that no row needs (right or left padding): (n, L) -> (n, L').
+
+    ``multiple``: L' is the longest text rounded up to a multiple of this (at most L), as the collator pads, so
+    chunks take a few distinct shapes (the CPU's bf16 kernels are cached per shape: every new one costs memory).
+    """
     mask = features["attention_mask"]
     longest = int(mask.sum(dim=1).max())
+    if multiple and multiple > 1:
+        longest = min(mask.size(1), -(-longest // multiple) * multiple)
     if longest == mask.size(1):
         return features
     right = bool((mask[:, 0] == 1).all())
@@ -25,10 +31,10 @@ def trim_padding(features: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: (v[:, cut] if v.dim() == 2 and v.size(1) == mask.size(1) else v) for k, v in features.items()}
 
 
-def split_features(features: dict[str, Tensor], size: int) -> list[dict[str, Tensor]]:
-    """Chunks of ``size`` rows, each padded only to its own longest text."""
+def split_features(features: dict[str, Tensor], size: int, multiple: int | None = None) -> list[dict[str, Tensor]]:
+    """Chunks of ``size`` rows, each padded only to its own longest text (rounded up to ``multiple``)."""
     n = features["input_ids"].size(0)
-    return [trim_padding({k: v[i : i + size] for k, v in features.items()}) for i in range(0, n, size)]
+    return [trim_padding({k: v[i : i + size] for k, v in features.items()}, multiple) for i in range(0, n, size)]
 
 
 @dataclass
@@ -54,12 +60,14 @@ class BiEncoder(nn.Module):
         pooling: str = "cls",
         normalize: bool = True,
         sub_batch_size: int | None = None,
+        pad_to_multiple_of: int | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.pooling = pooling
         self.normalize = normalize
         self.sub_batch_size = sub_batch_size
+        self.pad_to_multiple_of = pad_to_multiple_of  # sub-batches keep the collator's length multiple
         self.config = getattr(backbone, "config", None)
 
     @classmethod
@@ -90,7 +98,7 @@ class BiEncoder(nn.Module):
         if not self.sub_batch_size or self.sub_batch_size >= features["input_ids"].size(0):
             return self._encode_once(features)
         return torch.cat(
-            [self._encode_once(ch) for ch in split_features(features, self.sub_batch_size)], dim=0
+            [self._encode_once(ch) for ch in split_features(features, self.sub_batch_size, self.pad_to_multiple_of)], dim=0
         )
 
     def _encode_once(self, features: dict[str, Tensor]) -> Tensor:

@@ -244,6 +244,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         attn_implementation=model_args.attn_implementation,
         **hf,
     )
+    model.pad_to_multiple_of = data_args.pad_to_multiple_of
     if model_args.fix_position_embedding:
         for name, p in model.backbone.named_parameters():
             if "position_embeddings" in name:
@@ -302,6 +303,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         save_info=save_info,
         gradient_cache_chunk_size=model_args.gradient_cache_chunk_size if model_args.gradient_cache else None,
         gradient_cache_memory_bytes=model_args.gradient_cache_memory_mb << 20,
+        pad_to_multiple_of=data_args.pad_to_multiple_of,
         retrieval_evaluator=evaluator,
     )
     if trainer.is_deepspeed_enabled and train_args.process_index == 0:
