@@ -135,14 +135,20 @@ def test_encoder_dtype_auto_follows_the_hardware(plain_dir, monkeypatch):
     assert Encoder(read_settings(plain_dir), show_progress=False, dtype="auto").dtype == "bfloat16"
 
 
-@pytest.mark.parametrize(("dtype", "max_length", "widths"), [("float32", 512, None), ("bf16", 512, 16), ("bf16", 7, 7)])
+@pytest.mark.parametrize(
+    ("dtype", "max_length", "widths"), [("float32", 512, None), ("bf16", 512, 16), ("bf16", 7, 7)]
+)
 def test_bf16_batches_pad_to_a_multiple_of_16_within_max_length(plain_dir, dtype, max_length, widths):
     # bf16 kernels are built per shape on a CPU (memory grows with every new one): bf16 batches take few widths
     settings = read_settings(plain_dir)
-    settings = EncoderSettings(settings.transformer_dir, settings.pooling, settings.normalize, max_length, "", "")
+    settings = EncoderSettings(
+        settings.transformer_dir, settings.pooling, settings.normalize, max_length, "", ""
+    )
     enc = Encoder(settings, batch_size=2, show_progress=False, dtype=dtype)
     seen = []
-    enc.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].size(1)), with_kwargs=True)
+    enc.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["input_ids"].size(1)), with_kwargs=True
+    )
     out = enc.encode_passages(TEXTS)
     exact = Encoder(settings, batch_size=2, show_progress=False, dtype="float32")
     lengths = sorted((min(len(ids), max_length) for ids in exact.tokenizer(TEXTS)["input_ids"]), reverse=True)

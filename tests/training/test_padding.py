@@ -28,7 +28,12 @@ def test_default_multiple_is_16():
         (3, 16, 64, 16),  # 5 tokens ([CLS] 3 words [SEP]) -> 16
         (15, 16, 64, 32),  # 17 tokens -> 32
         (14, 16, 64, 16),  # exactly 16 -> 16
-        (30, 16, 24, 24),  # truncated to 24, which is not a multiple of 16: stays 24 (transformers would refuse)
+        (
+            30,
+            16,
+            24,
+            24,
+        ),  # truncated to 24, which is not a multiple of 16: stays 24 (transformers would refuse)
         (10, 16, 20, 16),  # 12 tokens -> 16 <= 20
         (17, 16, 20, 20),  # 19 tokens -> 32, capped at 20
         (3, None, 64, 5),  # no multiple: the longest text

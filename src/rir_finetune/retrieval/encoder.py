@@ -119,7 +119,10 @@ class Encoder:
             return {}
         longest = max(len(enc["input_ids"][i]) for i in idx)
         m = BF16_PAD_MULTIPLE
-        return {"padding": "max_length", "max_length": max(longest, min(self.settings.max_length, -(-longest // m) * m))}
+        return {
+            "padding": "max_length",
+            "max_length": max(longest, min(self.settings.max_length, -(-longest // m) * m)),
+        }
 
     def _embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
         """features: input_ids / attention_mask / ... of shape (B, L). Returns (B, H) pooled (normalised) reps."""

@@ -29,7 +29,9 @@ class RIRCollator:
     pad_to_multiple_of: int | None = None
 
     def _tok(self, texts: list[str], max_len: int) -> dict[str, Tensor]:
-        enc = dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt"))
+        enc = dict(
+            self.tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+        )
         return pad_columns(enc, self.tokenizer, self.pad_to_multiple_of, max_len)
 
     def __call__(self, items: list[dict[str, Any]]) -> Batch:

@@ -31,10 +31,14 @@ def trim_padding(features: dict[str, Tensor], multiple: int | None = None) -> di
     return {k: (v[:, cut] if v.dim() == 2 and v.size(1) == mask.size(1) else v) for k, v in features.items()}
 
 
-def split_features(features: dict[str, Tensor], size: int, multiple: int | None = None) -> list[dict[str, Tensor]]:
+def split_features(
+    features: dict[str, Tensor], size: int, multiple: int | None = None
+) -> list[dict[str, Tensor]]:
     """Chunks of ``size`` rows, each padded only to its own longest text (rounded up to ``multiple``)."""
     n = features["input_ids"].size(0)
-    return [trim_padding({k: v[i : i + size] for k, v in features.items()}, multiple) for i in range(0, n, size)]
+    return [
+        trim_padding({k: v[i : i + size] for k, v in features.items()}, multiple) for i in range(0, n, size)
+    ]
 
 
 @dataclass
@@ -98,7 +102,11 @@ class BiEncoder(nn.Module):
         if not self.sub_batch_size or self.sub_batch_size >= features["input_ids"].size(0):
             return self._encode_once(features)
         return torch.cat(
-            [self._encode_once(ch) for ch in split_features(features, self.sub_batch_size, self.pad_to_multiple_of)], dim=0
+            [
+                self._encode_once(ch)
+                for ch in split_features(features, self.sub_batch_size, self.pad_to_multiple_of)
+            ],
+            dim=0,
         )
 
     def _encode_once(self, features: dict[str, Tensor]) -> Tensor:

@@ -131,7 +131,9 @@ class RIRTrainer(Trainer):
         self.objective_args = objective_args
         self.gradient_cache_chunk_size = gradient_cache_chunk_size  # None: plain step
         self.gradient_cache_memory_bytes = gradient_cache_memory_bytes  # graphs kept from the first pass
-        self.pad_to_multiple_of = pad_to_multiple_of  # gradient-cache chunks keep the collator's length multiple
+        self.pad_to_multiple_of = (
+            pad_to_multiple_of  # gradient-cache chunks keep the collator's length multiple
+        )
         self.batch_sampler = batch_sampler
         self.save_info = save_info  # pooling, normalize, max_seq_length, query_prompt, passage_prompt
         self._term_values: torch.Tensor | None = None  # running sum of the named terms since the last log
