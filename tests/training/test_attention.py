@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from rir_finetune.training.attention import ATTENTION, additive_mask, attention_core, attention_forward
+from rir_finetune.training.dropout import keep_mask
 from rir_finetune.training.model import BiEncoder
 
 
@@ -24,10 +25,10 @@ def _qkv(b=3, h=2, lq=5, d=4, seed=0):
     return q, k, v, mask
 
 
-def _reference(q, k, v, mask, keep, p):
-    """Eager attention as transformers' eager_attention_forward computes it, with a given dropout mask."""
+def _reference(q, k, v, mask, keep, scale):
+    """Eager attention as transformers' eager_attention_forward computes it, with a given dropout mask and scale."""
     s = torch.matmul(q, k.transpose(2, 3)) * q.size(-1) ** -0.5 + additive_mask(mask, q.dtype)
-    w = torch.softmax(s, dim=-1) * keep / (1 - p)
+    w = torch.softmax(s, dim=-1) * keep * scale
     return torch.matmul(w, v).transpose(1, 2)
 
 
@@ -37,16 +38,35 @@ def test_training_with_dropout_equals_eager_with_the_same_mask_and_gradients():
     torch.manual_seed(3)
     out, _ = attention_forward(module, q, k, v, mask, dropout=0.3)
     torch.manual_seed(3)
-    keep = torch.empty(3, 2, 5, 5, dtype=torch.bool).bernoulli_(0.7)  # the draw attention_forward makes
+    keep, scale = keep_mask((3, 2, 5, 5), 0.3)  # the draw attention_forward makes
     assert 0 < keep.float().mean() < 1
+    assert scale == 65536 / (65536 - 19661)  # round(0.3 * 65536) = 19661
     q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    ref = _reference(q2, k2, v2, mask, keep, 0.3)
+    ref = _reference(q2, k2, v2, mask, keep, scale)
     torch.testing.assert_close(out, ref)
     go = torch.randn_like(out)
     out.backward(go)
     ref.backward(go)
     for a, b in ((q, q2), (k, k2), (v, v2)):  # the recomputed backward equals the eager one
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_bf16_attention_is_close_to_fp32_with_the_same_mask():
+    q, k, v, mask = _qkv(b=2, h=2, lq=16, d=8)
+    torch.manual_seed(1)
+    out, _ = attention_forward(_Module().train(), *(t.bfloat16() for t in (q, k, v)), mask, dropout=0.1)
+    torch.manual_seed(1)
+    keep, scale = keep_mask((2, 2, 16, 16), 0.1)
+    ref = _reference(q, k, v, mask, keep, scale)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+    go = torch.randn_like(ref)
+    qb, kb, vb = (t.detach().bfloat16().requires_grad_(True) for t in (q, k, v))
+    torch.manual_seed(1)
+    attention_forward(_Module().train(), qb, kb, vb, mask, dropout=0.1)[0].backward(go.bfloat16())
+    ref.backward(go)
+    for a, b in ((qb, q), (kb, k), (vb, v)):
+        torch.testing.assert_close(a.grad.float(), b.grad, atol=5e-2, rtol=5e-2)
 
 
 def test_backward_keeps_only_inputs_and_a_bool_mask():

@@ -11,8 +11,13 @@ function (``_supports_attention_backend``, e.g. BERT, MiniLM, RoBERTa-style enco
   the dropped probabilities: 576 MiB per layer for 64 passages of 256 tokens, 60 % of MiniLM's activations) and
   draws the mask through a float ``bernoulli_``. Here the keep mask is drawn once as bool (1 byte per score) and
   the rest of the attention core is recomputed in the backward from q, k, v and that mask
-  (``torch.utils.checkpoint``): the same function (softmax(q k^T / sqrt(d) + mask) * keep / (1 - p)) v, the
-  same dropout distribution, 48 MiB per layer instead of 576.
+  (``torch.utils.checkpoint``): the same function (softmax(q k^T / sqrt(d) + mask) * keep / (1 - p)) v,
+  48 MiB per layer instead of 576.
+- The keep mask comes from 16-bit slices of 64-bit random words (:func:`rir_finetune.training.dropout.keep_mask`):
+  a quarter of the generator calls of ``bernoulli_``; the dropout rate is rounded to a multiple of 1/65536.
+- Under bf16 autocast the softmax runs in bf16 (computed in fp32 inside the kernel, rounded once on output, as
+  the fp32 softmax followed by a cast to bf16 was): its backward reads and writes half the bytes; forward +
+  backward 3.2x faster on (64, 12, 256, 256) scores. fp16 keeps an fp32 softmax.
 
 The saved model does not depend on this: the attention implementation is not written to ``config.json``.
 """
@@ -22,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
+
+from rir_finetune.training.dropout import keep_mask
 
 ATTENTION = "rir_sdpa"
 
@@ -64,8 +71,8 @@ def attention_forward(
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
     bias = additive_mask(attention_mask, query.dtype)
     b, h, lq, lk = query.size(0), query.size(1), query.size(2), key.size(2)
-    keep = torch.empty((b, h, lq, lk), dtype=torch.bool, device=query.device).bernoulli_(1.0 - dropout)
-    args = (query, key, value, bias, keep, scale, 1.0 / (1.0 - dropout))
+    keep, inv_keep = keep_mask((b, h, lq, lk), dropout, query.device)
+    args = (query, key, value, bias, keep, scale, inv_keep)
     if torch.is_grad_enabled():
         out = checkpoint(attention_core, *args, use_reentrant=False, preserve_rng_state=False)
     else:
@@ -80,7 +87,10 @@ def attention_core(
     s = torch.matmul(q * scale, k.transpose(-1, -2))  # (B, H, Lq, Lk)
     if bias is not None:
         s = s + bias
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    if q.dtype == torch.float16:
+        p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:  # fp32, or bf16: the kernel computes in fp32 and rounds its output once
+        p = torch.softmax(s, dim=-1)
     return torch.matmul(p * keep, v * inv_keep)
 
 

@@ -85,7 +85,7 @@ class BiEncoder(nn.Module):
         **hf_kwargs,
     ) -> BiEncoder:
         """``attn_implementation``: ``auto`` (``rir_sdpa`` of :mod:`.attention` where the model accepts it, else
-        transformers' default), None (transformers' default) or any name transformers knows (sdpa, eager, ...)."""
+        transformers' default; with the CPU dropout of :mod:`.dropout`), None (transformers' default) or any name transformers knows (sdpa, eager, ...)."""
         try:
             backbone = load_backbone(path, attn_implementation, **hf_kwargs)
         except OSError as e:
@@ -165,11 +165,16 @@ def load_backbone(path: str, attn_implementation: str | None, **hf_kwargs) -> nn
         extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
         return AutoModel.from_pretrained(path, **extra, **hf_kwargs)
     from rir_finetune.training.attention import register
+    from rir_finetune.training.dropout import use_fast_dropout
 
     try:
-        return AutoModel.from_pretrained(path, attn_implementation=register(), **hf_kwargs)
+        backbone = AutoModel.from_pretrained(path, attn_implementation=register(), **hf_kwargs)
     except ValueError:  # the architecture takes no registered attention function: transformers' default
-        return AutoModel.from_pretrained(path, **hf_kwargs)
+        backbone = AutoModel.from_pretrained(path, **hf_kwargs)
+    use_fast_dropout(
+        backbone
+    )  # CPU dropout masks from 16-bit random slices (dropout.py); elsewhere unchanged
+    return backbone
 
 
 def freeze_unused(backbone: nn.Module) -> None:
