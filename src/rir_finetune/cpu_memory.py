@@ -9,8 +9,8 @@ reuses them without page faults.
 Retention is bounded (issue 19): when the free memory at the top of the heap exceeds ``M_TRIM_THRESHOLD`` (1 GiB)
 glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB). Freed blocks below a live one (holes) stay
 resident until reused, and blocks of varying sizes leave holes the next step may not fit into; so the trainer also
-calls :func:`release_free_memory` (``malloc_trim(0)``: every whole free page, holes included) once per optimizer
-step, where almost nothing is live. What bounds the process is then the step's own working set (the gradient
+calls :func:`release_free_memory` (``malloc_trim(0)``: every whole free page, holes included) at a step boundary
+where the resident memory has grown (``training.trainer.ReleaseFreedMemory``). What bounds the process is then the step's own working set (the gradient
 cache's memory budget, :mod:`rir_finetune.training.gradcache`).
 
 Nothing happens off glibc (macOS, musl) or when ``RIR_FINETUNE_MALLOC=default``. ``python -m rir_finetune.cpu_memory``
@@ -74,6 +74,15 @@ def keep_freed_memory() -> bool:
             "(RIR_FINETUNE_MALLOC=default turns this off)"
         )
     return ok
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux ``/proc/self/statm``; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def freed_memory_kept() -> bool:

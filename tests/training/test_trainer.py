@@ -102,3 +102,52 @@ def test_only_the_saving_process_writes_the_model(tmp_path, monkeypatch):
     t._save(str(tmp_path / "rank0"))
     assert (tmp_path / "rank0" / "modules.json").is_file()
     assert (tmp_path / "rank0" / "training_args.bin").is_file()
+
+
+def test_release_freed_memory_trims_only_after_growth(monkeypatch):
+    from rir_finetune.training import trainer as trainer_module
+    from rir_finetune.training.trainer import ReleaseFreedMemory
+
+    mib = 1 << 20
+    resident = iter([2000, 2050, 2128, 2129, 1000, 1100, 1128, 1129, 1129] * 1)
+    trims = []
+    monkeypatch.setattr(trainer_module, "resident_bytes", lambda: next(resident) * mib)
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: trims.append(True))
+    cb = ReleaseFreedMemory(margin=128 * mib)
+    seen = []
+    for _ in range(9):
+        cb.on_step_end(None, None, None)
+        seen.append(len(trims))
+    # 2000 sets the reference; 2050 and 2128 are within 128 MiB of it; 2129 is not: trim; the next step (1000)
+    # sets a new reference; 1100 and 1128 are within it; 1129 trims; the step after sets the reference again
+    assert seen == [0, 0, 0, 1, 1, 1, 1, 2, 2]
+    assert cb.trims == 2
+
+
+def test_release_freed_memory_is_attached_where_the_malloc_setting_is(monkeypatch):
+    from rir_finetune.training import trainer as trainer_module
+    from rir_finetune.training.trainer import ReleaseFreedMemory
+
+    for kept in (True, False):
+        for chunk in (None, 16):
+            monkeypatch.setattr(trainer_module, "freed_memory_kept", lambda k=kept: k)
+            t = object.__new__(RIRTrainer)
+            t.gradient_cache_chunk_size = chunk
+            added = []
+            t.add_callback = added.append
+            RIRTrainer._add_memory_callbacks(t)
+            assert [type(c) for c in added] == ([ReleaseFreedMemory] if kept else [])
+            if kept:  # the gradient cache (bounded memory) trims every step, the plain step on growth only
+                assert added[0].every_step == (chunk is not None)
+
+
+def test_release_freed_memory_every_step(monkeypatch):
+    from rir_finetune.training import trainer as trainer_module
+    from rir_finetune.training.trainer import ReleaseFreedMemory
+
+    trims = []
+    monkeypatch.setattr(trainer_module, "release_free_memory", lambda: trims.append(True))
+    cb = ReleaseFreedMemory(every_step=True)
+    for _ in range(3):
+        cb.on_step_end(None, None, None)
+    assert len(trims) == 3

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 
-from rir_finetune.cpu_memory import freed_memory_kept, release_free_memory
+from rir_finetune.cpu_memory import freed_memory_kept, release_free_memory, resident_bytes
 from rir_finetune.errors import UserError
 from rir_finetune.training import distributed
 from rir_finetune.training.arguments import ObjectiveArguments
@@ -98,17 +98,38 @@ def check_model_wrapped(model: torch.nn.Module, args, deepspeed: bool) -> None:
 
 
 class ReleaseFreedMemory(TrainerCallback):
-    """After every optimizer step, whole free pages of the heap go back to the kernel (glibc ``malloc_trim``).
+    """Give the heap's free pages back to the kernel (glibc ``malloc_trim``) at step boundaries.
 
     With the CPU allocator setting of :mod:`rir_finetune.cpu_memory` freed blocks stay in the heap for reuse, and
-    blocks of varying sizes leave resident holes that the next step may not fit into. Trimming at the step
-    boundary, where almost nothing is live, returns them; the next step faults its working set in once instead of
-    on every allocation. Main job's shapes, 14 steps, two alternating pairs of runs: peak 2.32-2.33 GiB with it,
-    2.57-2.62 without, median step 8.8-9.1 s with it, 9.4-9.5 s without (benchmarks/README.md).
+    blocks of varying sizes leave resident holes that a later step may not fit into: memory climbed over the steps.
+    A trim returns them, and the next step faults its working set in again, once. Two policies (main job's shapes,
+    bf16, one epoch of 50 steps; benchmarks/README.md):
+
+    - ``every_step`` (with the gradient cache, whose point is bounded memory): peak 2.28 GiB, 277 s;
+      trimming only on growth instead: 2.53 GiB, 250 s (margin 128 MiB), 2.44 GiB and still climbing (32 MiB).
+    - on growth (the plain step, chosen for speed): trim when a step ends with more resident memory than the step
+      that set the reference, by more than ``margin``; the step after a trim sets the next reference. A steady run
+      never trims; every step trimmed made the plain step 4.75 s instead of 3.61 s at about the same peak.
     """
 
+    def __init__(self, every_step: bool = False, margin: int = 128 << 20):
+        self.every_step = every_step
+        self.margin = margin
+        self.reference: int | None = None
+        self.trims = 0
+
     def on_step_end(self, args, state, control, **kwargs):
-        release_free_memory()
+        if self.every_step:
+            release_free_memory()
+            self.trims += 1
+            return
+        rss = resident_bytes()
+        if self.reference is None:
+            self.reference = rss
+        elif rss > self.reference + self.margin:
+            release_free_memory()
+            self.trims += 1
+            self.reference = None
 
 
 class RIRTrainer(Trainer):
@@ -139,10 +160,13 @@ class RIRTrainer(Trainer):
         self._term_values: torch.Tensor | None = None  # running sum of the named terms since the last log
         self._term_names: list[str] = []
         self._term_count = 0
-        if freed_memory_kept():
-            self.add_callback(ReleaseFreedMemory())
+        self._add_memory_callbacks()
         if os.environ.get("RIR_FINETUNE_KILL_AFTER_SAVE"):
             self.add_callback(KillAfterSave(int(os.environ["RIR_FINETUNE_KILL_AFTER_SAVE"])))
+
+    def _add_memory_callbacks(self) -> None:
+        if freed_memory_kept():  # the CPU allocator setting is on (cpu_memory.py): bound what it keeps
+            self.add_callback(ReleaseFreedMemory(every_step=bool(self.gradient_cache_chunk_size)))
 
     # -- data ------------------------------------------------------------------------------------------------------
 
