@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Retrieval only (the main job before the round, issue 16): SciFact training records -> mined hard negatives -> one epoch of
+# Retrieval only (the main job without an LLM): SciFact training records -> mined hard negatives -> one epoch of
 # all-MiniLM-L6-v2 -> SciFact test evaluation. Usage:
 #   bash scripts/retrieval_only.sh [DATA_DIR] [WORK_DIR] [extra train options...]
 #   bash scripts/retrieval_only.sh ../shared/data/scifact work/scifact --max_steps 10      # a shorter run
 # DATA_DIR defaults to ../shared/data/scifact; without it, pass a BEIR folder (e.g. one from
-# `rir-finetune data get scifact --out data`). Takes about 12 min on a 2-core CPU with native bf16 (mining 4, training 4.6, evaluation 3), 30-45 min in fp32.
+# `rir-finetune data get scifact --out data`). Its time on this machine is in README.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-../shared/data/scifact}

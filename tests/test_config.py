@@ -92,11 +92,24 @@ def test_bad_keys_and_values_name_the_key(tmp_path, tokens, message):
     assert "\n" not in str(e.value)
 
 
-def test_unknown_key_in_file_names_the_file(tmp_path):
+def test_unknown_key_in_file_names_the_file_and_line(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("output_dir: o\nqurey_max_len: 32\n")
     with pytest.raises(
-        UserError, match=r"bad.yaml: unknown config key 'qurey_max_len'; did you mean 'query_max_len'"
+        UserError, match=r"bad.yaml:2: unknown config key 'qurey_max_len'; did you mean 'query_max_len'"
+    ):
+        _build([], cfg)
+    sectioned = tmp_path / "sections.yaml"
+    sectioned.write_text("training:\n  output_dir: o\ndata:\n  query_max_len: 32\n  train_group_sise: 4\n")
+    with pytest.raises(UserError, match=r"sections.yaml:5: unknown config key 'train_group_sise'"):
+        _build([], sectioned)
+
+
+def test_bad_value_in_file_names_the_file_and_line(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text('{\n  "output_dir": "o",\n  "learning_rate": -1\n}\n')
+    with pytest.raises(
+        UserError, match=r"bad.json:3: config key 'learning_rate': must be greater than 0, got -1"
     ):
         _build([], cfg)
 

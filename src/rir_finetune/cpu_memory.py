@@ -2,11 +2,11 @@
 
 A transformer step on CPU allocates and frees the same large blocks (activations, attention scores of tens to
 hundreds of MiB) over and over. glibc serves every block above its mmap threshold (at most 32 MiB) with a fresh
-``mmap`` and unmaps it on free, so each step faults in every page again: on a 2-core machine about a third of a
-MiniLM training step went to the kernel. With mmap off for the heap, freed blocks stay in the heap and the next step
+``mmap`` and unmaps it on free, so each step faults in every page again (a large share of a CPU training step went
+to the kernel: benchmarks/README.md). With mmap off for the heap, freed blocks stay in the heap and the next step
 reuses them without page faults.
 
-Retention is bounded (issue 19): when the free memory at the top of the heap exceeds ``M_TRIM_THRESHOLD`` (1 GiB)
+Retention is bounded: when the free memory at the top of the heap exceeds ``M_TRIM_THRESHOLD`` (1 GiB)
 glibc gives it back to the kernel down to ``M_TOP_PAD`` (512 MiB). Freed blocks below a live one (holes) stay
 resident until reused, and blocks of varying sizes leave holes the next step may not fit into; so the trainer also
 calls :func:`release_free_memory` (``malloc_trim(0)``: every whole free page, holes included) at a step boundary

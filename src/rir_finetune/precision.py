@@ -1,15 +1,19 @@
-"""Which float type to compute in: bf16 where the hardware does bf16 arithmetic natively, fp32 elsewhere.
+"""Devices and float types: :func:`check_device` refuses a device this machine does not have; ``dtype: auto`` computes
+in bf16 where the hardware does bf16 arithmetic natively and in fp32 elsewhere.
 
-bf16 matmuls are the largest speed lever on hardware that has them: measured on a 2-core AMD EPYC with AVX512-BF16,
-a 2048^3 matmul ran at ~359 GFLOP/s in bf16 against ~93 in fp32 (3.9x). On a CPU without native bf16 (AVX2 only)
-torch emulates it and bf16 is slower than fp32, so ``auto`` means bf16 only where it is native: CUDA devices with
-bf16 (Ampere and later), CPUs with AVX512-BF16, AMX-BF16 or Arm's BF16 extensions.
+bf16 matmuls are the largest speed lever on hardware that has them (benchmarks/README.md has the measured ratio). On
+a CPU without native bf16 (AVX2 only) torch emulates it and bf16 is slower than fp32, so ``auto`` means bf16 only
+where it is native: CUDA devices with bf16 (Ampere and later), CPUs with AVX512-BF16, AMX-BF16 or Arm's BF16
+extensions.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
+
+from rir_finetune.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # the values of every 'dtype' config key
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -32,7 +36,6 @@ def bf16_native(device: str | None = None) -> bool:
 
 def check_dtype(value: str, key: str = "dtype") -> str:
     """The canonical name of a dtype setting (``bf16`` -> ``bfloat16``), or a UserError naming the key."""
-    from rir_finetune.errors import UserError
 
     name = _ALIASES.get(str(value).lower(), str(value).lower())
     if name not in DTYPES:
@@ -48,3 +51,27 @@ def resolve_dtype(value: str, device: str | None = None) -> str:
     if name != "auto":
         return name
     return "bfloat16" if bf16_native(device) else "float32"
+
+
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|meta)(:(\d+))?")
+
+
+def check_device(device: str | None, key: str = "device") -> None:
+    """A device that this machine does not have is refused (e.g. ``cuda`` without a GPU)."""
+    if device is None:
+        return
+    m = _DEVICE.fullmatch(str(device).strip())
+    if not m:
+        raise UserError(f"config key {key!r}: {device!r} is not a device (cpu, cuda, cuda:1, mps)")
+    kind, index = m.group(1), int(m.group(3)) if m.group(3) else 0
+    if kind == "cpu":
+        return
+    import torch
+
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            have = f"{count} GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+            raise UserError(f"config key {key!r}: {device!r} is not available (this machine has {have})")
+    elif kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise UserError(f"config key {key!r}: {device!r} is not available on this machine")

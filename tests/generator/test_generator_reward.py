@@ -10,13 +10,13 @@ import pytest
 from generator_fixtures import WORDS, build_tiny_causal_lm, write_beir_records
 
 from rir_finetune.cli import main
+from rir_finetune.config import load_config
 from rir_finetune.errors import UserError
 from rir_finetune.generator.reward import (
     DROP_REASONS,
     RewardConfig,
     _Judge,
     choose_pair,
-    load_config,
     reward,
     run_reward,
 )
@@ -83,7 +83,7 @@ def test_scores_are_upstreams_formula_with_the_folder_prompts(tiny_llm, tiny_ber
     from rir_finetune.retrieval.encoder import Encoder
     from rir_finetune.retrieval.model_folder import read_settings
 
-    cfg = load_config(None, _args("in", "out", tiny_bert_dir, tiny_llm))
+    cfg = load_config(RewardConfig, None, _args("in", "out", tiny_bert_dir, tiny_llm))
     answers = [["the cells w1", "heart risk", "a b", "study"]]
     (scores, raw), = _Judge(cfg).score(["gene w1 ?"], ["gene w1 the study"], answers)  # fmt: skip
     enc = Encoder(read_settings(tiny_bert_dir), show_progress=False)
@@ -109,7 +109,7 @@ def test_resumed_run_writes_what_an_uninterrupted_one_writes(tiny_llm, tiny_bert
     whole, broken = tmp_path / "whole.jsonl", tmp_path / "broken.jsonl"
     run_reward(None, _args(src, whole, tiny_bert_dir, tiny_llm, "--threshold", "1"))
 
-    cfg = load_config(None, _args(src, broken, tiny_bert_dir, tiny_llm, "--threshold", "1"))
+    cfg = load_config(RewardConfig, None, _args(src, broken, tiny_bert_dir, tiny_llm, "--threshold", "1"))
     backend = load_backend(cfg.backend_settings())
 
     def killed(n):

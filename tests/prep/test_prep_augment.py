@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from conftest import build_tiny_causal_lm
+from rir_finetune.config import load_config
 from rir_finetune.errors import UserError
+from rir_finetune.lifecycle import partial_path
 from rir_finetune.llm.prompts import TEMPLATES, build_prompt, resolve_template
 from rir_finetune.prep.augment import AugmentConfig, augment, load_generator, run_augment
-from rir_finetune.prep.common import load_config
-from rir_finetune.prep.io import partial_path
 
 WORDS = "cells gene protein heart brain virus drug risk study trial mice level effect diet sleep".split()
 

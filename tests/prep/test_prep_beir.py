@@ -14,9 +14,11 @@ import pytest
 
 from rir_finetune.cli import main
 from rir_finetune.errors import UserError
+from rir_finetune.files import write_jsonl
+from rir_finetune.lifecycle import ResumableJsonl, partial_path
 from rir_finetune.prep import beir
 from rir_finetune.prep.beir import run_from_beir, run_get
-from rir_finetune.prep.io import ResumableJsonl, partial_path, read_records, write_jsonl
+from rir_finetune.prep.io import read_records
 
 
 def write_beir(folder: Path, corpus: list[dict], queries: list[dict], qrels: dict[str, list[tuple]]) -> Path:

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from rir_finetune.cli import main
+from rir_finetune.config import load_config
 from rir_finetune.errors import UserError
+from rir_finetune.lifecycle import partial_path
 from rir_finetune.llm.query_prompts import (
     QUERY_TASKS,
     Example,
@@ -23,7 +25,6 @@ from rir_finetune.llm.query_prompts import (
     query_generation_prompt,
     resolve_task,
 )
-from rir_finetune.prep.common import load_config
 from rir_finetune.prep.generate import (
     ConsistencyFilter,
     GenerateConfig,
@@ -33,7 +34,7 @@ from rir_finetune.prep.generate import (
     run_generate,
     sample_passages,
 )
-from rir_finetune.prep.io import check_training_record, partial_path
+from rir_finetune.prep.io import check_training_record
 
 SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
@@ -411,7 +412,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert err == f"error: {no_text}:2: expected '_id' (or 'id') and 'text' fields"
     err = _cli([str(write_corpus(tmp_path / "cor")), "--output", str(out), "--model", "m", "--num_passages", "0"],
                capsys)  # fmt: skip
-    # the range message is guards.py's (its wording is not under test here): the key, the value, "use none"
+    # the range message is config/fields.py's (its wording is not under test here): the key, the value, "use none"
     assert (
         err.startswith("error: config key 'num_passages': must be ") and "got 0" in err and "use none" in err
     )

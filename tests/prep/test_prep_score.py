@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rir_finetune.errors import UserError
-from rir_finetune.prep.io import partial_path
+from rir_finetune.lifecycle import partial_path
 from rir_finetune.prep.score import run_score
 
 WORDS = (

@@ -127,3 +127,59 @@ def test_round_killed_in_training_resumes_to_the_same_metrics(tmp_path, tiny_ber
     # a third run has nothing to do
     third = run_cli(["--config", str(cfg)])
     assert third.returncode == 0 and third.stderr.count("skipped, up to date") == 6
+
+
+def test_round_config_errors_name_the_file_line_or_flag(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    """The round file is read by the commands' loader: a key given twice, an unknown key in a stage section, a bad
+    value, each refused naming file:line (or the flag) with the closest valid key."""
+    path = round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out")
+    text = path.read_text()
+    twice = tmp_path / "twice.yaml"
+    twice.write_text(text + "seed: 1\nseed: 2\n")
+    with pytest.raises(UserError, match=r"twice.yaml:\d+: invalid YAML: key 'seed' given twice"):
+        load_round_config(str(twice), [])
+    lines = text.splitlines()
+    at = lines.index("train:") + 2
+    lines.insert(at, "  learning_rat: 0.001")
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("\n".join(lines) + "\n")
+    with pytest.raises(
+        UserError,
+        match=rf"typo.yaml:{at + 1}: unknown config key 'learning_rat'; did you mean 'learning_rate'",
+    ):
+        plan(load_round_config(str(typo), []))
+    with pytest.raises(
+        UserError, match=r"command line \(--mine.negativs\): unknown config key 'negativs'; did you mean"
+    ):
+        plan(load_round_config(str(path), ["--mine.negativs", "3"]))
+    with pytest.raises(
+        UserError, match=r"command line \(--train.max_steps\): config key 'max_steps': must be -1 or"
+    ):
+        plan(load_round_config(str(path), ["--train.max_steps", "-5"]))
+    with pytest.raises(
+        UserError, match=r"command line \(--llm.max_new_tokens\): config key 'max_new_tokens': must be"
+    ):
+        plan(load_round_config(str(path), ["--llm.max_new_tokens", "0"]))
+    with pytest.raises(UserError, match=r"round.yaml:\d+: unknown round key 'seeed'; did you mean 'seed'"):
+        path.write_text(text + "seeed: 3\n")
+        load_round_config(str(path), [])
+
+
+def test_bad_stage_keys_are_refused_before_any_stage_is_cleared(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    """A finished stage whose keys a rerun changes is cleared only after every stage's keys passed."""
+    path = str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out"))
+    steps = plan(load_round_config(path, []))
+    train = next(s for s in steps if s.stage.name == "train")
+    train.stage.folder.mkdir(parents=True)
+    (train.stage.folder / "stage.json").write_text(json.dumps({"fingerprint": "old", "status": "done"}))
+    (train.stage.folder / "model.bin").write_text("weights")
+    for bad in (
+        ["--train.learning_rat", "1e-4"],
+        ["--augment.max_new_tokns", "8"],
+        ["--train.max_steps", "-5"],
+    ):
+        for dry in ([], ["--dry-run"]):
+            r = run_cli(["--config", path, *bad, *dry])
+            assert r.returncode == 2 and r.stderr.startswith("error: command line (--"), r.stderr[-2000:]
+            assert "Traceback" not in r.stderr
+            assert (train.stage.folder / "model.bin").read_text() == "weights"

@@ -185,7 +185,7 @@ def test_when_the_generator_stages_run(tmp_path, tiny_bert_dir, tiny_causal_lm_d
     cfg.stages = ["queries", "mine", "train", "train_generator"]
     with pytest.raises(UserError, match="'train_generator' needs the 'reward' stage"):
         plan(cfg)
-    with pytest.raises(UserError, match="config key 'rounds': 0"):
+    with pytest.raises(UserError, match="config key 'rounds': must be a positive integer, got 0"):
         load_round_config(path, ["--rounds", "0"])
 
 
@@ -263,7 +263,7 @@ def test_reward_subset_and_inherited_keys(tmp_path, tiny_bert_dir, tiny_causal_l
 
 
 def test_no_pairs_stops_with_one_line(tmp_path):
-    from rir_finetune.round.run import _run_train_generator
+    from rir_finetune.round.runners import run_train_generator
 
     pairs = tmp_path / "reward" / "pairs.jsonl"
     pairs.parent.mkdir()
@@ -271,7 +271,7 @@ def test_no_pairs_stops_with_one_line(tmp_path):
     stage = Stage("train_generator", "rir-finetune train-generator", tmp_path / "tg", [], {"data": str(pairs),
                   "output_dir": str(tmp_path / "tg" / "model")}, [])  # fmt: skip
     with pytest.raises(UserError, match="reward kept no preference pairs") as e:
-        _run_train_generator(stage, tmp_path / "tg" / "config.yaml", resume=False)
+        run_train_generator(stage, tmp_path / "tg" / "config.yaml", resume=False)
     assert "\n" not in str(e.value) and not (tmp_path / "tg").exists()
 
 

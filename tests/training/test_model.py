@@ -73,3 +73,24 @@ def test_chunking_and_checkpointing_match_plain(tiny_bert_dir, variant):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-4)
+
+
+def test_config_name_gives_the_architecture_settings(tiny_bert_dir, tmp_path):
+    """Upstream's config_name: the config comes from that folder, the weights from model_name_or_path."""
+    import json
+
+    other = tmp_path / "cfg"
+    other.mkdir()
+    cfg = json.loads((tiny_bert_dir / "config.json").read_text())
+    cfg["attention_probs_dropout_prob"] = 0.37
+    (other / "config.json").write_text(json.dumps(cfg))
+    plain = BiEncoder.from_pretrained(str(tiny_bert_dir), pooling="cls", normalize=True)
+    model = BiEncoder.from_pretrained(
+        str(tiny_bert_dir), pooling="cls", normalize=True, config_name=str(other)
+    )
+    assert model.backbone.config.attention_probs_dropout_prob == 0.37
+    assert plain.backbone.config.attention_probs_dropout_prob != 0.37
+    for (name, a), (_, b) in zip(
+        plain.backbone.named_parameters(), model.backbone.named_parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name  # the same weights

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rir_finetune.training.train import latest_complete_checkpoint
+from rir_finetune.lifecycle import latest_complete_checkpoint
 
 
 def _cmd(model_dir, data, out, nproc=1, **kw):

@@ -18,20 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.retrieval.data import read_jsonl
+from rir_finetune.files import iter_jsonl
+from rir_finetune.retrieval.data import ANSWER_PREFIX, with_answer_prefix
 
 MODES = ("query", "answer", "fused")
-ANSWER_PREFIX = "Generate the topic about this passage: "  # upstream Reinforced-IR
 DEFAULT_ALPHA = 0.8  # upstream Reinforced-IR
 _ID_FIELDS = ("_id", "qid", "query_id")
 _ANSWER_FIELDS = ("answer", "text")
-
-
-def with_answer_prefix(answer: str, prefix: str) -> str:
-    """``prefix + answer``, unless ``answer`` already starts with ``prefix``: upstream's files hold the prefixed
-    strings ("Generate the topic about this passage: ..."), and they must be encoded unchanged, not prefixed twice.
-    Training (:mod:`rir_finetune.training.data`) and ``eval`` both use this rule."""
-    return answer if prefix and answer.startswith(prefix) else prefix + answer
 
 
 def load_answers(path: str | Path) -> dict[str, str]:
@@ -40,7 +33,7 @@ def load_answers(path: str | Path) -> dict[str, str]:
     if not path.is_file():
         raise located(path, None, "answers file not found")
     answers: dict[str, str] = {}
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         qid = next((obj[f] for f in _ID_FIELDS if obj.get(f) is not None), None)
         answer = next((obj[f] for f in _ANSWER_FIELDS if obj.get(f) is not None), None)
         if qid is None:

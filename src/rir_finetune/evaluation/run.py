@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import ClassVar
 
-from rir_finetune import guards
-from rir_finetune.config import build_configs, to_dict
+from rir_finetune import files, precision
+from rir_finetune.config import build_configs, option, to_dict
 from rir_finetune.cpu_memory import keep_freed_memory
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, MODES, check_answers, load_answers
@@ -38,49 +37,65 @@ from rir_finetune.retrieval.search import BACKENDS
 
 @dataclass
 class EvalArguments:
-    RANGES: ClassVar[dict[str, str]] = {
-        "alpha": "[0, 1]",
-        "max_length": ">=1",
-        "batch_size": ">=1",
-        "k_values": ">=1",
-        "top_k": ">=1",
-        "max_queries": ">=1",  # None: every judged query
-    }
-    model: str | None = (
-        None  # model folder: ours, any sentence-transformers folder, or a plain transformers one (required)
+    model: str | None = option(
+        None, "model folder: ours, any sentence-transformers folder, or a plain transformers one (required)"
     )
-    data: str | None = None  # data folder, BEIR layout or FlagEmbedding's custom layout (required)
-    split: str = "test"  # qrels/<split>.tsv (BEIR) or <split>_queries.jsonl + <split>_qrels.jsonl (custom)
-    output_dir: str | None = None  # where metrics.json, metrics.md, run.trec, eval_config.json go (required)
-    mode: str = "query"  # query | answer | fused (SPEC section 5)
-    answers: str | None = None  # JSONL: _id|qid|query_id and answer|text; needed by answer and fused modes
-    alpha: float = DEFAULT_ALPHA  # fused: alpha * E_query(query) + (1 - alpha) * E_passage(prefix + answer)
-    answer_prefix: str = ANSWER_PREFIX  # prepended to every answer before encoding it as a passage
-    renormalize: bool = False  # L2-normalise the fused vector (changes scores, not rankings)
-    pooling: str | None = None  # cls | mean | last_token; None: what the folder says (plain folder: mean)
-    normalize: bool | None = (
-        None  # L2-normalise embeddings; None: the folder's Normalize module / cosine similarity
+    data: str | None = option(None, "data folder, BEIR layout or FlagEmbedding's custom layout (required)")
+    split: str = option(
+        "test", "qrels/<split>.tsv (BEIR) or <split>_queries.jsonl + <split>_qrels.jsonl (custom)"
     )
-    max_length: int | None = None  # tokens per text; None: the folder's max_seq_length / model_max_length
-    query_instruction: str | None = None  # None: the folder's "query" prompt, else nothing
-    passage_instruction: str | None = None  # None: the folder's "document"/"passage" prompt, else nothing
-    corpus_text_format: str = DEFAULT_CORPUS_TEXT_FORMAT  # document text, stripped; fields {title} and {text}
-    batch_size: int = (
-        64  # texts per forward pass (length-sorted); 64 is ~12% faster than 32 on CPU (benchmarks/)
+    output_dir: str | None = option(
+        None, "where metrics.json, metrics.md, run.trec, eval_config.json go (required)"
     )
-    k_values: list[int] = field(default_factory=lambda: list(DEFAULT_K_VALUES))  # metric cut-offs
-    top_k: int | None = None  # documents retrieved per query; None: max(k_values)
-    ignore_identical_ids: bool = True  # drop a hit whose doc id equals the query id (BEIR's default)
-    search_backend: str = "auto"  # auto (faiss if importable) | faiss | torch
-    max_queries: int | None = None  # evaluate only the first N judged queries (by id), e.g. for a quick look
-    cache_dir: str | None = (
-        None  # corpus-embedding cache; None: $RIR_FINETUNE_CACHE or ~/.cache/rir_finetune/embeddings
+    mode: str = option("query", "query | answer | fused (SPEC section 5)")
+    answers: str | None = option(
+        None, "JSONL: _id|qid|query_id and answer|text; needed by answer and fused modes"
     )
-    use_cache: bool = True  # false: always encode the corpus, store nothing
-    device: str = "cpu"  # torch device of the encoder
-    dtype: str = "float32"  # float32 | bfloat16 (autocast) | auto: bf16 where the device has it natively
-    trust_remote_code: bool = False  # allow custom modelling code from the model folder
-    show_progress: bool = True  # tqdm progress bars on stderr
+    alpha: float = option(
+        DEFAULT_ALPHA,
+        "fused: alpha * E_query(query) + (1 - alpha) * E_passage(prefix + answer)",
+        range="[0, 1]",
+    )
+    answer_prefix: str = option(ANSWER_PREFIX, "prepended to every answer before encoding it as a passage")
+    renormalize: bool = option(False, "L2-normalise the fused vector (changes scores, not rankings)")
+    pooling: str | None = option(
+        None, "cls | mean | last_token; None: what the folder says (plain folder: mean)"
+    )
+    normalize: bool | None = option(
+        None, "L2-normalise embeddings; None: the folder's Normalize module / cosine similarity"
+    )
+    max_length: int | None = option(
+        None, "tokens per text; None: the folder's max_seq_length / model_max_length", range=">=1"
+    )
+    query_instruction: str | None = option(None, 'None: the folder\'s "query" prompt, else nothing')
+    passage_instruction: str | None = option(
+        None, 'None: the folder\'s "document"/"passage" prompt, else nothing'
+    )
+    corpus_text_format: str = option(
+        DEFAULT_CORPUS_TEXT_FORMAT, "document text, stripped; fields {title} and {text}"
+    )
+    batch_size: int = option(
+        64,
+        "texts per forward pass (length-sorted); 64 is ~12% faster than 32 on CPU (benchmarks/)",
+        range=">=1",
+    )
+    k_values: list[int] = option(factory=lambda: list(DEFAULT_K_VALUES), help="metric cut-offs", range=">=1")
+    top_k: int | None = option(None, "documents retrieved per query; None: max(k_values)", range=">=1")
+    ignore_identical_ids: bool = option(True, "drop a hit whose doc id equals the query id (BEIR's default)")
+    search_backend: str = option("auto", "auto (faiss if importable) | faiss | torch")
+    max_queries: int | None = option(
+        None, "evaluate only the first N judged queries (by id), e.g. for a quick look", range=">=1"
+    )
+    cache_dir: str | None = option(
+        None, "corpus-embedding cache; None: $RIR_FINETUNE_CACHE or ~/.cache/rir_finetune/embeddings"
+    )
+    use_cache: bool = option(True, "false: always encode the corpus, store nothing")
+    device: str = option("cpu", "torch device of the encoder")
+    dtype: str = option(
+        "float32", "float32 | bfloat16 (autocast) | auto: bf16 where the device has it natively"
+    )
+    trust_remote_code: bool = option(False, "allow custom modelling code from the model folder")
+    show_progress: bool = option(True, "tqdm progress bars on stderr")
 
     def __post_init__(self):
         for key in ("model", "data", "output_dir"):
@@ -133,12 +148,12 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     keep_freed_memory()
     start = time.perf_counter()
     # every output location before any work; the output folder is never an input folder
-    out = guards.check_output_dir(
+    out = files.check_output_dir(
         args.output_dir, key="output_dir", reads=[args.model, args.data], may_hold_inputs=True
     )  # eval writes four named files (checked next), never sub-folders
     for name in ("metrics.json", "metrics.md", "run.trec", "eval_config.json"):
-        guards.check_output_file(out / name, key="output_dir", reads=[args.answers])
-    guards.check_device(args.device)
+        files.check_output_file(out / name, key="output_dir", reads=[args.answers])
+    precision.check_device(args.device)
     settings = read_settings(
         args.model,
         pooling=args.pooling,
@@ -170,7 +185,7 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts), encoder.dtype
     )
     cache_dir = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) if args.use_cache else None
-    cache_dir, store = guards.check_cache_dir(cache_dir)
+    cache_dir, store = files.check_cache_dir(cache_dir)
     corpus_reps, hit = cached_corpus_encode(
         cache_dir, key, described, doc_texts, encoder.encode_passages, store=store
     )

@@ -22,25 +22,25 @@ bf16 arithmetic (CUDA with bf16, CPUs with AVX512-BF16 or AMX), fp32 elsewhere; 
 
 from __future__ import annotations
 
-import json
 import logging
-import re
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from transformers import TrainerCallback
 from trl import DPOConfig
 
-from rir_finetune import guards
-from rir_finetune.config import build_configs, parse_overrides
+from rir_finetune import files, lifecycle
+from rir_finetune.config import TRAINER_RANGES, load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.generator.causal_lm import check_causal_lm, model_location
-from rir_finetune.generator.io import Record, read_checked
 from rir_finetune.precision import bf16_native
+from rir_finetune.retrieval import model_folder
+
+Record = dict[str, Any]
 
 logger = logging.getLogger("rir_finetune")
 
@@ -57,37 +57,46 @@ def bf16_by_default(use_cpu: bool) -> bool:
 
 @dataclass
 class GeneratorArguments:
-    RANGES: ClassVar[dict[str, str]] = {"lora_rank": ">=1", "lora_alpha": ">0", "lora_dropout": "[0, 1)"}
-    model: str | None = None  # the generator: a causal LM folder or a .gguf file
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder (transformers de-quantises it)
-    data: str | None = None  # preference pairs (JSONL from `reward`)
-    lora_rank: int = 32  # LoRA rank (upstream 32)
-    lora_alpha: float = 64.0  # LoRA alpha (upstream 64)
-    lora_dropout: float = 0.0  # LoRA dropout (TRL turns dropout off anyway: disable_dropout)
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])  # all-linear: every linear
-    use_chat_template: bool = True  # plain-text prompts go through the chat template when the model has one
-    system_prompt: str | None = None  # system message put before plain-text prompts in the chat template
+    model: str | None = option(None, "the generator: a causal LM folder or a .gguf file")
+    gguf_file: str | None = option(None, "GGUF file inside the 'model' folder (transformers de-quantises it)")
+    data: str | None = option(None, "preference pairs (JSONL from `reward`)")
+    lora_rank: int = option(32, "LoRA rank (upstream 32)", range=">=1")
+    lora_alpha: float = option(64.0, "LoRA alpha (upstream 64)", range=">0")
+    lora_dropout: float = option(
+        0.0, "LoRA dropout (TRL turns dropout off anyway: disable_dropout)", range="[0, 1)"
+    )
+    lora_target_modules: list[str] = option(factory=lambda: ["all-linear"], help="all-linear: every linear")
+    use_chat_template: bool = option(
+        True, "plain-text prompts go through the chat template when the model has one"
+    )
+    system_prompt: str | None = option(
+        None, "system message put before plain-text prompts in the chat template"
+    )
 
 
 @dataclass
 class GeneratorDPOConfig(DPOConfig):
     """TRL's ``DPOConfig`` with this command's defaults: upstream's DPO settings, small CPU-friendly steps."""
 
-    output_dir: str | None = None  # where the merged model, adapter and checkpoints go (required)
-    overwrite_output_dir: bool = (
-        False  # train into a non-empty output_dir from scratch (transformers 5 dropped it)
+    INHERITED_RANGES: ClassVar[dict[str, str]] = {**TRAINER_RANGES, "beta": ">0"}
+
+    output_dir: str | None = option(None, "where the merged model, adapter and checkpoints go (required)")
+    overwrite_output_dir: bool = option(
+        False, "train into a non-empty output_dir from scratch (transformers 5 dropped it)"
     )
-    learning_rate: float = 1e-5  # upstream 1e-5
-    num_train_epochs: float = 1.0  # upstream one epoch
-    per_device_train_batch_size: int = 4  # pairs per step
-    max_length: int | None = 512  # tokens of prompt + answer
-    logging_steps: float = 1  # log margins and accuracies every step
-    save_steps: float = 50
-    gradient_checkpointing: bool | None = (
-        None  # deprecated alias of activation_checkpointing (transformers 5)
+    learning_rate: float = option(1e-5, "upstream 1e-5")
+    num_train_epochs: float = option(1.0, "upstream one epoch")
+    per_device_train_batch_size: int = option(4, "pairs per step")
+    max_length: int | None = option(512, "tokens of prompt + answer")
+    logging_steps: float = option(1, "log margins and accuracies every step")
+    save_steps: float = option(50, "save a checkpoint every this many steps")
+    gradient_checkpointing: bool | None = option(
+        None, "deprecated alias of activation_checkpointing (transformers 5)"
     )
-    activation_checkpointing: bool | None = False  # TRL turns it on; a 135M-1B model does not need the memory
-    bf16: bool | None = None  # None: bf16 where the hardware has it (see bf16_by_default), else fp32
+    activation_checkpointing: bool | None = option(
+        False, "TRL turns it on; a 135M-1B model does not need the memory"
+    )
+    bf16: bool | None = option(None, "None: bf16 where the hardware has it (see bf16_by_default), else fp32")
 
     def __post_init__(self):
         if self.output_dir is None:
@@ -101,9 +110,11 @@ class GeneratorDPOConfig(DPOConfig):
         super().__post_init__()
 
 
+CONFIG_CLASSES = (GeneratorArguments, GeneratorDPOConfig)
+
+
 def load_configs(config_file: str | None, overrides: list[str] | dict) -> tuple[GeneratorArguments, Any]:
-    values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-    gen_args, dpo_args = build_configs([GeneratorArguments, GeneratorDPOConfig], config_file, values)
+    gen_args, dpo_args = load_config(list(CONFIG_CLASSES), config_file, overrides)
     return gen_args, dpo_args
 
 
@@ -134,7 +145,7 @@ def check_pair(record: Record) -> str | None:
 def read_pairs(path: str | None) -> list[Record]:
     if not path:
         raise UserError("config key 'data' is required (the preference pairs that `reward` wrote)")
-    pairs = read_checked(path, check_pair, "pairs")
+    pairs = files.read_jsonl(path, check_pair, "pairs")
     kinds = {isinstance(p["prompt"], list) for p in pairs}
     if len(kinds) > 1:
         line = next(n for n, p in enumerate(pairs, 1) if isinstance(p["prompt"], list) != isinstance(pairs[0]["prompt"], list))  # fmt: skip
@@ -165,59 +176,6 @@ def to_trl_example(pair: Record, chat: bool, system_prompt: str | None) -> dict[
     return {"prompt": prompt, "chosen": sep(chosen) + chosen, "rejected": sep(rejected) + rejected}
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Output folder and resuming
-
-
-def checkpoint_is_complete(folder: Path) -> bool:
-    """The Trainer writes trainer_state.json last; a LoRA checkpoint holds the adapter weights."""
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (folder / "adapter_model.safetensors").is_file() or any(folder.glob("model*.safetensors"))
-
-
-def latest_checkpoint(out: Path) -> str | None:
-    if not out.is_dir():
-        return None
-    found = sorted(
-        ((int(m.group(1)), p) for p in out.iterdir() if (m := re.fullmatch(r"checkpoint-(\d+)", p.name))),
-        reverse=True,
-    )
-    for _, p in found:
-        if checkpoint_is_complete(p):
-            return str(p)
-        logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", p)
-    return None
-
-
-def resolve_resume(dpo_args: Any) -> str | None:
-    """``resume_from_checkpoint``: a path, ``auto`` (the latest complete checkpoint, if any) or None.
-
-    A non-empty ``output_dir`` is refused unless resuming or ``overwrite_output_dir``.
-    """
-    out = Path(dpo_args.output_dir)
-    resume = dpo_args.resume_from_checkpoint
-    auto = resume is not None and str(resume).lower() in {"auto", "latest", "true"}
-    if auto:
-        resume = latest_checkpoint(out)
-    elif resume is not None and not checkpoint_is_complete(Path(resume)):
-        raise UserError(f"config key 'resume_from_checkpoint': {resume} is not a complete checkpoint folder")
-    if (
-        resume is None
-        and not auto
-        and out.is_dir()
-        and any(out.iterdir())
-        and not dpo_args.overwrite_output_dir
-    ):
-        raise UserError(
-            f"config key 'output_dir': {out} is not empty; resume with --resume_from_checkpoint auto, "
-            "or pass --overwrite_output_dir true, or choose another folder"
-        )
-    return resume
-
-
 class _PrintMetrics(TrainerCallback):
     """One line per logged step: loss, reward margin and accuracy (TRL's rewards/* metrics)."""
 
@@ -242,7 +200,7 @@ def load_model(gen_args: GeneratorArguments):
     folder, gguf = model_location(gen_args.model, gen_args.gguf_file)
     check_causal_lm(folder, gguf)
     if gguf is None:
-        guards.check_model_folder(folder, key="model")
+        model_folder.check_model_folder(folder, key="model")
     extra = {"gguf_file": gguf} if gguf else {}
     tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
     if gguf:  # de-quantised to fp32 weights that train like any others (never packed GGUF blocks)
@@ -268,7 +226,7 @@ def check_inputs(gen_args: GeneratorArguments, dpo_args: Any) -> list[Record]:
     folder, gguf = model_location(gen_args.model, gen_args.gguf_file)
     check_causal_lm(folder, gguf)
     pairs = read_pairs(gen_args.data)
-    guards.check_output_dir(dpo_args.output_dir, key="output_dir", reads=[gen_args.model, gen_args.data])
+    files.check_output_dir(dpo_args.output_dir, key="output_dir", reads=[gen_args.model, gen_args.data])
     return pairs
 
 
@@ -277,7 +235,9 @@ def train_generator(gen_args: GeneratorArguments, dpo_args: Any, pairs: list[Rec
     from peft import LoraConfig
     from trl import DPOTrainer
 
-    resume = resolve_resume(dpo_args)
+    resume = lifecycle.resolve_resume(
+        dpo_args.resume_from_checkpoint, dpo_args.output_dir, dpo_args.overwrite_output_dir
+    )
     model, tokenizer = load_model(gen_args)
     chat = gen_args.use_chat_template and bool(getattr(tokenizer, "chat_template", None))
     if isinstance(pairs[0]["prompt"], list) and not getattr(tokenizer, "chat_template", None):

@@ -25,24 +25,26 @@ resumed run draws the same samples as an uninterrupted one).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from rir_finetune import guards
-from rir_finetune.config import build_configs, parse_overrides
+from rir_finetune import files
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.generator.causal_lm import check_causal_lm, model_location
-from rir_finetune.generator.io import PartialJsonl, Record, read_checked, write_jsonl
-from rir_finetune.llm.prompts import TASKS, build_prompt, resolve_template
+from rir_finetune.lifecycle import ResumableJsonl, settings_fingerprint
+from rir_finetune.llm.common import BackendSettings
+from rir_finetune.llm.prompts import AnswerPromptKeys, build_prompt, resolve_template
+from rir_finetune.retrieval import model_folder
+from rir_finetune.retrieval.data import ANSWER_PREFIX
 
-ANSWER_PREFIX = "Generate the topic about this passage: "  # upstream's 'new_query' prefix
+Record = dict[str, Any]
+
 DROP_REASONS = ("not_better_than_query", "margin_too_small", "same_text", "empty_answer")
 
 
@@ -109,99 +111,66 @@ def pair_prompt(prompt: str, system_prompt: str | None) -> str | list[dict[str, 
 
 
 @dataclass
-class RewardConfig:
-    RANGES: ClassVar[dict[str, str]] = {
-        "retriever_batch_size": ">=1", "retriever_max_length": ">=1", "samples_per_query": ">=2",
-        "temperature": ">0", "top_p": "(0, 1]", "max_new_tokens": ">=1", "seed": ">=0", "n_ctx": ">=1", "n_threads": ">=1",
-        "batch_size": ">=1", "query_weight": ">=0", "answer_weight": ">=0", "threshold": "[0, 1]",
-        "records_per_chunk": ">=1",
-    }  # fmt: skip
-    input: str | None = (
-        None  # JSONL records with 'query' and 'pos' (the first positive is the source passage)
+class RewardConfig(BackendSettings, AnswerPromptKeys):
+    """reward's keys, the answer prompt's (as augment's) and the LLM backend's (the generator that is sampled)."""
+
+    input: str | None = option(
+        None, "JSONL records with 'query' and 'pos' (the first positive is the source passage)"
     )
-    output: str | None = None  # JSONL of preference pairs (TRL format) to write
-    samples_output: str | None = None  # optional JSONL: every query's K answers with their scores
+    output: str | None = option(None, "JSONL of preference pairs (TRL format) to write")
+    samples_output: str | None = option(None, "optional JSONL: every query's K answers with their scores")
     # the judge
-    retriever: str | None = None  # retriever model folder that judges the answers
-    retriever_batch_size: int = 64  # texts per forward pass of the retriever
-    retriever_device: str | None = None  # cpu, cuda...; None: cuda when available
-    retriever_max_length: int | None = None  # tokens per text; None: the folder's own limit
-    query_instruction: str | None = (
-        None  # prepended to queries (and prefixed answers); None: the folder's prompt
+    retriever: str | None = option(None, "retriever model folder that judges the answers")
+    retriever_batch_size: int = option(64, "texts per forward pass of the retriever", range=">=1")
+    retriever_device: str | None = option(None, "cpu, cuda...; None: cuda when available")
+    retriever_max_length: int | None = option(
+        None, "tokens per text; None: the folder's own limit", range=">=1"
     )
-    passage_instruction: str | None = None  # prepended to passages; None: the folder's passage prompt
-    # the generator (the llm backend's keys)
-    backend: str = "transformers"  # transformers | llama_cpp | openai
-    model: str | None = None  # model folder, .gguf file, or the model name for openai
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder
-    device: str | None = None  # LLM device: cpu, cuda ...; None: the backend's choice
-    n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
-    n_threads: int | None = None  # CPU threads for llama_cpp / torch; None: the library's choice
-    dtype: str = (
-        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
+    query_instruction: str | None = option(
+        None, "prepended to queries (and prefixed answers); None: the folder's prompt"
     )
-    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
-    use_chat_template: bool = True  # wrap prompts in the model's chat template when it has one
-    system_prompt: str | None = (
-        None  # optional system message for chat models (then pairs hold chat messages)
-    )
-    batch_size: int = 8  # prompts the backend generates together
+    passage_instruction: str | None = option(None, "prepended to passages; None: the folder's passage prompt")
     # sampling
-    samples_per_query: int = 5  # K answers sampled per query (upstream 5)
-    temperature: float = 0.9  # sampling temperature (upstream 0.9)
-    top_p: float = 0.9  # nucleus sampling (upstream 0.9)
-    max_new_tokens: int = 300  # answer length limit in tokens
-    seed: int = (
-        42  # sampling seed (the backends derive each sample's seed from it, the prompt and the sample number)
+    samples_per_query: int = option(
+        5, "K answers sampled per query (upstream 5; a pair needs 2)", range=">=2"
     )
-    # prompts (as augment)
-    task: str = "generic"  # prompt preset: scifact, nfcorpus, ...
-    task_description: str | None = None  # None: the task preset's
-    query_type: str | None = None  # None: the task preset's
-    answer_type: str = "Passage"
-    prompt_template: str = "hyde"  # a template name or a template with {query}
+    temperature: float = option(0.9, "sampling temperature (upstream 0.9)", range=">0")
+    top_p: float = option(0.9, "nucleus sampling (upstream 0.9)", range="(0, 1]")
+    max_new_tokens: int = option(300, "answer length limit in tokens", range=">=1")
+    seed: int = option(
+        42,
+        "sampling seed (each sample's seed derives from it, the prompt and the sample number)",
+        range=">=0",
+    )
     # the rule (upstream's defaults)
-    query_weight: float = 0.8  # e_aug = query_weight e(query) + answer_weight e(prefix + answer)
-    answer_weight: float = 0.2
-    answer_prefix: str = ANSWER_PREFIX  # put before every answer when it is encoded
-    threshold: float = 0.95  # margin rule: (best - w_q raw) * threshold >= (worst - w_q raw)
-    require_beats_query: bool = True  # keep a pair only when best > raw (upstream use_rule1)
-    records_per_chunk: int = 16  # queries sampled, scored and written together
+    query_weight: float = option(
+        0.8, "e_aug = query_weight e(query) + answer_weight e(prefix + answer)", range=">=0"
+    )
+    answer_weight: float = option(0.2, "the answer's share of e_aug (see query_weight)", range=">=0")
+    answer_prefix: str = option(ANSWER_PREFIX, "put before every answer when it is encoded")
+    threshold: float = option(
+        0.95, "margin rule: (best - w_q raw) * threshold >= (worst - w_q raw)", range="[0, 1]"
+    )
+    require_beats_query: bool = option(True, "keep a pair only when best > raw (upstream use_rule1)")
+    records_per_chunk: int = option(16, "queries sampled, scored and written together", range=">=1")
 
     def __post_init__(self):
-        if self.samples_per_query < 2:
-            raise UserError(
-                f"config key 'samples_per_query': {self.samples_per_query} is fewer than 2 "
-                "(a pair needs a chosen and a rejected answer)"
-            )
-        if self.task not in TASKS:
-            raise UserError(f"config key 'task': {self.task!r} is not one of {', '.join(TASKS)}")
-        task_description, query_type = TASKS[self.task]
-        if self.task_description is None:
-            self.task_description = task_description
-        if self.query_type is None:
-            self.query_type = query_type
+        AnswerPromptKeys.__post_init__(self)
+        BackendSettings.__post_init__(self)
 
     @property
     def rule(self) -> RewardRule:
         return RewardRule(self.query_weight, self.answer_weight, self.threshold, self.require_beats_query)
 
-    def backend_settings(self):
-        """The llm backend's own settings, from this command's keys of the same names."""
-        from rir_finetune.llm.generation import BackendSettings
-
-        names = {f.name for f in fields(BackendSettings)}
-        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
-
     def fingerprint(self) -> str:
         """What the samples and scores of a partial file depend on; a resumed run must agree on all of it."""
         skip = {"output", "samples_output", "records_per_chunk", "retriever_batch_size", "retriever_device",
-                "device", "batch_size", "api_base", "n_ctx", "n_threads"}  # fmt: skip
+                "device", "batch_size", "api_base", "n_ctx", "n_threads", "api_key_env", "api_timeout",
+                "api_max_retries", "api_concurrency", "progress"}  # fmt: skip
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         keep["retriever"] = str(Path(self.retriever or "").resolve())
         keep["dtype"] = self.backend_settings().resolved_dtype()  # "auto" as resolved on this machine
-        text = json.dumps(keep, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return settings_fingerprint(keep, length=16)
 
 
 def check_record(record: Record) -> str | None:
@@ -212,12 +181,6 @@ def check_record(record: Record) -> str | None:
     if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
         return "field 'pos' must be a non-empty list of passages (reward scores answers against the positive)"
     return None
-
-
-def load_config(config_file: str | None, overrides: list[str] | dict) -> RewardConfig:
-    values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-    (cfg,) = build_configs([RewardConfig], config_file, values)
-    return cfg
 
 
 def _resume(records: list[Record], done: list[Record], partial: Path, key: str) -> dict[int, Record]:
@@ -280,22 +243,24 @@ def reward(
     backend: Any,
     judge: Any,
     after_chunk: Callable[[int], None] | None = None,
+    records: list[Record] | None = None,
 ) -> dict[str, int]:
-    """Sample, score and write the pairs of ``cfg.input``; returns the counts.
+    """Sample, score and write the pairs of ``cfg.input`` (``records``: its records, when already read); returns the
+    counts.
 
     ``backend.generate(prompts, Sampling)`` gives K completions per prompt; ``judge.score(queries, passages,
     answers)`` gives (scores, raw) per query. ``after_chunk(n)`` runs after the n-th chunk is durable (tests).
     """
     from rir_finetune.llm.generation import Sampling
 
-    records = read_checked(cfg.input, check_record, "input")
+    records = records if records is not None else files.read_jsonl(cfg.input, check_record)
     out = check_outputs(cfg)
     template = resolve_template(cfg.prompt_template)
     key = cfg.fingerprint()
     # the prompt in the pairs is what the backend sent: chat messages when a system message went with it
     system_prompt = cfg.system_prompt if getattr(backend, "use_chat", True) else None
-    partial = PartialJsonl(out)
-    entries = _resume(records, partial.done(), partial.path, key)
+    partial = ResumableJsonl(out)
+    entries = _resume(records, partial.done(), partial.partial, key)
     kept_earlier = len(entries)
     pending = [i for i in range(len(records)) if i not in entries]
     start = time.time()
@@ -365,16 +330,16 @@ def reward(
             pair["qid"] = e["qid"]
         pairs.append(pair)
     counts["pairs"] = len(pairs)
-    write_jsonl(out, pairs)
+    files.write_jsonl(out, pairs)
     if cfg.samples_output:
-        write_jsonl(Path(cfg.samples_output), samples)
+        files.write_jsonl(Path(cfg.samples_output), samples)
     partial.remove()
     all_scores = [s for e in entries.values() for s in e["scores"]]
     raws = [e["raw_score"] for e in entries.values()]
     dropped = ", ".join(f"{counts[f'dropped_{r}']} {r}" for r in DROP_REASONS)
     print("reward:")
     print(f"  {counts['records']} queries x {cfg.samples_per_query} answers: {counts['sampled']} sampled now, "
-          f"{kept_earlier} kept from an earlier run ({partial.path.name})")  # fmt: skip
+          f"{kept_earlier} kept from an earlier run ({partial.partial.name})")  # fmt: skip
     print(f"  pairs kept: {counts['pairs']}; dropped: {dropped}")
     print(f"  mean answer score {np.mean(all_scores):.4f}, mean raw (query-only) score {np.mean(raws):.4f}")
     print(f"  backend {backend.name}, retriever {cfg.retriever}")
@@ -385,37 +350,40 @@ def reward(
 
 def check_outputs(cfg: RewardConfig) -> Path:
     reads = [cfg.input, cfg.retriever, cfg.model]
-    out = guards.check_output_file(cfg.output, key="output", reads=reads)
+    out = files.check_output_file(cfg.output, key="output", reads=reads)
     if cfg.samples_output:
-        samples = guards.check_output_file(cfg.samples_output, key="samples_output", reads=reads)
+        samples = files.check_output_file(cfg.samples_output, key="samples_output", reads=reads)
         if samples.resolve() == out.resolve():
             raise UserError("config keys 'output' and 'samples_output' name the same file")
     return out
 
 
-def check_inputs(cfg: RewardConfig) -> None:
-    """Everything that can fail on bad input, before a model loads or a file is written."""
+def check_inputs(cfg: RewardConfig) -> list[Record]:
+    """Everything that can fail on bad input, before a model loads or a file is written; returns the records."""
     if not cfg.input:
         raise UserError("config key 'input' is required (JSONL records with 'query' and 'pos')")
     if not cfg.retriever:
         raise UserError("config key 'retriever' is required (the retriever folder that judges the answers)")
-    read_checked(cfg.input, check_record, "input")
+    records = files.read_jsonl(cfg.input, check_record)
     check_outputs(cfg)
     resolve_template(cfg.prompt_template)
     from rir_finetune.retrieval.model_folder import read_settings
 
     settings = read_settings(cfg.retriever)
-    guards.check_model_folder(cfg.retriever, key="retriever", transformer_dir=Path(settings.transformer_dir))
+    model_folder.check_model_folder(
+        cfg.retriever, key="retriever", transformer_dir=Path(settings.transformer_dir)
+    )
     if cfg.backend != "openai":  # a local generator (an API model is a name)
         folder, gguf = model_location(cfg.model, cfg.gguf_file)
         check_causal_lm(folder, gguf)
+    return records
 
 
 def run_reward(config_file: str | None, overrides: list[str] | dict) -> dict[str, int]:
     """``rir-finetune reward``: config file + ``--key value`` overrides -> pairs file; returns the counts."""
     from rir_finetune.llm.generation import load_backend
 
-    cfg = load_config(config_file, overrides)
-    check_inputs(cfg)
+    cfg = load_config(RewardConfig, config_file, overrides)
+    records = check_inputs(cfg)
     backend = load_backend(cfg.backend_settings())
-    return reward(cfg, backend, _Judge(cfg))
+    return reward(cfg, backend, _Judge(cfg), records=records)

@@ -9,10 +9,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol, Union
 
+from rir_finetune.config import option
 from rir_finetune.errors import UserError
 
 Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007 (a runtime alias)
@@ -83,31 +84,40 @@ class Backend(Protocol):
 
 @dataclass
 class BackendSettings:
-    backend: str = "transformers"  # transformers | llama_cpp | openai
-    model: str | None = None  # model folder, .gguf file, or (openai) the model name to request
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder
-    device: str | None = (
-        None  # transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers
+    """The LLM backend's keys, defined once: every command that generates (augment, generate, reward, score's LLM
+    teacher) inherits them, and the round passes its shared ``llm:`` section as these keys."""
+
+    backend: str = option("transformers", "transformers | llama_cpp | openai")
+    model: str | None = option(None, "model folder, .gguf file, or (openai) the model name to request")
+    gguf_file: str | None = option(None, "GGUF file inside the 'model' folder")
+    device: str | None = option(
+        None, "transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers"
     )
-    n_ctx: int = 4096  # context window in tokens (prompt + reply) for local backends
-    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores idle now
-    batch_size: int = 8  # sequences decoded together (transformers, llama_cpp)
-    use_chat_template: bool = True  # wrap a plain prompt in the model's chat template when it has one
-    system_prompt: str | None = None  # system message sent before a plain prompt (chat models)
-    api_base: str | None = None  # openai: endpoint, e.g. http://localhost:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key (unset: no key)
-    api_timeout: float = 300.0  # openai: seconds per request
-    api_max_retries: int = 5  # openai: retries on 429, 5xx, timeouts and refused connections (with backoff)
-    api_concurrency: int = 8  # openai: requests in flight
-    api_extra_body: str | None = (
-        None  # openai: JSON object added to every request, e.g. '{"repeat_penalty": 1}'
+    n_ctx: int = option(4096, "context window in tokens (prompt + reply) for local backends", range=">=1")
+    n_threads: int | None = option(
+        None, "CPU threads (llama_cpp, torch); None: the cores idle now", range=">=1"
     )
-    progress: bool = True  # a progress bar on stderr (prompts and tokens/s)
-    gguf_requantize: str | None = (
-        None  # llama_cpp: re-quantise the GGUF once (cached) to q4_0 / q8_0 / f16, types that batch on CPU
+    batch_size: int = option(8, "sequences decoded together (transformers, llama_cpp)", range=">=1")
+    use_chat_template: bool = option(True, "wrap a plain prompt in the model's chat template when it has one")
+    system_prompt: str | None = option(None, "system message sent before a plain prompt (chat models)")
+    api_base: str | None = option(None, "openai: endpoint, e.g. http://localhost:8000/v1")
+    api_key_env: str = option(
+        "OPENAI_API_KEY", "openai: environment variable holding the key (unset: no key)"
     )
-    dtype: str = (
-        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
+    api_timeout: float = option(300.0, "openai: seconds per request", range=">0")
+    api_max_retries: int = option(
+        5, "openai: retries on 429, 5xx, timeouts and refused connections (with backoff)", range=">=0"
+    )
+    api_concurrency: int = option(8, "openai: requests in flight", range=">=1")
+    api_extra_body: str | None = option(
+        None, "openai: JSON object added to every request, e.g. '{\"repeat_penalty\": 1}'"
+    )
+    progress: bool = option(True, "a progress bar on stderr (prompts and tokens/s)")
+    gguf_requantize: str | None = option(
+        None, "llama_cpp: re-quantise the GGUF once (cached) to q4_0 / q8_0 / f16, types that batch on CPU"
+    )
+    dtype: str = option(
+        "auto", "transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)"
     )
 
     def resolved_dtype(self) -> str | None:
@@ -138,15 +148,10 @@ class BackendSettings:
             raise UserError(
                 "config key 'gguf_requantize': only the llama_cpp backend re-quantises a GGUF file"
             )
-        for key in ("n_ctx", "batch_size", "api_concurrency"):
-            if getattr(self, key) < 1:
-                raise UserError(f"config key {key!r}: must be a positive integer")
-        if self.n_threads is not None and self.n_threads < 1:
-            raise UserError("config key 'n_threads': must be a positive integer (or unset)")
-        if self.api_timeout <= 0:
-            raise UserError("config key 'api_timeout': must be > 0 seconds")
-        if self.api_max_retries < 0:
-            raise UserError("config key 'api_max_retries': must be 0 or more")
+
+    def backend_settings(self) -> BackendSettings:
+        """Just the backend's keys (a command's config inherits them among its own)."""
+        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(BackendSettings)})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -298,11 +303,11 @@ def threads_setting(n_threads: int | None) -> int:
     """The thread count for a local backend: the setting, else the cores not already busy.
 
     On a machine whose cores other processes keep busy, every extra thread waits for a descheduled sibling at each
-    barrier: measured here with SmolLM2 on 2 shared cores, 1 thread decoded 4-5x faster than 2. So ``None`` takes
+    barrier, and one thread decodes several times faster than two (benchmarks/README.md). So ``None`` takes
     the cores minus those busy right now (at least 1); an idle machine gets every core. "Right now" is the busy
     share of this process's cores over a quarter second (``/proc/stat``), not the 1-minute load average: that one
-    still counts a job that ended a minute ago, and a run that started after one kept a single thread for hours
-    (a listwise teacher on SciFact ran at half speed). The load average is the fallback off Linux.
+    still counts a job that ended a minute ago, and a run that started after one kept a single thread for its whole
+    run. The load average is the fallback off Linux.
     """
     if n_threads:
         return n_threads

@@ -1,8 +1,7 @@
 """The ``transformers`` backend: a Hugging Face causal LM (a folder, or a GGUF file de-quantised).
 
 The model computes in ``dtype`` (``auto``: bf16 where the device has native bf16, :mod:`rir_finetune.precision`;
-measured with SmolLM2-135M, 64 SciFact prompts at batch 64 on 2 AVX512-BF16 cores: 495 tokens/s in bf16 against
-190 in fp32). bf16 and fp32 greedy answers differ (7 of those 64 were identical), as two models' would.
+the tokens/s of each are in benchmarks/README.md). bf16 and fp32 greedy answers differ, as two models' would.
 
 Prompts are tokenised once and sorted by length (longest first), then decoded ``batch_size`` at a time: left
 padding with position ids from the mask, a KV cache, and rows that finish (end of sequence or ``max_new_tokens``)
@@ -38,8 +37,8 @@ from rir_finetune.llm.common import (
 @contextlib.contextmanager
 def _quiet_gguf_dtype_advice():
     """Drop transformers' advice to load a GGUF in float32 "because its weights stay packed": it is printed before
-    transformers finds that no GGUF kernel is available offline and de-quantises the whole model anyway (the
-    bf16 de-quantised model is then 2.2x faster than fp32 here), so for this backend it is wrong."""
+    transformers finds that no GGUF kernel is available offline and de-quantises the whole model anyway (and bf16
+    then decodes faster than fp32 where it is native), so for this backend it is wrong."""
     import logging
 
     def keep(record: logging.LogRecord) -> bool:

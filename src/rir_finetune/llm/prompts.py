@@ -8,7 +8,9 @@ datasets; ``--task NAME`` picks one, and ``task_description`` / ``query_type`` /
 from __future__ import annotations
 
 import string
+from dataclasses import dataclass
 
+from rir_finetune.config import option
 from rir_finetune.errors import UserError
 
 # name -> (task description, query type); the answer type is "Passage" for all of them
@@ -65,3 +67,39 @@ def build_prompt(template: str, query: str, task_description: str, query_type: s
     return template.format(
         task_description=task_description, query_type=query_type, query=query, answer_type=answer_type
     )
+
+
+@dataclass
+class AnswerPromptKeys:
+    """The answer prompt's keys, defined once for the commands that write answers (augment, reward)."""
+
+    task: str = option(
+        "generic", "preset of task_description and query_type: a BEIR name (scifact, nfcorpus, ...)"
+    )
+    task_description: str | None = option(None, "first line of the prompt; None: the task preset's")
+    query_type: str | None = option(
+        None, "what the query is (Question, Claim, Title...); None: the task preset's"
+    )
+    answer_type: str = option("Passage", "what to write")
+    prompt_template: str = option(
+        "hyde", "a template name, or a template with {query} (+ the three fields above)"
+    )
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise UserError(f"config key 'task': {self.task!r} is not one of {', '.join(TASKS)}")
+        task_description, query_type = TASKS[self.task]
+        if self.task_description is None:
+            self.task_description = task_description
+        if self.query_type is None:
+            self.query_type = query_type
+        resolve_template(self.prompt_template)
+
+    def prompt(self, query: str) -> str:
+        return build_prompt(
+            resolve_template(self.prompt_template),
+            query,
+            self.task_description,
+            self.query_type,
+            self.answer_type,
+        )

@@ -18,13 +18,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from rir_finetune import guards
+from rir_finetune import files, lifecycle, precision
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.files import iter_jsonl
+from rir_finetune.lifecycle import ResumableJsonl
 from rir_finetune.llm.generation import (
     Backend,
     BackendSettings,
@@ -34,76 +36,30 @@ from rir_finetune.llm.generation import (
     Sampling,
     load_backend,
 )
-from rir_finetune.llm.prompts import TASKS, build_prompt, resolve_template
-from rir_finetune.prep.common import load_config, report
-from rir_finetune.prep.io import Record, ResumableJsonl, read_records
+from rir_finetune.llm.prompts import AnswerPromptKeys, build_prompt, resolve_template
+from rir_finetune.prep.common import report
+from rir_finetune.prep.io import Record, read_records
 
 SETTINGS_KEY = "augment_settings"  # the first line of OUT.partial
 
 
 @dataclass
-class AugmentConfig:
-    RANGES: ClassVar[dict[str, str]] = {
-        "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]", "batch_size": ">=1", "seed": ">=0",
-        "n_ctx": ">=1", "n_threads": ">=1", "api_timeout": ">0", "api_max_retries": ">=0", "api_concurrency": ">=1",
-    }  # fmt: skip
+class AugmentConfig(BackendSettings, AnswerPromptKeys):
+    """augment's keys, the answer prompt's (task, task_description, ...) and the LLM backend's (backend, model, ...)."""
 
-    input: str | None = None  # JSONL records with a 'query' field
-    output: str | None = None  # JSONL to write: the records plus 'answer'
-    # the prompt
-    task: str = "generic"  # preset of task_description and query_type: a BEIR name (scifact, nfcorpus, ...)
-    task_description: str | None = None  # first line of the prompt; None: the task preset's
-    query_type: str | None = None  # what the query is (Question, Claim, Title...); None: the task preset's
-    answer_type: str = "Passage"  # what to write
-    prompt_template: str = "hyde"  # a template name, or a template with {query} (+ the three fields above)
-    system_prompt: str | None = None  # optional system message for chat models
-    use_chat_template: bool = True  # use the model's chat template when it has one
-    # the LLM backend (llm/generation.py BackendSettings)
-    backend: str = "transformers"  # transformers | llama_cpp | openai
-    model: str | None = None  # model folder, .gguf file, or (openai) the model name to request
-    gguf_file: str | None = None  # GGUF file inside the 'model' folder
-    device: str | None = (
-        None  # transformers: cpu, cuda...; llama_cpp: cpu = no GPU offload; None: the backend's
+    input: str | None = option(None, "JSONL records with a 'query' field")
+    output: str | None = option(None, "JSONL to write: the records plus 'answer'")
+    batch_size: int = option(16, "sequences decoded together; answers written together", range=">=1")
+    max_new_tokens: int = option(300, "answer length limit in tokens (upstream max_tokens)", range=">=1")
+    temperature: float = option(0.0, "0 = greedy decoding; > 0 samples", range=">=0")
+    top_p: float = option(1.0, "nucleus sampling when temperature > 0", range="(0, 1]")
+    seed: int = option(
+        42, "sampling seed (per query: the same answer whatever the batch or a resume)", range=">=0"
     )
-    n_ctx: int = 4096  # context window in tokens (prompt + answer), local backends
-    n_threads: int | None = None  # CPU threads (llama_cpp, torch); None: the cores not busy (load average)
-    batch_size: int = 16  # sequences decoded together; answers written together
-    gguf_requantize: str | None = None  # llama_cpp: re-quantise the GGUF once (cached): q4_0 | q8_0 | f16
-    dtype: str = (
-        "auto"  # transformers: float32 | bfloat16 | float16 | auto (bf16 where the device has it natively)
-    )
-    api_base: str | None = None  # openai: the endpoint, e.g. http://localhost:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # openai: the environment variable that holds the key
-    api_timeout: float = 300.0  # openai: seconds per request
-    api_max_retries: int = 5  # openai: retries on 429 / 5xx / timeouts, with backoff
-    api_concurrency: int = 8  # openai: requests in flight
-    api_extra_body: str | None = None  # openai: JSON object sent with every request (server-specific keys)
-    # sampling
-    max_new_tokens: int = 300  # answer length limit in tokens (upstream max_tokens)
-    temperature: float = 0.0  # 0 = greedy decoding; > 0 samples
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    seed: int = 42  # sampling seed (per query: the same answer whatever the batch or a resume)
-    progress: bool = True  # progress bar with tokens/s on stderr
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise UserError(f"config key 'task': {self.task!r} is not one of {', '.join(TASKS)}")
-        task_description, query_type = TASKS[self.task]
-        if self.task_description is None:
-            self.task_description = task_description
-        if self.query_type is None:
-            self.query_type = query_type
-        for key in ("max_new_tokens", "batch_size"):
-            if getattr(self, key) <= 0:
-                raise UserError(f"config key {key!r}: must be a positive integer")
-        if self.temperature < 0:
-            raise UserError("config key 'temperature': must be >= 0")
-        self.backend_settings()  # backend name and its numbers checked now
-
-    def backend_settings(self) -> BackendSettings:
-        """The backend's own settings, from this command's keys of the same names."""
-        names = {f.name for f in fields(BackendSettings)}
-        return BackendSettings(**{f.name: getattr(self, f.name) for f in fields(self) if f.name in names})
+        AnswerPromptKeys.__post_init__(self)
+        BackendSettings.__post_init__(self)
 
     def sampling(self) -> Sampling:
         return Sampling(
@@ -168,7 +124,7 @@ def _resume(
             f"{partial}:1: an unfinished output without recorded settings (another command or an older version); "
             "delete it to start over"
         )
-    changed = guards.changed_settings(head[SETTINGS_KEY], settings, may_change=())
+    changed = lifecycle.changed_settings(head[SETTINGS_KEY], settings, may_change=())
     if changed:
         raise UserError(
             f"{partial}: an unfinished run with other settings ({'; '.join(changed)}); rerun with its settings to "
@@ -198,7 +154,7 @@ def plan(cfg: AugmentConfig) -> Plan:
     records = read_records(cfg.input, need_pos=False)
     lines = [line_no for line_no, _ in iter_jsonl(cfg.input)]
     reads = [cfg.input] + ([cfg.model] if cfg.model and Path(cfg.model).exists() else [])
-    out = guards.check_output_file(cfg.output, key="output", reads=reads)
+    out = files.check_output_file(cfg.output, key="output", reads=reads)
     settings = cfg.fingerprint()
     writer = ResumableJsonl(out)
     answers, has_header = _resume(cfg, records, writer, settings)
@@ -299,7 +255,7 @@ def augment(
 def run_augment(config_file: str | None, overrides: list[str]) -> dict[str, int]:
     cfg = load_config(AugmentConfig, config_file, overrides)
     resolve_template(cfg.prompt_template)
-    guards.check_device(cfg.device)
+    precision.check_device(cfg.device)
     planned = plan(cfg)  # bad input, output or a mismatched partial file fail before a model is loaded
     backend = load_generator(cfg)
     return augment(cfg, backend, planned=planned)

@@ -10,6 +10,7 @@ by the evaluation stack's reader (``evaluation.data``), so both commands accept 
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import tempfile
@@ -23,17 +24,12 @@ from urllib import request
 
 from tqdm import tqdm
 
-from rir_finetune import guards
+from rir_finetune import files
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError, located
-from rir_finetune.prep.common import load_config, report
-from rir_finetune.prep.io import atomic_jsonl, check_output_path, dump_line, partial_path
-from rir_finetune.retrieval.data import (
-    DEFAULT_CORPUS_TEXT_FORMAT,
-    RetrievalDataset,
-    layout_files,
-    load_beir,
-    read_jsonl,
-)
+from rir_finetune.lifecycle import partial_path
+from rir_finetune.prep.common import report
+from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, layout_files, load_beir
 
 BEIR_URL = "https://public.ukp.informatik.tu-darmstadt.de/thakur/BEIR/datasets/{name}.zip"
 
@@ -51,7 +47,7 @@ def load_corpus(data_dir: str | Path) -> tuple[list[str], list[str]]:
     if not path.is_file():
         raise UserError(f"{path}: not found (a BEIR corpus folder holds corpus.jsonl)")
     corpus: dict[str, dict[str, str]] = {}
-    for line_no, obj in read_jsonl(path):
+    for line_no, obj in files.iter_jsonl(path):
         doc_id = obj.get("_id", obj.get("id"))
         if doc_id is None or not isinstance(obj.get("text"), str):
             raise located(path, line_no, "expected '_id' (or 'id') and 'text' fields")
@@ -69,13 +65,16 @@ def load_corpus(data_dir: str | Path) -> tuple[list[str], list[str]]:
 
 @dataclass
 class FromBeirConfig:
-    RANGES: ClassVar[dict[str, str]] = {"min_relevance": ">=1"}
-    data_dir: str | None = (
-        None  # BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); the first argument
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("data_dir",)  # `data from-beir DATA_DIR`
+
+    data_dir: str | None = option(
+        None, "BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv); the first argument"
     )
-    split: str = "train"  # which qrels/<split>.tsv gives the positives
-    out: str | None = None  # JSONL file to write
-    min_relevance: int = 1  # a qrels score at least this counts as a positive (BEIR: relevance > 0)
+    split: str = option("train", "which qrels/<split>.tsv gives the positives")
+    out: str | None = option(None, "JSONL file to write")
+    min_relevance: int = option(
+        1, "a qrels score at least this counts as a positive (BEIR: relevance > 0)", range=">=1"
+    )
 
 
 def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
@@ -88,12 +87,12 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: not a folder (BEIR layout: corpus.jsonl, queries.jsonl, qrels/)")
     # every file of the data folder is an input: the output may be a new file there, never an existing one
-    out = check_output_path(None, cfg.out, key="out", reads=(*layout_files(data_dir, cfg.split), data_dir))
+    out = files.check_output_file(cfg.out, key="out", reads=(*layout_files(data_dir, cfg.split), data_dir))
     dataset = load_beir(data_dir, cfg.split)  # checks that every judged query and document exists
     doc_ids, doc_texts = dataset.corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
     text_of = dict(zip(doc_ids, doc_texts, strict=True))
     counts = {"records": 0, "positives": 0, "no_positive": 0}
-    with atomic_jsonl(out) as f:
+    with files.atomic_jsonl(out) as f:
         for qid in tqdm(dataset.queries, desc="from-beir", unit="query"):
             pos_ids = [d for d, rel in dataset.qrels[qid].items() if rel >= cfg.min_relevance]
             if not pos_ids:
@@ -105,7 +104,7 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
                 "qid": qid,
                 "pos_ids": pos_ids,
             }
-            f.write(dump_line(record))
+            f.write(files.json_line(record, str(out)))
             counts["records"] += 1
             counts["positives"] += len(pos_ids)
     report(
@@ -120,7 +119,7 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
 
 
 def run_from_beir(config_file: str | None, overrides: list[str]) -> dict[str, int]:
-    return from_beir(load_config(FromBeirConfig, config_file, overrides, positional=("data_dir",)))
+    return from_beir(load_config(FromBeirConfig, config_file, overrides))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,11 +128,12 @@ def run_from_beir(config_file: str | None, overrides: list[str]) -> dict[str, in
 
 @dataclass
 class GetConfig:
-    RANGES: ClassVar[dict[str, str]] = {"timeout": ">0"}
-    name: str | None = None  # BEIR dataset name (scifact, nfcorpus, fiqa, ...); the first argument
-    out: str = "data"  # folder to unpack into; the dataset lands in OUT/NAME
-    url: str = BEIR_URL  # where the zip is; {name} is replaced by the dataset name
-    timeout: float = 60.0  # seconds without an answer before giving up
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("name",)  # `data get NAME`
+
+    name: str | None = option(None, "BEIR dataset name (scifact, nfcorpus, fiqa, ...); the first argument")
+    out: str = option("data", "folder to unpack into; the dataset lands in OUT/NAME")
+    url: str = option(BEIR_URL, "where the zip is; {name} is replaced by the dataset name")
+    timeout: float = option(60.0, "seconds without an answer before giving up", range=">0")
 
 
 def _safe_extract(zip_path: Path, dest: Path) -> None:
@@ -168,7 +168,7 @@ def get(cfg: GetConfig) -> Path:
         report("data get", [f"{target} is already there (corpus.jsonl found); nothing downloaded"])
         return target
     # never replace what is there: the user's files are not ours to delete
-    guards.check_output_dir(out, key="out")
+    files.check_output_dir(out, key="out")
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         raise UserError(
             f"config key 'out': {target} already exists and is not a BEIR dataset (no corpus.jsonl); "
@@ -238,4 +238,41 @@ def _get_into(cfg: GetConfig, url: str, manual: str, out: Path, target: Path, zi
 
 
 def run_get(config_file: str | None, overrides: list[str]) -> Path:
-    return get(load_config(GetConfig, config_file, overrides, positional=("name",)))
+    return get(load_config(GetConfig, config_file, overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A corpus to write queries for (generate)
+
+
+def read_corpus(path: str | Path) -> tuple[list[str], list[str], Path]:
+    """Doc ids, passage texts (``(title + " " + text).strip()``) and the file they came from.
+
+    ``path`` is a BEIR folder (its ``corpus.jsonl``) or a JSONL file itself; both are read the same way.
+    """
+    path = Path(path)
+    if path.is_dir():
+        ids, texts = load_corpus(path)
+        return ids, texts, path / "corpus.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: corpus not found (a BEIR folder with corpus.jsonl, or a JSONL file)")
+    corpus: dict[str, dict[str, str]] = {}
+    for line_no, obj in files.iter_jsonl(path):
+        doc_id = obj.get("_id", obj.get("id"))
+        if doc_id is None or not isinstance(obj.get("text"), str):
+            raise located(path, line_no, "expected '_id' (or 'id') and 'text' fields")
+        if str(doc_id) in corpus:
+            raise located(path, line_no, f"duplicate id {str(doc_id)!r}")
+        corpus[str(doc_id)] = {"title": str(obj.get("title") or ""), "text": obj["text"]}
+    if not corpus:
+        raise UserError(f"{path}: the corpus is empty")
+    ids, texts = RetrievalDataset(corpus, {}, {}).corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
+    return ids, texts, path
+
+
+def sample_passages(texts: list[str], num_passages: int | None, seed: int) -> list[int]:
+    """Corpus rows to generate for, in corpus order: ``num_passages`` drawn with ``seed``, or all (non-empty)."""
+    rows = [i for i, t in enumerate(texts) if t.strip()]
+    if num_passages is None or num_passages >= len(rows):
+        return rows
+    return sorted(random.Random(seed).sample(rows, num_passages))

@@ -22,8 +22,6 @@ and yields the same records; a rerun with other settings is refused until the pa
 from __future__ import annotations
 
 import random
-import re
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -32,8 +30,10 @@ from typing import Any, ClassVar
 
 from tqdm import tqdm
 
-from rir_finetune import guards
+from rir_finetune import files, lifecycle
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError, located
+from rir_finetune.lifecycle import ResumableJsonl
 from rir_finetune.llm.generation import BackendSettings, Sampling, load_backend
 from rir_finetune.llm.query_prompts import (
     Example,
@@ -45,10 +45,10 @@ from rir_finetune.llm.query_prompts import (
     query_generation_prompt,
     resolve_task,
 )
-from rir_finetune.prep.beir import load_corpus
-from rir_finetune.prep.common import load_config, report
-from rir_finetune.prep.io import Record, ResumableJsonl, check_output_path
-from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDataset, read_jsonl
+from rir_finetune.prep.beir import read_corpus, sample_passages
+from rir_finetune.prep.common import report
+from rir_finetune.prep.io import Record
+from rir_finetune.prep.query_filters import ConsistencyFilter, length_ok, normalize_query
 
 HEADER = "generate_settings"  # key of the partial file's first line
 # why a candidate was dropped, in filter order
@@ -59,51 +59,65 @@ DROP_REASONS = ("empty", "length", "example", "duplicate", "quality", "consisten
 class GenerateConfig(BackendSettings):
     """This command's keys plus every LLM-backend key (``llm.generation.BackendSettings``: backend, model, ...)."""
 
-    RANGES: ClassVar[dict[str, str]] = {
-        "num_passages": ">=1", "queries_per_passage": ">=1", "seed": ">=0", "num_examples": ">=0",
-        "max_passage_chars": ">=1", "max_new_tokens": ">=1", "temperature": ">=0", "top_p": "(0, 1]",
-        "min_query_words": ">=0", "max_query_words": ">=0", "consistency_top_k": ">=1",
-        "consistency_batch_size": ">=1", "batch_size": ">=1", "n_ctx": ">=1", "n_threads": ">=1",
-        "api_timeout": ">0", "api_max_retries": ">=0", "api_concurrency": ">=1",
-    }  # fmt: skip
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("corpus",)  # `generate CORPUS`
 
-    corpus: str | None = (
-        None  # BEIR folder (corpus.jsonl) or a JSONL file of {_id, text, title}; first argument
+    corpus: str | None = option(
+        None, "BEIR folder (corpus.jsonl) or a JSONL file of {_id, text, title}; first argument"
     )
-    output: str | None = None  # JSONL training records to write
-    num_passages: int | None = None  # passages sampled from the corpus with `seed`; None: every passage
-    queries_per_passage: int = 1  # queries asked for each passage (each with its own drawn prompt)
-    seed: int = 42  # passage sample, prompt variants and LLM sampling; the same seed gives the same records
+    output: str | None = option(None, "JSONL training records to write")
+    num_passages: int | None = option(
+        None, "passages sampled from the corpus with `seed`; None: every passage", range=">=1"
+    )
+    queries_per_passage: int = option(
+        1, "queries asked for each passage (each with its own drawn prompt)", range=">=1"
+    )
+    seed: int = option(
+        42,
+        "passage sample, prompt variants and LLM sampling; the same seed gives the same records",
+        range=">=0",
+    )
     # prompts
-    task: str = "generic"  # preset: a BEIR name (scifact, nfcorpus, ...), cisi or generic
-    task_description: str | None = None  # the retrieval task sentence; None: the preset's
-    query_type: str | None = None  # question, claim, title ...; None: the preset's
-    passage_type: str | None = None  # document, abstract, user reply ...; None: the preset's
-    mission: str | None = (
-        None  # "Generate a {query_type} that the {passage_type} can answer."; None: preset's
+    task: str = option("generic", "preset: a BEIR name (scifact, nfcorpus, ...), cisi or generic")
+    task_description: str | None = option(None, "the retrieval task sentence; None: the preset's")
+    query_type: str | None = option(None, "question, claim, title ...; None: the preset's")
+    passage_type: str | None = option(None, "document, abstract, user reply ...; None: the preset's")
+    mission: str | None = option(
+        None, '"Generate a {query_type} that the {passage_type} can answer."; None: preset\'s'
     )
-    examples: str | None = (
-        None  # JSONL of your own example queries ('query', optional 'passage'); None: preset's
+    examples: str | None = option(
+        None, "JSONL of your own example queries ('query', optional 'passage'); None: preset's"
     )
-    num_examples: int = 0  # few-shot examples per prompt (upstream: 3); 0: none (small LLMs copy them)
-    max_passage_chars: int = 2000  # passages are cut to this many characters in prompts (upstream: 8000)
+    num_examples: int = option(
+        0, "few-shot examples per prompt (upstream: 3); 0: none (small LLMs copy them)", range=">=0"
+    )
+    max_passage_chars: int = option(
+        2000, "passages are cut to this many characters in prompts (upstream: 8000)", range=">=1"
+    )
     # generation (the backend's own keys come from BackendSettings; batch_size is also the write unit here)
-    max_new_tokens: int = 64  # query length limit in tokens
-    temperature: float = 0.2  # upstream's sampling temperature; 0 = greedy
-    top_p: float = 1.0  # nucleus sampling when temperature > 0
-    progress: bool = False  # the backend's own bar for every batch (this command shows one for the whole run)
+    max_new_tokens: int = option(64, "query length limit in tokens", range=">=1")
+    temperature: float = option(0.2, "upstream's sampling temperature; 0 = greedy", range=">=0")
+    top_p: float = option(1.0, "nucleus sampling when temperature > 0", range="(0, 1]")
+    progress: bool = option(
+        False, "the backend's own bar for every batch (this command shows one for the whole run)"
+    )
     # filters
-    min_query_words: int = 3  # drop shorter queries; 0: no lower bound
-    max_query_words: int = 64  # drop longer queries; 0: no upper bound
-    dedupe: bool = True  # drop a query already written for an earlier passage (case and punctuation ignored)
-    quality_check: bool = True  # ask the LLM for 0/1 on every pair and keep the 1s (upstream)
-    consistency_model: str | None = None  # retriever folder for round-trip consistency; None: filter off
-    consistency_top_k: int = 3  # keep a pair when its passage ranks within this many for its query
-    consistency_batch_size: int = 64  # retriever: texts per forward pass
-    consistency_device: str = "cpu"  # retriever: torch device
-    cache_dir: str | None = None  # corpus-embedding cache; None: the evaluation default
-    use_cache: bool = True  # false: encode the corpus every time, store nothing
-    search_backend: str = "auto"  # auto (faiss when importable) | faiss | torch
+    min_query_words: int = option(3, "drop shorter queries; 0: no lower bound", range=">=0")
+    max_query_words: int = option(64, "drop longer queries; 0: no upper bound", range=">=0")
+    dedupe: bool = option(
+        True, "drop a query already written for an earlier passage (case and punctuation ignored)"
+    )
+    quality_check: bool = option(True, "ask the LLM for 0/1 on every pair and keep the 1s (upstream)")
+    consistency_model: str | None = option(
+        None, "retriever folder for round-trip consistency; None: filter off"
+    )
+    consistency_top_k: int = option(
+        3, "keep a pair when its passage ranks within this many for its query", range=">=1"
+    )
+    consistency_batch_size: int = option(64, "retriever: texts per forward pass", range=">=1")
+    consistency_device: str = option("cpu", "retriever: torch device")
+    cache_dir: str | None = option(None, "corpus-embedding cache; None: the evaluation default")
+    use_cache: bool = option(True, "false: encode the corpus every time, store nothing")
+    search_backend: str = option("auto", "auto (faiss when importable) | faiss | torch")
 
     def __post_init__(self):
         if self.num_passages is not None and self.num_passages <= 0:
@@ -154,46 +168,13 @@ class GenerateConfig(BackendSettings):
 # Input: the corpus, the passage sample, the example queries
 
 
-def read_corpus(path: str | Path) -> tuple[list[str], list[str], Path]:
-    """Doc ids, passage texts (``(title + " " + text).strip()``) and the file they came from.
-
-    ``path`` is a BEIR folder (its ``corpus.jsonl``) or a JSONL file itself; both are read the same way.
-    """
-    path = Path(path)
-    if path.is_dir():
-        ids, texts = load_corpus(path)
-        return ids, texts, path / "corpus.jsonl"
-    if not path.is_file():
-        raise UserError(f"{path}: corpus not found (a BEIR folder with corpus.jsonl, or a JSONL file)")
-    corpus: dict[str, dict[str, str]] = {}
-    for line_no, obj in read_jsonl(path):
-        doc_id = obj.get("_id", obj.get("id"))
-        if doc_id is None or not isinstance(obj.get("text"), str):
-            raise located(path, line_no, "expected '_id' (or 'id') and 'text' fields")
-        if str(doc_id) in corpus:
-            raise located(path, line_no, f"duplicate id {str(doc_id)!r}")
-        corpus[str(doc_id)] = {"title": str(obj.get("title") or ""), "text": obj["text"]}
-    if not corpus:
-        raise UserError(f"{path}: the corpus is empty")
-    ids, texts = RetrievalDataset(corpus, {}, {}).corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
-    return ids, texts, path
-
-
-def sample_passages(texts: list[str], num_passages: int | None, seed: int) -> list[int]:
-    """Corpus rows to generate for, in corpus order: ``num_passages`` drawn with ``seed``, or all (non-empty)."""
-    rows = [i for i, t in enumerate(texts) if t.strip()]
-    if num_passages is None or num_passages >= len(rows):
-        return rows
-    return sorted(random.Random(seed).sample(rows, num_passages))
-
-
 def read_examples(path: str | Path) -> list[Example]:
     """The user's example queries: JSONL lines with ``query`` and optionally ``passage`` (or ``text``)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: examples file not found (config key 'examples')")
     out = []
-    for line_no, obj in read_jsonl(path):
+    for line_no, obj in files.iter_jsonl(path):
         query, passage = obj.get("query"), obj.get("passage", obj.get("text"))
         if not isinstance(query, str) or not query.strip():
             raise located(path, line_no, "field 'query' must be a non-empty string")
@@ -214,72 +195,10 @@ def check_input(cfg: GenerateConfig) -> tuple[list[str], list[str], Path, list[E
     doc_ids, texts, corpus_file = read_corpus(cfg.corpus)
     if not any(t.strip() for t in texts):
         raise UserError(f"{corpus_file}: every passage is empty (no text to write queries for)")
-    # never a corpus file, a file of the corpus folder or the examples (guards.check_output_file)
-    out = check_output_path(corpus_file, cfg.output, reads=(cfg.corpus, cfg.examples))
+    # never a corpus file, a file of the corpus folder or the examples (files.check_output_file)
+    out = files.check_output_file(cfg.output, key="output", reads=(corpus_file, cfg.corpus, cfg.examples))
     pool = read_examples(cfg.examples) if cfg.examples else list(cfg.query_task.examples)
     return doc_ids, texts, out, pool
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Filters
-
-
-def normalize_query(query: str) -> str:
-    """The dedupe key: lower case, punctuation and extra whitespace removed."""
-    return " ".join(re.sub(r"[^\w\s]", " ", query.lower()).split())
-
-
-def length_ok(query: str, min_words: int, max_words: int) -> bool:
-    n = len(query.split())
-    return n >= min_words and (not max_words or n <= max_words)
-
-
-class ConsistencyFilter:
-    """Round-trip consistency: the rank of the source passage among the whole corpus for a generated query."""
-
-    def __init__(self, cfg: GenerateConfig, doc_ids: list[str], texts: list[str]):
-        from rir_finetune.retrieval.cache import (
-            cache_key,
-            cached_corpus_encode,
-            corpus_hash,
-            default_cache_dir,
-        )
-        from rir_finetune.retrieval.encoder import Encoder
-        from rir_finetune.retrieval.model_folder import model_fingerprint, read_settings
-
-        if not Path(cfg.consistency_model).is_dir():
-            raise UserError(
-                f"{cfg.consistency_model}: model folder not found (config key 'consistency_model')"
-            )
-        settings = read_settings(cfg.consistency_model)
-        self.encoder = Encoder(
-            settings,
-            batch_size=cfg.consistency_batch_size,
-            device=cfg.consistency_device,
-            show_progress=False,
-        )
-        key, described = cache_key(
-            model_fingerprint(cfg.consistency_model), settings, corpus_hash(doc_ids, texts)
-        )
-        cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
-        self.corpus_reps, hit = cached_corpus_encode(
-            cache_dir, key, described, texts, self.encoder.encode_passages
-        )  # (N, H)
-        print(f"consistency: corpus embeddings {'from the cache' if hit else 'encoded'}", file=sys.stderr)
-        self.k = cfg.consistency_top_k
-        self.backend = cfg.search_backend
-
-    def __call__(self, queries: list[str], rows: list[int]) -> list[tuple[int | None, float]]:
-        """``(rank, score)`` of passage ``rows[i]`` for ``queries[i]``: 1-based rank within top k (else None)."""
-        from rir_finetune.retrieval.search import exact_search
-
-        q_reps = self.encoder.encode_queries(queries)  # (Q, H)
-        _, top = exact_search(q_reps, self.corpus_reps, self.k, backend=self.backend)  # (Q, k)
-        out = []
-        for q, row, hits in zip(q_reps, rows, top.tolist(), strict=True):
-            rank = hits.index(row) + 1 if row in hits else None
-            out.append((rank, float(self.corpus_reps[row] @ q)))
-        return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,7 +308,7 @@ def _check_header(done: list[Record], cfg: GenerateConfig, partial: Path) -> lis
         raise located(
             partial, 1, "not an unfinished `generate` output (no settings line); delete it to start over"
         )
-    changed = guards.changed_settings(header, cfg.fingerprint(), may_change=())
+    changed = lifecycle.changed_settings(header, cfg.fingerprint(), may_change=())
     if changed:
         raise UserError(
             f"{partial}: an unfinished run with other settings ({'; '.join(changed)}); rerun with its settings to "
@@ -403,14 +322,16 @@ def generate(
     backend,
     consistency: Callable[[list[str], list[int]], list[tuple[int | None, float]]] | None = None,
     after_batch: Callable[[int], None] | None = None,
+    inputs: tuple[list[str], list[str], Path, list[Example]] | None = None,
 ) -> dict[str, int]:
     """Generate, filter and write training records for ``cfg.corpus``; return the counts.
 
     ``backend`` is an LLM backend (``llm.generation``); ``consistency`` the round-trip filter (None: off).
     ``after_batch(n)`` runs after the n-th batch of this run is safely written; tests use it to simulate a kill.
+    ``inputs``: :func:`check_input`'s result when the caller has it (the corpus is read once).
     """
     start = time.time()
-    doc_ids, texts, out, pool = check_input(cfg)
+    doc_ids, texts, out, pool = inputs if inputs is not None else check_input(cfg)
     rows = sample_passages(texts, cfg.num_passages, cfg.seed)
     units = [Unit(row, n) for row in rows for n in range(cfg.queries_per_passage)]
     writer = ResumableJsonl(out)
@@ -509,11 +430,12 @@ def _report(cfg, backend, counts, out, seconds) -> None:
 
 def run_generate(config_file: str | None, overrides: list[str]) -> dict[str, int]:
     """``rir-finetune generate``: check the input, load the LLM (and the retriever), generate."""
-    cfg = load_config(GenerateConfig, config_file, overrides, positional=("corpus",))
-    doc_ids, texts, _, _ = check_input(cfg)  # fail on bad input before loading any model
+    cfg = load_config(GenerateConfig, config_file, overrides)
+    inputs = check_input(cfg)  # fail on bad input before loading any model
+    doc_ids, texts, _, _ = inputs
     if not cfg.model:
         raise UserError(
             "config key 'model' is required (the LLM: a model folder, a .gguf file or an API model)"
         )
     consistency = ConsistencyFilter(cfg, doc_ids, texts) if cfg.consistency_model else None
-    return generate(cfg, load_backend(cfg.backend_settings()), consistency)
+    return generate(cfg, load_backend(cfg.backend_settings()), consistency, inputs=inputs)

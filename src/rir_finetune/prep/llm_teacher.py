@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
+from rir_finetune.config import option
 from rir_finetune.errors import UserError
 from rir_finetune.llm.generation import BackendSettings, PromptTooLong, Sampling
 from rir_finetune.llm.rank_prompts import (
@@ -49,17 +50,35 @@ LABEL_MODES = ("scores", "upstream")
 class LLMTeacherKeys(BackendSettings):
     """``score``'s keys for ``--model_type llm``: the LLM backend's (as for ``generate``) and the teacher's own."""
 
-    llm_teacher: str = "listwise"  # listwise (RankGPT) | query_likelihood (UPR: mean log p(query | passage))
-    label_mode: str = "scores"  # scores: pos_scores/neg_scores in data order | upstream: top passage -> pos
-    window_size: int = 20  # listwise: passages per prompt (RankGPT 20); longer lists slide a window
-    step: int = 10  # listwise: how far each window moves towards the top (RankGPT 10); < window_size
-    max_new_tokens: int | None = None  # listwise reply limit in tokens; None: 6 per passage shown + 8
-    passage_max_words: int | None = 100  # passages cut to this many words in prompts; None: whole
-    query_max_words: int | None = None  # queries cut to this many words in prompts and as scored; None: whole
-    shuffle_passages: bool = False  # listwise: show passages in a seeded random order (default: pos first)
-    seed: int = 42  # shuffle_passages order (per query text), and the backend's sampling seed
-    listwise_template: str = LISTWISE_TEMPLATE  # fields {num}, {query}, {passages}
-    ql_template: str = QUERY_LIKELIHOOD_TEMPLATE  # field {passage}; the query follows after one space
+    llm_teacher: str = option(
+        "listwise", "listwise (RankGPT) | query_likelihood (UPR: mean log p(query | passage))"
+    )
+    label_mode: str = option(
+        "scores", "scores: pos_scores/neg_scores in data order | upstream: top passage -> pos"
+    )
+    window_size: int = option(
+        20, "listwise: passages per prompt (RankGPT 20); longer lists slide a window", range=">=2"
+    )
+    step: int = option(
+        10, "listwise: how far each window moves towards the top (RankGPT 10); < window_size", range=">=1"
+    )
+    max_new_tokens: int | None = option(
+        None, "listwise reply limit in tokens; None: 6 per passage shown + 8", range=">=1"
+    )
+    passage_max_words: int | None = option(
+        100, "passages cut to this many words in prompts; None: whole", range=">=1"
+    )
+    query_max_words: int | None = option(
+        None, "queries cut to this many words in prompts and as scored; None: whole", range=">=1"
+    )
+    shuffle_passages: bool = option(
+        False, "listwise: show passages in a seeded random order (default: pos first)"
+    )
+    seed: int = option(
+        42, "shuffle_passages order (per query text), and the backend's sampling seed", range=">=0"
+    )
+    listwise_template: str = option(LISTWISE_TEMPLATE, "fields {num}, {query}, {passages}")
+    ql_template: str = option(QUERY_LIKELIHOOD_TEMPLATE, "field {passage}; the query follows after one space")
 
 
 def check_keys(cfg: LLMTeacherKeys) -> None:
@@ -74,25 +93,13 @@ def check_keys(cfg: LLMTeacherKeys) -> None:
         )
     if cfg.label_mode not in LABEL_MODES:
         raise UserError(f"config key 'label_mode': {cfg.label_mode!r} is not one of {', '.join(LABEL_MODES)}")
-    if cfg.window_size < 2:
-        raise UserError("config key 'window_size': must be 2 or more")
     if not 0 < cfg.step < cfg.window_size:
         raise UserError(
             f"config key 'step': must be between 1 and window_size - 1 ({cfg.window_size - 1}), "
             "so that windows overlap"
         )
-    for key in ("max_new_tokens", "passage_max_words", "query_max_words"):
-        value = getattr(cfg, key)
-        if value is not None and value <= 0:
-            raise UserError(f"config key {key!r}: must be a positive integer")
     check_template("listwise_template", cfg.listwise_template, LISTWISE_FIELDS)
     check_template("ql_template", cfg.ql_template, QUERY_LIKELIHOOD_FIELDS)
-
-
-def backend_settings(cfg: Any) -> BackendSettings:
-    """The LLM backend's own settings, from the command's keys of the same names."""
-    names = {f.name for f in fields(BackendSettings)}
-    return BackendSettings(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name in names})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ class LLMTeacher:
         if backend is None:
             from rir_finetune.llm.generation import load_backend
 
-            backend = load_backend(backend_settings(cfg))
+            backend = load_backend(cfg.backend_settings())
         self.backend = backend
         self.name = f"{backend.name} {cfg.llm_teacher}"  # e.g. SmolLM2-135M-Instruct.Q4_1.gguf listwise
         self.counts: Counter[str] = Counter()

@@ -22,18 +22,19 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
-from rir_finetune import guards
+from rir_finetune import files, precision
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.prep.beir import load_corpus
-from rir_finetune.prep.common import load_config, min_mean_max, report
-from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
+from rir_finetune.prep.common import min_mean_max, report
+from rir_finetune.prep.io import Record, read_records
+from rir_finetune.retrieval import model_folder
 
 BM25 = "bm25"
 STALE_FIELDS = ("pos_scores", "neg_scores", "teacher")  # teacher scores of the old negatives
@@ -41,34 +42,39 @@ STALE_FIELDS = ("pos_scores", "neg_scores", "teacher")  # teacher scores of the 
 
 @dataclass
 class MineConfig:
-    RANGES: ClassVar[dict[str, str]] = {
-        "negatives": ">=1",
-        "negative_threshold": ">0",  # none turns it off (0 is refused, not "off")
-        "seed": ">=0",
-        "batch_size": ">=1",
-        "max_length": ">=1",
-    }
-    input: str | None = None  # JSONL records: query, pos (and pos_ids / qid from `data from-beir`)
-    output: str | None = None  # JSONL to write: the records with mined 'neg'
-    model: str | None = None  # a dense model folder (sentence-transformers or transformers), or "bm25"
-    corpus: str | None = (
-        None  # BEIR folder whose corpus.jsonl is the candidate pool; None: the records' passages
+    input: str | None = option(None, "JSONL records: query, pos (and pos_ids / qid from `data from-beir`)")
+    output: str | None = option(None, "JSONL to write: the records with mined 'neg'")
+    model: str | None = option(
+        None, 'a dense model folder (sentence-transformers or transformers), or "bm25"'
     )
-    negatives: int = 15  # negatives per record (upstream negative_number)
-    range_for_sampling: str = "10-210"  # candidate ranks START-END, 0-based, END excluded (upstream hn_mine)
-    negative_threshold: float | None = (
-        0.95  # drop candidates scoring above this x the positive's score; None: off
+    corpus: str | None = option(
+        None, "BEIR folder whose corpus.jsonl is the candidate pool; None: the records' passages"
     )
-    seed: int = 42  # sampling seed; the same input and seed give the same negatives
-    batch_size: int = 32  # dense: texts per forward pass
-    max_length: int | None = None  # dense: tokens per text; None: the model folder's limit
-    query_instruction: str | None = None  # dense: prepended to queries; None: the folder's "query" prompt
-    passage_instruction: str | None = None  # dense: prepended to passages; None: the folder's passage prompt
-    cache_dir: str | None = None  # dense: corpus-embedding cache; None: the evaluation default (~/.cache/...)
-    use_cache: bool = True  # dense: false encodes the corpus every time and stores nothing
-    search_backend: str = "auto"  # dense: auto (faiss when importable) | faiss | torch
-    device: str = "cpu"  # dense: torch device of the encoder
-    sample_range: tuple[int, int] = field(init=False, repr=False)  # parsed range_for_sampling
+    negatives: int = option(15, "negatives per record (upstream negative_number)", range=">=1")
+    range_for_sampling: str = option(
+        "10-210", "candidate ranks START-END, 0-based, END excluded (upstream hn_mine)"
+    )
+    negative_threshold: float | None = option(
+        0.95, "drop candidates scoring above this x the positive's score; None: off", range=">0"
+    )
+    seed: int = option(42, "sampling seed; the same input and seed give the same negatives", range=">=0")
+    batch_size: int = option(32, "dense: texts per forward pass", range=">=1")
+    max_length: int | None = option(
+        None, "dense: tokens per text; None: the model folder's limit", range=">=1"
+    )
+    query_instruction: str | None = option(
+        None, 'dense: prepended to queries; None: the folder\'s "query" prompt'
+    )
+    passage_instruction: str | None = option(
+        None, "dense: prepended to passages; None: the folder's passage prompt"
+    )
+    cache_dir: str | None = option(
+        None, "dense: corpus-embedding cache; None: the evaluation default (~/.cache/...)"
+    )
+    use_cache: bool = option(True, "dense: false encodes the corpus every time and stores nothing")
+    search_backend: str = option("auto", "dense: auto (faiss when importable) | faiss | torch")
+    device: str = option("cpu", "dense: torch device of the encoder")
+    sample_range: tuple[int, int] = option(help="parsed range_for_sampling", init=False, repr=False)
 
     def __post_init__(self):
         m = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", str(self.range_for_sampling))
@@ -168,7 +174,7 @@ class DenseRanker:
         ids = pool.ids if pool.ids is not None else [str(i) for i in range(len(pool.texts))]
         key, described = cache_key(model_fingerprint(cfg.model), settings, corpus_hash(ids, pool.texts))
         cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
-        cache_dir, store = guards.check_cache_dir(cache_dir)
+        cache_dir, store = files.check_cache_dir(cache_dir)
         self.corpus_reps, hit = cached_corpus_encode(
             cache_dir, key, described, pool.texts, encoder.encode_passages, store=store
         )  # (N, H)
@@ -254,12 +260,14 @@ def mine(cfg: MineConfig) -> dict[str, float]:
     corpus_files = (Path(cfg.corpus) / "corpus.jsonl", Path(cfg.corpus)) if cfg.corpus else ()
     dense = cfg.model != BM25
     # before any work: the output is none of the inputs (records, corpus folder, model folder)
-    out = check_output_path(cfg.input, cfg.output, reads=(*corpus_files, cfg.model if dense else None))
+    out = files.check_output_file(
+        cfg.output, key="output", reads=(cfg.input, *corpus_files, cfg.model if dense else None)
+    )
     if dense and not Path(cfg.model).is_dir():
         raise UserError(f"{cfg.model}: model folder not found (give a dense model folder, or --model bm25)")
     if dense:
-        guards.check_model_folder(cfg.model, key="model")
-        guards.check_device(cfg.device)
+        model_folder.check_model_folder(cfg.model, key="model")
+        precision.check_device(cfg.device)
     records = read_records(cfg.input)
     start_time = time.time()
     pool = build_pool(cfg, records)
@@ -326,11 +334,11 @@ def mine(cfg: MineConfig) -> dict[str, float]:
         result["neg"] = [pool.texts[row] for _, row in chosen]
         if pool.ids is not None:
             result["neg_ids"] = [pool.ids[row] for _, row in chosen]
-        results.append(dump_line(result))
+        results.append(files.json_line(result, str(out)))
         per_record.append(len(chosen))
     if not any(per_record):  # a result without a single negative cannot be right: nothing is written
         raise _NoNegatives(counts, len(records))
-    with atomic_jsonl(out) as f:
+    with files.atomic_jsonl(out) as f:
         f.writelines(results)
     stale = sum(any(k in r for k in STALE_FIELDS) for r in records)
     seconds = time.time() - start_time

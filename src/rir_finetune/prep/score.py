@@ -15,16 +15,17 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
 
-from rir_finetune import guards
+from rir_finetune import files, precision
+from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
-from rir_finetune.prep.common import load_config, min_mean_max, report
-from rir_finetune.prep.io import Record, atomic_jsonl, check_output_path, dump_line, read_records
+from rir_finetune.prep.common import min_mean_max, report
+from rir_finetune.prep.io import Record, read_records
 from rir_finetune.prep.llm_teacher import LLMTeacher, LLMTeacherKeys
+from rir_finetune.retrieval import model_folder
 
 # llm: prep/llm_teacher.py (listwise or query likelihood)
 MODEL_TYPES = ("cross_encoder", "bi_encoder", "llm")
@@ -32,33 +33,32 @@ MODEL_TYPES = ("cross_encoder", "bi_encoder", "llm")
 
 @dataclass
 class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, label_mode, backend...
-    RANGES: ClassVar[dict[str, str]] = {
-        "batch_size": ">=1", "max_length": ">=1", "records_per_chunk": ">=1",
-        # the LLM teacher's keys (prep/llm_teacher.py)
-        "n_ctx": ">=1", "window_size": ">=2", "step": ">=1", "max_new_tokens": ">=1", "passage_max_words": ">=1",
-        "query_max_words": ">=1", "seed": ">=0", "n_threads": ">=1", "api_timeout": ">0", "api_max_retries": ">=0",
-        "api_concurrency": ">=1",
-    }  # fmt: skip
-    input: str | None = None  # JSONL records with 'query', 'pos' and (usually) 'neg'
-    output: str | None = None  # JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'
-    model: str | None = None  # local folder of the teacher
-    model_type: str = (
-        "cross_encoder"  # cross_encoder (pairs through one model) | bi_encoder (embedding dot product)
+    """score's keys, the LLM teacher's and the LLM backend's (used with ``model_type llm``)."""
+
+    input: str | None = option(None, "JSONL records with 'query', 'pos' and (usually) 'neg'")
+    output: str | None = option(
+        None, "JSONL to write: the records plus 'pos_scores', 'neg_scores', 'teacher'"
     )
-    teacher: str | None = None  # written to every record's 'teacher'; None: PARENT/FOLDER of the model path
-    batch_size: int = 32  # pairs (cross-encoder) or texts (bi-encoder) per forward pass
-    max_length: int | None = None  # tokens per pair / text; None: the model's own limit
-    apply_sigmoid: bool = (
-        False  # cross-encoder: squash logits to (0, 1); off keeps raw logits (upstream rerankers)
+    model: str | None = option(None, "local folder of the teacher")
+    model_type: str = option(
+        "cross_encoder", "cross_encoder (pairs through one model) | bi_encoder (embedding dot product)"
     )
-    query_instruction: str | None = (
-        None  # bi-encoder: prepended to queries; None: the folder's "query" prompt
+    teacher: str | None = option(
+        None, "written to every record's 'teacher'; None: PARENT/FOLDER of the model path"
     )
-    passage_instruction: str | None = (
-        None  # bi-encoder: prepended to passages; None: the folder's passage prompt
+    batch_size: int = option(32, "pairs (cross-encoder) or texts (bi-encoder) per forward pass", range=">=1")
+    max_length: int | None = option(None, "tokens per pair / text; None: the model's own limit", range=">=1")
+    apply_sigmoid: bool = option(
+        False, "cross-encoder: squash logits to (0, 1); off keeps raw logits (upstream rerankers)"
     )
-    records_per_chunk: int = 256  # records scored (and written) together
-    device: str | None = None  # cpu, cuda, cuda:1...; None: cuda when available, else cpu
+    query_instruction: str | None = option(
+        None, 'bi-encoder: prepended to queries; None: the folder\'s "query" prompt'
+    )
+    passage_instruction: str | None = option(
+        None, "bi-encoder: prepended to passages; None: the folder's passage prompt"
+    )
+    records_per_chunk: int = option(256, "records scored (and written) together", range=">=1")
+    device: str | None = option(None, "cpu, cuda, cuda:1...; None: cuda when available, else cpu")
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -84,7 +84,7 @@ def _check_model(model: str | None) -> Path:
 def check_cross_encoder_folder(model: Path) -> None:
     """A cross-encoder folder has a trained classification head; loading anything else as one gives a random
     head (scores that mean nothing), so it is refused."""
-    guards.check_model_folder(model, key="model")
+    model_folder.check_model_folder(model, key="model")
     try:
         archs = json.loads((model / "config.json").read_text(encoding="utf-8")).get("architectures") or []
     except (OSError, ValueError):
@@ -111,10 +111,10 @@ class CrossEncoderTeacher:
 
         model = _check_model(cfg.model)
         check_cross_encoder_folder(model)
-        guards.check_max_length("max_length", cfg.max_length, model)
+        model_folder.check_max_length("max_length", cfg.max_length, model)
         self.model = CrossEncoder(str(model), device=_device(cfg), max_length=cfg.max_length)
-        guards.check_tokenizer(self.model.tokenizer, self.model.model.config, model)
-        guards.check_finite_weights(self.model.model, model)
+        model_folder.check_tokenizer(self.model.tokenizer, self.model.model.config, model)
+        model_folder.check_finite_weights(self.model.model, model)
         if self.model.num_labels != 1:
             raise UserError(
                 f"{cfg.model}: a teacher cross-encoder needs one output, this one has {self.model.num_labels}"
@@ -128,7 +128,7 @@ class CrossEncoderTeacher:
             pairs, batch_size=self.batch_size, show_progress_bar=False, activation_fn=self.activation
         )
         scores = np.asarray(scores, dtype=np.float64).reshape(len(pairs))  # (pairs,)
-        guards.check_finite_array(scores, f"{self.name}: teacher scores")
+        model_folder.check_finite_array(scores, f"{self.name}: teacher scores")
         return scores
 
 
@@ -157,7 +157,7 @@ class BiEncoderTeacher:
         qi = np.array([q_row[q] for q, _ in pairs])
         pi = np.array([p_row[p] for _, p in pairs])
         scores = np.einsum("nh,nh->n", q_reps[qi], p_reps[pi]).astype(np.float64)  # (pairs,)
-        guards.check_finite_array(scores, "teacher scores")
+        model_folder.check_finite_array(scores, "teacher scores")
         return scores
 
 
@@ -186,10 +186,10 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
     """Score every record of ``cfg.input`` and write ``cfg.output``; return the counts."""
     if not cfg.input:
         raise UserError("config key 'input' is required (the JSONL records to score)")
-    out = check_output_path(cfg.input, cfg.output, reads=(cfg.model,))  # before any work
+    out = files.check_output_file(cfg.output, key="output", reads=(cfg.input, cfg.model))  # before any work
     # an LLM is a folder, a .gguf file or an endpoint's model name: its backend checks it
     model_dir = Path(cfg.model or "") if cfg.model_type == "llm" else _check_model(cfg.model)
-    guards.check_device(cfg.device)
+    precision.check_device(cfg.device)
     records = read_records(cfg.input)
     resolved = model_dir.resolve()
     name = cfg.teacher or f"{resolved.parent.name}/{resolved.name}"  # e.g. models/bge-reranker-base
@@ -200,10 +200,10 @@ def score(cfg: ScoreConfig, teacher=None) -> dict[str, float]:
     start = time.time()
     n_pairs, pos_wins, with_neg = 0, 0, 0
     all_scores: list[float] = []
-    with atomic_jsonl(out) as f, tqdm(total=len(records), desc="score", unit="record") as bar:
+    with files.atomic_jsonl(out) as f, tqdm(total=len(records), desc="score", unit="record") as bar:
         for lo in range(0, len(records), cfg.records_per_chunk):
             for r in score_records(records[lo : lo + cfg.records_per_chunk], teacher, name):
-                f.write(dump_line(r))
+                f.write(files.json_line(r, str(out)))
                 n_pairs += len(r["pos_scores"]) + len(r["neg_scores"])
                 all_scores += r["pos_scores"] + r["neg_scores"]
                 if r["neg_scores"]:

@@ -94,7 +94,7 @@ def cached_corpus_encode(
 ) -> tuple[np.ndarray, bool]:
     """``(reps, hit)``: the cached array for ``key`` or ``encode(texts)`` stored under it. ``cache_dir=None``: no cache.
 
-    ``store=False`` reads hits but writes nothing (a read-only cache, see ``guards.check_cache_dir``)."""
+    ``store=False`` reads hits but writes nothing (a read-only cache, see ``files.check_cache_dir``)."""
     if cache_dir is not None:
         reps = load_cached(cache_dir, key, len(texts))
         if reps is not None:

@@ -25,6 +25,16 @@ from rir_finetune.errors import UserError, located
 from rir_finetune.files import iter_jsonl, iter_lines
 
 DEFAULT_CORPUS_TEXT_FORMAT = "{title} {text}"
+# upstream Reinforced-IR encodes an answer as a passage after this prefix (its 'new_query'), in training, evaluation
+# and the generator's reward alike
+ANSWER_PREFIX = "Generate the topic about this passage: "
+
+
+def with_answer_prefix(answer: str, prefix: str) -> str:
+    """``prefix + answer``, unless ``answer`` already starts with ``prefix``: upstream's files hold the prefixed
+    strings ("Generate the topic about this passage: ..."), and they must be encoded unchanged, not prefixed twice.
+    Training, ``eval`` and ``reward`` all use this rule."""
+    return answer if prefix and answer.startswith(prefix) else prefix + answer
 
 
 @dataclass
@@ -57,11 +67,6 @@ class RetrievalDataset:
         )
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield ``(line number, object)`` for every non-blank line; malformed lines raise ``path:line`` errors."""
-    return iter_jsonl(path)
-
-
 def _field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> Any:
     for name in names:
         if name in obj and obj[name] is not None:
@@ -71,7 +76,7 @@ def _field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int)
 
 def _read_id_texts(path: Path, with_title: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         key = str(_field(obj, ("_id", "id"), path, lineno))
         if key in out:
             raise located(path, lineno, f"duplicate id {key!r}")
@@ -113,7 +118,7 @@ def _is_number(text: str) -> bool:
 
 
 def _read_qrels_jsonl(path: Path) -> Iterator[tuple[int, str, str, int]]:
-    for lineno, obj in read_jsonl(path):
+    for lineno, obj in iter_jsonl(path):
         qid = str(_field(obj, ("qid", "query-id", "query_id"), path, lineno))
         docid = str(_field(obj, ("docid", "corpus-id", "doc_id"), path, lineno))
         rel = _relevance(_field(obj, ("relevance", "score"), path, lineno), path, lineno)

@@ -21,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from rir_finetune import guards
+from rir_finetune import precision
 from rir_finetune.errors import UserError
+from rir_finetune.retrieval import model_folder
 from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
 from rir_finetune.retrieval.pooling import pool
 
@@ -59,9 +60,9 @@ class Encoder:
         self.device = torch.device(device)
         self.show_progress = show_progress
         path = settings.transformer_dir
-        guards.check_device(device)
-        guards.check_model_folder(path, key="model")  # config, tokenizer files, readable weights
-        guards.check_max_length("max_length", settings.max_length, path)
+        precision.check_device(device)
+        model_folder.check_model_folder(path, key="model")  # config, tokenizer files, readable weights
+        model_folder.check_max_length("max_length", settings.max_length, path)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
             self.model = AutoModel.from_pretrained(
@@ -71,8 +72,8 @@ class Encoder:
             raise UserError(f"{path}: cannot load the model ({str(e).strip().splitlines()[0]})") from None
         if self.tokenizer.pad_token is None:  # decoder-only tokenizers: padding is masked out anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        guards.check_tokenizer(self.tokenizer, self.model.config, path)
-        guards.check_finite_weights(self.model, path)
+        model_folder.check_tokenizer(self.tokenizer, self.model.config, path)
+        model_folder.check_finite_weights(self.model, path)
         self.model.to(self.device).eval()
 
     @classmethod
@@ -108,13 +109,13 @@ class Encoder:
         bar.close()
         if out is None:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
-        guards.check_finite_array(out, f"{self.settings.transformer_dir}: {desc} embeddings")
+        model_folder.check_finite_array(out, f"{self.settings.transformer_dir}: {desc} embeddings")
         return out
 
     def _padding(self, enc, idx) -> dict:
         """fp32: to the batch's longest text. bf16: rounded up to a multiple of 16 (at most ``max_length``), so the
-        batches take a few shapes: oneDNN builds and caches bf16 kernels per shape, ~1-5 MiB each, which grew the
-        process by hundreds of MiB over a corpus of length-sorted batches."""
+        batches take a few shapes: oneDNN builds and caches bf16 kernels per shape, which grew the process with
+        every new length over a corpus of length-sorted batches."""
         if self.dtype == "float32":
             return {}
         longest = max(len(enc["input_ids"][i]) for i in idx)

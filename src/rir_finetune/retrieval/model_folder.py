@@ -1,4 +1,9 @@
-"""What a model folder says about encoding: pooling, normalisation, max length, prompts; and its content hash.
+"""What a model folder says about encoding (pooling, normalisation, max length, prompts), its content hash, and the
+checks every command runs on a model before and after loading it.
+
+Before loading: :func:`check_model_folder` (exists, config.json, tokenizer files, readable safetensors) and
+:func:`check_max_length` (lengths within the model's positions); after loading: :func:`check_tokenizer` (vocabulary
+not a stub) and :func:`check_finite_weights` (no NaN / inf parameter); results: :func:`check_finite_array`.
 
 A sentence-transformers folder states these in ``modules.json`` (a ``Normalize`` module means L2-normalised
 output), ``<pooling dir>/config.json`` (``pooling_mode`` or the legacy ``pooling_mode_*_token`` flags),
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -167,3 +173,119 @@ def model_fingerprint(model_dir: str | Path) -> str:
                 h.update(chunk)
         h.update(b"\0")
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks before and after loading a model
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "sentencepiece.model",
+    "spm.model",
+    "vocab.model",
+)
+
+
+def check_model_folder(
+    path: str | os.PathLike | None,
+    *,
+    key: str,
+    need_tokenizer: bool = True,
+    transformer_dir: Path | None = None,
+) -> Path:
+    """A local model folder ready to load: it exists, has ``config.json``, tokenizer files and readable weights.
+
+    ``transformer_dir`` is where the transformers model lives (a sentence-transformers folder may keep it in a
+    sub-folder); default ``path``.
+    """
+    if not path:
+        raise UserError(f"config key {key!r}: required (a local model folder)")
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"config key {key!r}: {root} is not a model folder (not found)")
+    inner = transformer_dir or root
+    if not (inner / "config.json").is_file():
+        raise UserError(f"config key {key!r}: {inner} is not a model folder (no config.json)")
+    if need_tokenizer and not any((d / f).is_file() for d in {root, inner} for f in TOKENIZER_FILES):
+        raise UserError(
+            f"config key {key!r}: {inner} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); "
+            "copy them from the base model"
+        )
+    for weights in sorted(inner.glob("*.safetensors")):
+        check_safetensors(weights)
+    return root
+
+
+def check_safetensors(path: Path) -> None:
+    """The header of a ``.safetensors`` file parses and its data is as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ValueError("truncated header")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"file is {size} bytes, its header needs {8 + n + end}")
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise UserError(f"{path}: damaged weights file ({e}); copy the model again") from None
+
+
+def check_tokenizer(tokenizer: Any, model_config: Any, where: str | os.PathLike) -> None:
+    """A tokenizer whose vocabulary is a stub (far smaller than the model's embedding table) is refused."""
+    vocab = len(tokenizer)
+    model_vocab = getattr(model_config, "vocab_size", None)
+    if isinstance(model_vocab, int) and model_vocab > 0 and 2 * vocab < model_vocab:
+        raise UserError(
+            f"{where}: the tokenizer has {vocab} tokens but the model {model_vocab}; "
+            "tokenizer files are missing or wrong"
+        )
+
+
+def check_finite_weights(model: Any, where: str | os.PathLike) -> None:
+    """A model with a NaN or infinite parameter gives garbage everywhere: refused, naming a parameter."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and p.numel() and not bool(torch.isfinite(p).all()):
+            raise UserError(f"{where}: weight {name} holds NaN or infinite values; the model is broken")
+
+
+def check_finite_array(values: Any, what: str) -> None:
+    """Embeddings or scores with NaN / inf cannot be right."""
+    import numpy as np
+
+    arr = np.asarray(values)
+    if arr.size and not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).reshape(arr.shape[0], -1).any(axis=1).sum()) if arr.ndim else 1
+        raise UserError(
+            f"{what}: {bad} of {arr.shape[0] if arr.ndim else 1} are NaN or infinite; the model is broken"
+        )
+
+
+def model_max_positions(model_dir: str | os.PathLike) -> int | None:
+    """``max_position_embeddings`` (or ``n_positions``) of ``model_dir/config.json``, None when unknown."""
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = cfg.get(name)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_max_length(key: str, value: int | None, model_dir: str | os.PathLike) -> None:
+    """A length above the model's position table is refused before the first batch."""
+    limit = model_max_positions(model_dir)
+    if value is not None and limit is not None and value > limit:
+        raise UserError(f"config key {key!r}: {value} is above the model's {limit} positions ({model_dir})")

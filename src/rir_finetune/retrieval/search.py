@@ -20,10 +20,6 @@ def _import_faiss():
     return faiss
 
 
-def faiss_available() -> bool:
-    return _import_faiss() is not None
-
-
 def exact_search(
     query_reps: np.ndarray,
     corpus_reps: np.ndarray,

@@ -18,60 +18,66 @@ import copy
 import importlib.util
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from rir_finetune.config import convert_value, parse_overrides, read_config_file, suggest
+from rir_finetune.config import COMMAND_LINE, ConfigFile, check_values, option, parse_overrides, suggest
 from rir_finetune.errors import UserError
-
-PIPELINE = ("generate", "queries", "augment", "mine", "score", "train", "test_answers", "eval")  # stage order
-# after eval: the generator learns from the round's retriever (preference pairs, then DPO)
-GENERATOR_STAGES = ("reward", "train_generator")
-SECTIONS = (*PIPELINE, *GENERATOR_STAGES)  # every section a round config may hold
+from rir_finetune.round.stages import SECTIONS
 
 
 @dataclass
 class RoundConfig:
-    output_dir: str | None = None  # the round's folder: one sub-folder per stage, report.md at the top
-    data: str | None = None  # BEIR folder (corpus.jsonl, queries.jsonl, qrels/); its test split is evaluated
-    train_split: str = "train"  # qrels split that gives training queries (the `queries` stage)
-    eval_split: str = "test"  # qrels split that is evaluated
-    retriever: str | None = (
-        None  # base retriever folder: trained, and the miner / teacher unless a section says
+    """The round's own keys; each stage's keys sit in a section named after it."""
+
+    output_dir: str | None = option(
+        None, "the round's folder: one sub-folder per stage, report.md at the top"
     )
-    llm: dict[str, Any] = field(default_factory=dict)  # LLM keys shared by augment, test_answers and generate
-    stages: list[str] | None = (
-        None  # which stages run, in pipeline order; None: the default for the sections given
+    data: str | None = option(
+        None, "BEIR folder (corpus.jsonl, queries.jsonl, qrels/); its test split is evaluated"
     )
-    max_train_queries: int | None = (
-        None  # use only the first N training records (a subset that fits the time)
+    train_split: str = option("train", "qrels split that gives training queries (the `queries` stage)")
+    eval_split: str = option("test", "qrels split that is evaluated")
+    retriever: str | None = option(
+        None, "base retriever folder: trained, and the miner / teacher unless a section says"
     )
-    max_eval_queries: int | None = None  # evaluate only the first N judged queries
-    alphas: list[float] = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])  # fused-mode sweep
-    seed: int = 42  # passed to every stage that samples
-    train_launcher: str | None = (
-        None  # e.g. "torchrun --nproc_per_node 8": train in that many processes; None: here
+    llm: dict[str, Any] = option(
+        factory=dict, help="LLM keys shared by every stage that writes text (backend, model, task, ...)"
     )
-    rounds: int = 1  # retriever + generator rounds; round r >= 2 answers with round r-1's DPO generator
-    final_generator: bool | None = (
-        None  # reward + train_generator after the last round too; None: only as rounds: 1 asks
+    stages: list[str] | None = option(
+        None, "which stages run, in pipeline order; None: the default for the sections given"
     )
-    max_reward_queries: int | None = None  # reward samples for only the first N training records
-    sections: dict[str, dict[str, Any]] = field(default_factory=dict)  # stage name -> that command's keys
+    max_train_queries: int | None = option(
+        None, "use only the first N training records (a subset that fits the time)", range=">=1"
+    )
+    max_eval_queries: int | None = option(None, "evaluate only the first N judged queries", range=">=1")
+    alphas: list[float] = option(
+        factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0], help="fused-mode sweep", range="[0, 1]"
+    )
+    seed: int = option(42, "passed to every stage that samples", range=">=0")
+    train_launcher: str | None = option(
+        None, 'e.g. "torchrun --nproc_per_node 8": train in that many processes; None: here'
+    )
+    rounds: int = option(
+        1, "retriever + generator rounds; round r >= 2 answers with round r-1's DPO generator", range=">=1"
+    )
+    final_generator: bool | None = option(
+        None, "reward + train_generator after the last round too; None: only as rounds: 1 asks"
+    )
+    max_reward_queries: int | None = option(
+        None, "reward samples for only the first N training records", range=">=1"
+    )
+    sections: dict[str, dict[str, Any]] = option(
+        factory=dict, help="stage name -> that command's keys", hidden=True
+    )
+    # (section, key) -> where the user set it: "FILE:LINE" or "command line (--section.key)", for error messages
+    where: dict[tuple[str, ...], str] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if not self.output_dir:
             raise UserError("config key 'output_dir': required (the round's folder)")
-        if self.max_train_queries is not None and self.max_train_queries <= 0:
-            raise UserError("config key 'max_train_queries': must be a positive integer or unset")
-        if self.max_eval_queries is not None and self.max_eval_queries <= 0:
-            raise UserError("config key 'max_eval_queries': must be a positive integer or unset")
-        if self.rounds < 1:
-            raise UserError(f"config key 'rounds': {self.rounds} (must be 1 or more)")
-        if self.max_reward_queries is not None and self.max_reward_queries <= 0:
-            raise UserError("config key 'max_reward_queries': must be a positive integer or unset")
-        if not self.alphas or not all(0.0 <= a <= 1.0 for a in self.alphas):
+        if not self.alphas:
             raise UserError("config key 'alphas': a list of fused weights between 0 and 1")
         if self.stages is not None:
             unknown = [s for s in self.stages if s not in SECTIONS]
@@ -83,8 +89,12 @@ class RoundConfig:
     def section(self, name: str) -> dict[str, Any]:
         return copy.deepcopy(self.sections.get(name, {}))
 
+    def locate(self, *keys: str) -> str | None:
+        """Where the user set the key at ``keys`` (``("train", "max_steps")``), or None."""
+        return self.where.get(tuple(keys))
 
-_TOP_KEYS = {f for f in RoundConfig.__dataclass_fields__ if f != "sections"}
+
+_TOP_KEYS = {f.name for f in fields(RoundConfig) if f.init and f.name != "sections"}
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -113,35 +123,40 @@ def resolve_value(value: Any) -> Any:
 
 
 def load_round_config(config_file: str | None, tokens: list[str]) -> RoundConfig:
-    """Read the round's YAML/JSON, apply ``--key`` / ``--section.key`` overrides, resolve package paths."""
-    raw: dict[str, Any] = {}
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        import yaml
+    """Read the round's YAML/JSON, apply ``--key`` / ``--section.key`` overrides, resolve package paths.
 
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        if not isinstance(raw, dict):
-            raise UserError(f"{path}: a round config must hold a mapping of keys to values")
-    source = str(config_file or "command line")
+    The file is read by the same loader as every command's (a key given twice is refused with ``file:line``); an
+    unknown key or section is refused naming where it was set, with the closest valid name. The stages' own keys are
+    checked against their commands when the round is planned (:func:`rir_finetune.round.run.plan`).
+    """
     top: dict[str, Any] = {}
     sections: dict[str, dict[str, Any]] = {}
-    for key, value in raw.items():
-        if key in SECTIONS:
-            if value is None:
-                value = {}
-            if not isinstance(value, dict):
-                raise UserError(f"{source}: section {key!r} must be a mapping of that command's keys")
-            sections[key] = dict(value)
-        elif key in _TOP_KEYS:
-            top[key] = value
-        else:
-            raise UserError(
-                f"{source}: unknown round key {key!r}{suggest(key, sorted(_TOP_KEYS | set(SECTIONS)))}"
-            )
+    where: dict[tuple[str, ...], str] = {}
+    if config_file:
+        source = ConfigFile(config_file)
+        for key, value in source.data.items():
+            here = source.where(key)
+            if key in SECTIONS or key == "llm":
+                if value is None:
+                    value = {}
+                if not isinstance(value, dict):
+                    raise UserError(f"{here}: section {key!r} must be a mapping of that command's keys")
+                for k in value:
+                    where[(key, str(k))] = source.where(key, k)
+                if key == "llm":
+                    top["llm"] = dict(value)
+                else:
+                    sections[key] = dict(value)
+            elif key in _TOP_KEYS:
+                top[key] = value
+                where[(key,)] = here
+            else:
+                raise UserError(
+                    f"{here}: unknown round key {key!r}{suggest(key, sorted(_TOP_KEYS | set(SECTIONS)))}"
+                )
     for key, value in parse_overrides(tokens).items():
         name, dot, sub = key.partition(".")
+        flag = f"command line (--{key})"
         if dot and name == "llm":
             top.setdefault("llm", {})[sub] = value
         elif dot:
@@ -154,43 +169,23 @@ def load_round_config(config_file: str | None, tokens: list[str]) -> RoundConfig
             top[key] = value
         else:
             raise UserError(f"command line: unknown round key {key!r}{suggest(key, sorted(_TOP_KEYS))}")
-    types = {
-        "output_dir": str | None,
-        "data": str | None,
-        "train_split": str,
-        "eval_split": str,
-        "retriever": str | None,
-        "stages": list[str] | None,
-        "max_train_queries": int | None,
-        "max_eval_queries": int | None,
-        "alphas": list[float],
-        "seed": int,
-        "train_launcher": str | None,
-        "rounds": int,
-        "final_generator": bool | None,
-        "max_reward_queries": int | None,
-    }
-    values: dict[str, Any] = {}
-    for key, value in top.items():
-        if key == "llm":
-            if not isinstance(value, dict):
-                raise UserError(f"{source}: 'llm' must be a mapping of generation keys")
-            values[key] = resolve_value(value)
-        else:
-            values[key] = resolve_value(convert_value(key, value, types[key]))
+        where[(name, sub) if dot else (key,)] = flag
+    llm = top.pop("llm", {})
+    (values,) = check_values([RoundConfig], top, lambda k: where.get((k,), COMMAND_LINE))
+    values = {k: resolve_value(v) for k, v in values.items()}
     sections = {name: resolve_value(keys) for name, keys in sections.items()}
     for (
-        keys
-    ) in sections.values():  # a section's own config file: relative to the cwd, else to the round's file
+        name,
+        keys,
+    ) in sections.items():  # a section's own config file: relative to the cwd, else to the round's file
         ref = keys.get("config")
         if isinstance(ref, str) and not Path(ref).is_absolute() and not Path(ref).exists() and config_file:
             beside = Path(config_file).parent / ref
             keys["config"] = str(beside) if beside.exists() else ref
         if isinstance(ref, str) and not Path(keys["config"]).is_file():
-            raise UserError(f"{source}: config file {ref!r} of a section not found")
-    return RoundConfig(**values, sections=sections)
-
-
-def stage_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The keys of a config file that a section names with ``config:`` (flattened, as the commands read it)."""
-    return read_config_file(path)
+            raise UserError(
+                f"{where.get((name, 'config'), config_file)}: config file {ref!r} of a section not found"
+            )
+    cfg = RoundConfig(**values, llm=resolve_value(llm), sections=sections)
+    cfg.where = where
+    return cfg

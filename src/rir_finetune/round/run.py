@@ -18,9 +18,7 @@ the trained retriever in every evaluated mode, round by round, with the generato
 from __future__ import annotations
 
 import json
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,19 +27,15 @@ from typing import Any
 
 import yaml
 
+from rir_finetune.commands import COMMANDS
+from rir_finetune.config import check_values
 from rir_finetune.errors import UserError
 from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig, load_round_config
-from rir_finetune.round.stages import Stage, build_stages, fingerprint, round_note
+from rir_finetune.round.stages import KINDS, Stage, build_stages, round_note
+from rir_finetune.round.stamps import fingerprint
 
 MARKER = "stage.json"
-LLM_STAGES = (
-    "generate",
-    "augment",
-    "test_answers",
-    "reward",
-    "train_generator",
-)  # stages that use the generator
 
 
 @dataclass
@@ -64,7 +58,7 @@ def _marker(stage: Stage) -> dict[str, Any] | None:
 
 def _write_marker(stage: Stage, fp: str, status: str, **extra: Any) -> None:
     body = {"stage": stage.name, "round": stage.round, "fingerprint": fp, "status": status, **extra}
-    if stage.name in LLM_STAGES:  # the generator of this stage's text (round r >= 2: round r-1's DPO model)
+    if KINDS[stage.name].llm:  # the generator of this stage's text (round r >= 2: round r-1's DPO model)
         body["generator"] = {
             k: stage.settings.get(k) for k in ("backend", "model", "gguf_file") if stage.settings.get(k)
         }
@@ -84,9 +78,26 @@ def _position(stages: list[Stage], key: str, value: str) -> int:
     )
 
 
+def validate(cfg: RoundConfig, stages: list[Stage]) -> None:
+    """Every stage's keys checked against its command's config classes (unknown keys, types, ranges), naming where
+    the user set a bad key: the round file's line, the ``--section.key`` flag, or the section's own config file."""
+    for stage in stages:
+        kind = KINDS[stage.name]
+
+        def where(key: str, stage: Stage = stage, llm: bool = kind.llm) -> str:
+            for section in (stage.name, *(("augment", "llm") if llm else ())):
+                found = cfg.locate(section, key)
+                if found:
+                    return found
+            return stage.base_where.get(key) or f"stage {stage.label!r} (key {key!r}, set by the round)"
+
+        check_values(COMMANDS[kind.command].config_classes(), stage.settings, where)
+
+
 def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -> list[Step]:
-    """What each stage will do and why, without running anything."""
+    """What each stage will do and why, without running anything; every stage's keys are validated first."""
     stages = build_stages(cfg)
+    validate(cfg, stages)
     lo = _position(stages, "from", start) if start else 0
     hi = _position(stages, "until", until) if until else len(stages) - 1
     if lo > hi:
@@ -152,140 +163,6 @@ def _write_settings(stage: Stage) -> Path:
     return path
 
 
-def _limit_lines(src: Path, dst: Path, keep) -> int:
-    """Copy the JSONL lines of ``src`` that ``keep(n, record)`` accepts into ``dst`` atomically; return the count."""
-    kept: list[str] = []
-    with src.open(encoding="utf-8") as f:
-        for n, line in enumerate(ln for ln in f if ln.strip()):
-            if keep(n, json.loads(line)):
-                kept.append(line if line.endswith("\n") else line + "\n")
-    atomic_write(dst, lambda out: out.writelines(kept))
-    return len(kept)
-
-
-def _run_stage(stage: Stage, resume: bool) -> dict[str, Any]:
-    """Run one stage's command(s) with its written settings; return counts for the report."""
-    path = _write_settings(stage)
-    name = stage.name
-    if name == "generate":
-        try:
-            from rir_finetune.prep.generate import run_generate
-        except ImportError:
-            raise UserError("stage 'generate': this installation has no `generate` command") from None
-        return {"counts": run_generate(str(path), [])}
-    if name == "queries":
-        from rir_finetune.prep.beir import run_from_beir
-
-        run_from_beir(str(path), [])
-        limit = stage.extra.get("limit")
-        n = _limit_lines(
-            Path(stage.settings["out"]), stage.outputs[0], lambda i, _: limit is None or i < limit
-        )
-        return {"records": n}
-    if name in {"augment", "test_answers"}:
-        from rir_finetune.prep.augment import run_augment
-
-        if name == "test_answers":
-            from rir_finetune.prep.beir import FromBeirConfig, from_beir
-            from rir_finetune.retrieval.data import load_beir
-
-            everything = stage.folder / "queries_all.jsonl"
-            from_beir(
-                FromBeirConfig(data_dir=stage.extra["data"], split=stage.extra["split"], out=str(everything))
-            )
-            qids = set(
-                load_beir(stage.extra["data"], stage.extra["split"])
-                .limit_queries(stage.extra["limit"])
-                .queries
-            )
-            _limit_lines(everything, Path(stage.settings["input"]), lambda _, r: str(r.get("qid")) in qids)
-        return {"counts": run_augment(str(path), [])}
-    if name == "mine":
-        from rir_finetune.prep.mine import run_mine
-
-        return {"counts": run_mine(str(path), [])}
-    if name == "score":
-        from rir_finetune.prep.score import run_score
-
-        return {"counts": run_score(str(path), [])}
-    if name == "train":
-        from rir_finetune.training.train import run_train
-
-        overrides = {"resume_from_checkpoint": "auto"} if resume and (stage.folder / "model").exists() else {}
-        launcher = stage.extra.get("launcher")
-        if not launcher:
-            run_train(str(path), overrides)
-            return {}
-        cmd = [*shlex.split(launcher), "-m", "rir_finetune", "train", "--config", str(path)]
-        cmd += [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
-        print(f"round: train: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        code = subprocess.run(cmd).returncode
-        if code != 0:
-            raise UserError(
-                f"stage 'train': `{shlex.join(cmd)}` exited with {code}; rerun the round to resume it"
-            )
-        return {}
-    if name == "eval":
-        return {"summary": _run_eval(stage)}
-    if name == "reward":
-        from rir_finetune.generator.reward import run_reward
-
-        if stage.extra.get("limit"):
-            limit = stage.extra["limit"]
-            _limit_lines(Path(stage.extra["source"]), Path(stage.settings["input"]), lambda i, _: i < limit)
-        return {"counts": run_reward(str(path), [])}
-    if name == "train_generator":
-        return _run_train_generator(stage, path, resume)
-    raise AssertionError(name)  # pragma: no cover
-
-
-def _run_train_generator(stage: Stage, path: Path, resume: bool) -> dict[str, Any]:
-    pairs = Path(stage.settings["data"])
-    if pairs.is_file() and not pairs.read_text(encoding="utf-8").strip():
-        raise UserError(
-            f"stage {stage.label!r}: reward kept no preference pairs ({pairs} is empty; its counts are in "
-            f"{pairs.parent / MARKER}); loosen reward.threshold, sample more (reward.samples_per_query) or "
-            "set reward.require_beats_query false"
-        )
-    from rir_finetune.generator.dpo import run_train_generator
-
-    out = Path(stage.settings["output_dir"])
-    overrides = {"resume_from_checkpoint": "auto"} if resume and out.exists() else {}
-    run_train_generator(str(path), overrides)
-    try:
-        state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    logs = [h for h in state.get("log_history", []) if "rewards/margins" in h]
-    result: dict[str, Any] = {"steps": state.get("global_step")}
-    if logs:
-        for key in ("rewards/margins", "rewards/accuracies"):
-            result[key.split("/")[1]] = [logs[0][key], logs[-1][key]]  # first and last logged step
-    return result
-
-
-def _run_eval(stage: Stage) -> dict[str, dict[str, float]]:
-    from rir_finetune.config import build_configs
-    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
-
-    summary: dict[str, dict[str, float]] = {}
-    for model_name, model_dir in stage.extra["models"].items():
-        for label, mode, alpha in stage.extra["modes"]:
-            keys = {**stage.settings, "model": model_dir, "mode": mode,
-                    "output_dir": str(stage.folder / model_name / label)}  # fmt: skip
-            if mode != "query":
-                keys["answers"] = stage.extra["answers"]
-            if alpha is not None:
-                keys["alpha"] = alpha
-            (args,) = build_configs([EvalArguments], None, keys)
-            print(f"round eval: {model_name} model, {label} mode", file=sys.stderr, flush=True)
-            metrics = evaluate_folder(args)
-            summary[f"{model_name}/{label}"] = {k: float(v) for k, v in metrics.items()}
-    text = json.dumps(summary, indent=2) + "\n"
-    atomic_write(stage.outputs[0], lambda f: f.write(text))
-    return summary
-
-
 def run_round(
     config_file: str | None,
     overrides: list[str],
@@ -313,7 +190,8 @@ def run_round(
         stage.folder.mkdir(parents=True, exist_ok=True)
         _write_marker(stage, step.fingerprint, "running", started=time.time())
         start_t = time.perf_counter()
-        result = _run_stage(stage, resume=step.action == "resume")
+        path = _write_settings(stage)
+        result = KINDS[stage.name].execute(stage, path, resume=step.action == "resume")
         wall = time.perf_counter() - start_t
         _write_marker(stage, step.fingerprint, "done", wall_s=round(wall, 1), result=result)
         print(f"round: {stage.label}: done in {wall:.1f} s", file=sys.stderr, flush=True)
@@ -321,3 +199,26 @@ def run_round(
 
     write_report(cfg, [s.stage for s in steps])
     return steps
+
+
+def run_round_command(config_file: str | None, tokens: list[str] | dict[str, Any]) -> list[Step]:
+    """``rir-finetune round``: the round's own options (``--dry-run``, ``--from STAGE``, ``--until STAGE``) and
+    every other ``--key`` / ``--section.key`` override."""
+    if isinstance(tokens, dict):
+        return run_round(config_file, [a for k, v in tokens.items() for a in (f"--{k}", str(v))])
+    rest: list[str] = []
+    options: dict[str, Any] = {"dry_run": False, "start": None, "until": None}
+    names = {"--from": "start", "--until": "until"}
+    it = iter(tokens)
+    for tok in it:
+        flag, eq, value = tok.partition("=")
+        if flag in ("--dry-run", "--dry_run"):
+            options["dry_run"] = not eq or value.strip().lower() in {"true", "1", "yes", "y", "on"}
+        elif flag in names:
+            value = value if eq else next(it, None)
+            if not value or value.startswith("--"):
+                raise UserError(f"command line: {flag} needs a stage name")
+            options[names[flag]] = value
+        else:
+            rest.append(tok)
+    return run_round(config_file, rest, **options)

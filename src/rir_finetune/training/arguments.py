@@ -7,13 +7,15 @@ launch command runs unchanged: ``rir-finetune train --model_name_or_path ... --t
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from transformers import TrainingArguments
 
+from rir_finetune.config import TRAINER_RANGES, option
 from rir_finetune.errors import UserError
+from rir_finetune.retrieval.data import ANSWER_PREFIX
 from rir_finetune.retrieval.pooling import POOLING_METHODS
 
 TRAINING_TYPES = ("retrieval", "retrieval_answer", "retrieval_answer_passage")
@@ -22,32 +24,38 @@ KD_LOSS_TYPES = ("kl_div", "m3_kd_loss", "m3_kd_loss_weighted")
 
 @dataclass
 class ModelArguments:
-    RANGES: ClassVar[dict[str, str]] = {  # checked by config.build_configs (guards.py)
-        "sub_batch_size": ">=1", "lora_rank": ">=1", "lora_alpha": ">0", "lora_dropout": "[0, 1)",
-        "gradient_cache_chunk_size": ">=1", "gradient_cache_memory_mb": ">=0",
-    }  # fmt: skip
-    model_name_or_path: str | None = None  # local folder or hub name of the encoder to fine-tune (required)
-    config_name: str | None = None  # config path if not the same as model_name_or_path
-    tokenizer_name: str | None = None  # tokenizer path if not the same as model_name_or_path
-    cache_dir: str | None = None  # where hub downloads go
-    trust_remote_code: bool = False  # allow custom modelling code from the model folder
-    token: str | None = field(default_factory=lambda: os.getenv("HF_TOKEN"))  # hub token
-    sentence_pooling_method: str = "cls"  # cls | mean | last_token (upstream default cls)
-    normalize_embeddings: bool = True  # L2-normalise embeddings (upstream default True)
-    sub_batch_size: int | None = None  # encode in chunks of this many texts (upstream; saves little memory)
-    fix_position_embedding: bool = False  # freeze the position embeddings
-    use_lora: bool = False  # train LoRA adapters (peft) instead of every weight
-    lora_rank: int = 32
-    lora_alpha: float = 64.0
-    lora_dropout: float = 0.1
-    lora_target_modules: list[str] | None = None  # None: peft's defaults for the architecture
-    # GradCache with a memory budget (gradcache.py): true bounds memory whatever the batch (the main job's shapes:
-    # 2.98 GiB at ~1.36x the step time on a 2-core CPU); None (auto) and false: the plain step (every activation of
-    # the batch kept at once: fastest, ~10 GiB for the main job's shapes)
-    gradient_cache: bool | None = None
-    gradient_cache_chunk_size: int = 16  # texts per chunk under gradient caching
-    gradient_cache_memory_mb: int = 1024  # activations kept from the first pass; the rest encoded twice
-    attn_implementation: str | None = "auto"  # auto: rir_sdpa (training/attention.py) if supported; sdpa, ...
+    model_name_or_path: str | None = option(
+        None, "local folder or hub name of the encoder to fine-tune (required)"
+    )
+    config_name: str | None = option(None, "config path if not the same as model_name_or_path")
+    tokenizer_name: str | None = option(None, "tokenizer path if not the same as model_name_or_path")
+    cache_dir: str | None = option(None, "where hub downloads go")
+    trust_remote_code: bool = option(False, "allow custom modelling code from the model folder")
+    token: str | None = option(factory=lambda: os.getenv("HF_TOKEN"), help="hub token")
+    sentence_pooling_method: str = option("cls", "cls | mean | last_token (upstream default cls)")
+    normalize_embeddings: bool = option(True, "L2-normalise embeddings (upstream default True)")
+    sub_batch_size: int | None = option(
+        None, "encode in chunks of this many texts (upstream; saves little memory)", range=">=1"
+    )
+    fix_position_embedding: bool = option(False, "freeze the position embeddings")
+    use_lora: bool = option(False, "train LoRA adapters (peft) instead of every weight")
+    lora_rank: int = option(32, "", range=">=1")
+    lora_alpha: float = option(64.0, "", range=">0")
+    lora_dropout: float = option(0.1, "", range="[0, 1)")
+    lora_target_modules: list[str] | None = option(None, "None: peft's defaults for the architecture")
+    gradient_cache: bool | None = option(
+        None,
+        "GradCache with a memory budget (gradcache.py): true bounds memory whatever the batch, at the cost of "
+        "encoding part of it twice; None (auto) and false: the plain step (every activation of the batch kept at "
+        "once: fastest, most memory)",
+    )
+    gradient_cache_chunk_size: int = option(16, "texts per chunk under gradient caching", range=">=1")
+    gradient_cache_memory_mb: int = option(
+        1024, "activations kept from the first pass; the rest encoded twice", range=">=0"
+    )
+    attn_implementation: str | None = option(
+        "auto", "auto: rir_sdpa (training/attention.py) if supported; sdpa, ..."
+    )
 
     def __post_init__(self):
         if self.sentence_pooling_method not in POOLING_METHODS:
@@ -63,40 +71,46 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    RANGES: ClassVar[dict[str, str]] = {
-        "train_group_size": ">=1", "query_max_len": ">=1", "passage_max_len": ">=1", "answer_max_len": ">=1",
-        "pad_to_multiple_of": ">=1", "max_example_num_per_dataset": ">=1", "shuffle_ratio": "[0, 1]",
-        "small_threshold": ">=0", "drop_threshold": ">=0", "eval_max_queries": ">=1",
-    }  # fmt: skip
-    train_data: list[str] | None = None  # JSONL files or folders of them (required)
-    cache_path: str | None = None  # datasets cache folder
-    train_group_size: int = 8  # passages per query: 1 positive + (G-1) negatives
-    query_max_len: int = 32  # tokens per query
-    passage_max_len: int = 128  # tokens per passage
-    answer_max_len: int | None = None  # tokens per answer; None: same as query_max_len (upstream)
-    # pad token lengths to a multiple of this (None: to the longest text). A few distinct shapes: on a CPU the bf16
-    # kernels are built and cached per shape (~5 MiB each), exact lengths grew memory every step
-    pad_to_multiple_of: int | None = 16
-    max_example_num_per_dataset: int = 100_000_000  # cap on records read from each file
-    query_instruction_for_retrieval: str | None = (
-        None  # prepended to queries (and answers); None adds nothing
+    train_data: list[str] | None = option(None, "JSONL files or folders of them (required)")
+    cache_path: str | None = option(
+        None,
+        "FlagEmbedding's datasets cache folder, accepted so that its launches run; ignored here: training files "
+        "are read and validated in memory, nothing is cached",
     )
-    query_instruction_format: str = "{}{}"  # how instruction and query are joined
-    passage_instruction_for_retrieval: str | None = None  # prepended to passages; None adds nothing
-    passage_instruction_format: str = "{}{}"
-    answer_prefix: str = (
-        "Generate the topic about this passage: "  # before each answer, as at inference (SPEC 5)
+    train_group_size: int = option(8, "passages per query: 1 positive + (G-1) negatives", range=">=1")
+    query_max_len: int = option(32, "tokens per query", range=">=1")
+    passage_max_len: int = option(128, "tokens per passage", range=">=1")
+    answer_max_len: int | None = option(
+        None, "tokens per answer; None: same as query_max_len (upstream)", range=">=1"
     )
-    knowledge_distillation: bool = False  # use pos_scores / neg_scores from the data
-    shuffle_ratio: float = 0.0  # probability of shuffling a positive's text chunks (upstream augmentation)
-    same_dataset_within_batch: bool = False  # every batch drawn from one file
-    small_threshold: int = 0  # files in one folder smaller than this are merged into one dataset
-    drop_threshold: int = 0  # a merged small dataset smaller than this is dropped
-    answer_inbatch: bool = False  # add `neg_answer` passages as extra answer candidates (upstream)
-    eval_data: str | None = None  # BEIR-layout folder scored every eval_steps during training
-    eval_split: str = "test"  # split of eval_data
-    eval_name: str | None = None  # metric prefix: eval_<name>_ndcg@10 (default: folder name)
-    eval_max_queries: int | None = None  # score at most this many eval queries (speed)
+    pad_to_multiple_of: int | None = option(
+        16,
+        "pad token lengths to a multiple of this (None: to the longest text); a few distinct shapes, because the "
+        "bf16 CPU kernels are built and cached per shape and exact lengths grew memory every step",
+        range=">=1",
+    )
+    max_example_num_per_dataset: int = option(100_000_000, "cap on records read from each file", range=">=1")
+    query_instruction_for_retrieval: str | None = option(
+        None, "prepended to queries (and answers); None adds nothing"
+    )
+    query_instruction_format: str = option("{}{}", "how instruction and query are joined")
+    passage_instruction_for_retrieval: str | None = option(None, "prepended to passages; None adds nothing")
+    passage_instruction_format: str = option("{}{}", "")
+    answer_prefix: str = option(ANSWER_PREFIX, "before each answer, as at inference (SPEC 5)")
+    knowledge_distillation: bool = option(False, "use pos_scores / neg_scores from the data")
+    shuffle_ratio: float = option(
+        0.0, "probability of shuffling a positive's text chunks (upstream augmentation)", range="[0, 1]"
+    )
+    same_dataset_within_batch: bool = option(False, "every batch drawn from one file")
+    small_threshold: int = option(
+        0, "files in one folder smaller than this are merged into one dataset", range=">=0"
+    )
+    drop_threshold: int = option(0, "a merged small dataset smaller than this is dropped", range=">=0")
+    answer_inbatch: bool = option(False, "add `neg_answer` passages as extra answer candidates (upstream)")
+    eval_data: str | None = option(None, "BEIR-layout folder scored every eval_steps during training")
+    eval_split: str = option("test", "split of eval_data")
+    eval_name: str | None = option(None, "metric prefix: eval_<name>_ndcg@10 (default: folder name)")
+    eval_max_queries: int | None = option(None, "score at most this many eval queries (speed)", range=">=1")
 
     def __post_init__(self):
         if self.train_group_size < 1:
@@ -129,27 +143,27 @@ class DataArguments:
 
 @dataclass
 class ObjectiveArguments:
-    RANGES: ClassVar[dict[str, str]] = {
-        "temperature": ">0", "answer_temperature": ">0", "teacher_temperature": ">0", "qp_weight": ">=0",
-        "qa_weight": ">=0", "ap_weight": ">=0", "norm_weight": ">=0", "kd_weight": ">=0", "pos_score_shrink": ">=0",
-    }  # fmt: skip
-    training_type: str = "retrieval_answer"  # retrieval | retrieval_answer | retrieval_answer_passage
-    temperature: float = 0.02  # tau of L_qp and L_ap
-    answer_temperature: float = 0.05  # tau of L_qa
-    normalize_answer: bool = True  # add L_norm = mean (||a|| - 1)^2
-    qp_weight: float = 1.0  # weight of L_qp
-    qa_weight: float = 1.0  # weight of L_qa
-    ap_weight: float = 0.25  # weight of L_ap (upstream hard-codes 0.25)
-    norm_weight: float = 1.0  # weight of L_norm
-    kd_weight: float = 1.0  # weight of L_kd
-    kd_loss_type: str = "kl_div"  # kl_div | m3_kd_loss | m3_kd_loss_weighted
-    teacher_temperature: float = 1.0  # teacher probs = softmax(scores / teacher_temperature) (kl_div)
-    pos_score_shrink: float = (
-        0.2  # upstream: a positive scored above every negative moves this far toward the best negative
+    training_type: str = option("retrieval_answer", "retrieval | retrieval_answer | retrieval_answer_passage")
+    temperature: float = option(0.02, "tau of L_qp and L_ap", range=">0")
+    answer_temperature: float = option(0.05, "tau of L_qa", range=">0")
+    normalize_answer: bool = option(True, "add L_norm = mean (||a|| - 1)^2")
+    qp_weight: float = option(1.0, "weight of L_qp", range=">=0")
+    qa_weight: float = option(1.0, "weight of L_qa", range=">=0")
+    ap_weight: float = option(0.25, "weight of L_ap (upstream hard-codes 0.25)", range=">=0")
+    norm_weight: float = option(1.0, "weight of L_norm", range=">=0")
+    kd_weight: float = option(1.0, "weight of L_kd", range=">=0")
+    kd_loss_type: str = option("kl_div", "kl_div | m3_kd_loss | m3_kd_loss_weighted")
+    teacher_temperature: float = option(
+        1.0, "teacher probs = softmax(scores / teacher_temperature) (kl_div)", range=">0"
     )
-    negatives_cross_device: bool = False  # share passages and answers across processes
-    use_in_batch_negatives: bool = (
-        True  # False: every query sees only its own group (also: `no_in_batch_neg` files)
+    pos_score_shrink: float = option(
+        0.2,
+        "upstream: a positive scored above every negative moves this far toward the best negative",
+        range=">=0",
+    )
+    negatives_cross_device: bool = option(False, "share passages and answers across processes")
+    use_in_batch_negatives: bool = option(
+        True, "False: every query sees only its own group (also: `no_in_batch_neg` files)"
     )
 
     def __post_init__(self):
@@ -186,36 +200,20 @@ def _close(value: str, choices: tuple[str, ...]) -> str:
 class RIRTrainingArguments(TrainingArguments):
     """``transformers.TrainingArguments`` plus the run-control keys of upstream launches."""
 
-    RANGES: ClassVar[dict[str, str]] = {  # TrainingArguments' numbers; 0 never means "off" unless upstream says so
-        "per_device_train_batch_size": ">=1", "per_device_eval_batch_size": ">=1", "num_train_epochs": ">0",
-        "max_steps": "-1 | >=1", "learning_rate": ">0", "warmup_steps": ">=0", "warmup_ratio": "[0, 1)",
-        "weight_decay": ">=0", "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_epsilon": ">0",
-        "gradient_accumulation_steps": ">=1", "max_grad_norm": ">=0", "label_smoothing_factor": "[0, 1)",
-        "neftune_noise_alpha": ">0", "torch_empty_cache_steps": ">=1", "logging_steps": ">0", "eval_steps": ">0",
-        "eval_delay": ">=0", "eval_accumulation_steps": ">=1", "save_steps": ">0", "save_total_limit": ">=1",
-        "seed": ">=0", "data_seed": ">=0", "dataloader_num_workers": ">=0", "dataloader_prefetch_factor": ">=1",
-        "ddp_bucket_cap_mb": ">=1", "ddp_timeout": ">=1", "local_rank": ">=-1",
-    }  # fmt: skip
+    INHERITED_RANGES: ClassVar[dict[str, str]] = TRAINER_RANGES
 
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "allow training into a non-empty output_dir (its checkpoints are kept)"},
+    overwrite_output_dir: bool = option(
+        False, "allow training into a non-empty output_dir (its checkpoints are kept)"
     )
-    dataloader_num_workers: int = field(
-        default=1,
-        metadata={"help": "tokenisation runs in this many worker processes, off the training thread"},
+    dataloader_num_workers: int = option(
+        1, "tokenisation runs in this many worker processes, off the training thread", range=">=0"
     )
-    warmup_ratio: float | None = field(
-        default=None,
-        metadata={"help": "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)"},
+    warmup_ratio: float | None = option(
+        None, "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)", range="[0, 1)"
     )
-    bf16: bool | str = field(
-        default=False,
-        metadata={
-            "help": "bf16 mixed precision (autocast; embeddings, scores and losses stay fp32); auto: on where the "
-            "device computes bf16 natively (CPUs with AVX512-BF16, AMX or Arm BF16; GPUs from Ampere on), "
-            "off elsewhere and with fp16"
-        },
+    bf16: bool | str = option(
+        False,
+        "bf16 mixed precision (autocast; embeddings, scores and losses stay fp32); auto: on where the device computes bf16 natively (CPUs with AVX512-BF16, AMX or Arm BF16; GPUs from Ampere on), off elsewhere and with fp16",
     )
 
     def __post_init__(self):

@@ -8,16 +8,16 @@ function (``_supports_attention_backend``, e.g. BERT, MiniLM, RoBERTa-style enco
   through transformers' own SDPA function (flash / memory-efficient kernels; on CPU the flash kernel).
 - CPU training with attention dropout: torch's SDPA has no CPU kernel with dropout and falls back to its math path,
   which keeps four (B, H, L, L) fp32 tensors per layer for the backward (scores, probabilities, the dropout mask and
-  the dropped probabilities: 576 MiB per layer for 64 passages of 256 tokens, 60 % of MiniLM's activations) and
+  the dropped probabilities: most of MiniLM's activations at 256 tokens) and
   draws the mask through a float ``bernoulli_``. Here the keep mask is drawn once as bool (1 byte per score) and
   the rest of the attention core is recomputed in the backward from q, k, v and that mask
-  (``torch.utils.checkpoint``): the same function (softmax(q k^T / sqrt(d) + mask) * keep / (1 - p)) v,
-  48 MiB per layer instead of 576.
+  (``torch.utils.checkpoint``): the same function (softmax(q k^T / sqrt(d) + mask) * keep / (1 - p)) v, keeping
+  one byte per score instead of four fp32 tensors.
 - The keep mask comes from 16-bit slices of 64-bit random words (:func:`rir_finetune.training.dropout.keep_mask`):
   a quarter of the generator calls of ``bernoulli_``; the dropout rate is rounded to a multiple of 1/65536.
 - Under bf16 autocast the softmax runs in bf16 (computed in fp32 inside the kernel, rounded once on output, as
-  the fp32 softmax followed by a cast to bf16 was): its backward reads and writes half the bytes; forward +
-  backward 3.2x faster on (64, 12, 256, 256) scores. fp16 keeps an fp32 softmax.
+  the fp32 softmax followed by a cast to bf16 was): its backward reads and writes half the bytes
+  (benchmarks/README.md has the speed-up). fp16 keeps an fp32 softmax.
 
 The saved model does not depend on this: the attention implementation is not written to ``config.json``.
 """

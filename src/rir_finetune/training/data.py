@@ -16,8 +16,8 @@ from typing import Any
 import datasets
 
 from rir_finetune.errors import UserError, located
-from rir_finetune.evaluation.answers import with_answer_prefix
 from rir_finetune.files import iter_jsonl
+from rir_finetune.retrieval.data import with_answer_prefix
 from rir_finetune.training.arguments import DataArguments
 
 DATA_SUFFIXES = (".jsonl", ".json")

@@ -82,11 +82,18 @@ class BiEncoder(nn.Module):
         normalize: bool,
         sub_batch_size: int | None = None,
         attn_implementation: str | None = "auto",
+        config_name: str | None = None,
         **hf_kwargs,
     ) -> BiEncoder:
         """``attn_implementation``: ``auto`` (``rir_sdpa`` of :mod:`.attention` where the model accepts it, else
         transformers' default; with the CPU dropout of :mod:`.dropout`), None (transformers' default) or any name transformers knows (sdpa, eager, ...)."""
         try:
+            if (
+                config_name
+            ):  # the architecture from another folder (upstream's config_name), weights from path
+                from transformers import AutoConfig
+
+                hf_kwargs["config"] = AutoConfig.from_pretrained(config_name, **hf_kwargs)
             backbone = load_backbone(path, attn_implementation, **hf_kwargs)
         except OSError as e:
             raise UserError(

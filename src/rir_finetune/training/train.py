@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from pathlib import Path
 
 import yaml
 
-from rir_finetune import guards
-from rir_finetune.config import build_configs, to_dict
+from rir_finetune import files, lifecycle
+from rir_finetune.config import load_config, to_dict
 from rir_finetune.errors import UserError
+from rir_finetune.retrieval import model_folder
 from rir_finetune.training import distributed
 from rir_finetune.training.arguments import (
     CONFIG_CLASSES,
@@ -32,83 +31,79 @@ from rir_finetune.training.arguments import (
 
 logger = logging.getLogger("rir_finetune")
 
-RESOLVED_CONFIG = "rir_config.yaml"
+RESOLVED_CONFIG = lifecycle.RESOLVED_CONFIG
+
+# keys that may change when a run resumes: how long, how often to save / log / evaluate, where output goes
+RESUME_MAY_CHANGE = {
+    "resume_from_checkpoint", "overwrite_output_dir", "output_dir", "max_steps", "num_train_epochs",
+    "cache_dir", "cache_path", "token", "trust_remote_code", "eval_data", "eval_split", "eval_name",
+    "eval_max_queries",
+}  # fmt: skip
+# TrainingArguments keys that define the optimisation a checkpoint continues
+RESUME_MUST_MATCH = {
+    "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "weight_decay",
+    "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "optim", "optim_args", "seed", "data_seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "fp16", "bf16", "dataloader_drop_last",
+}  # fmt: skip
 
 
 def load_configs(
     config_file: str | None, overrides: list[str] | dict
 ) -> tuple[ModelArguments, DataArguments, ObjectiveArguments, RIRTrainingArguments]:
-    model_args, data_args, obj_args, train_args = build_configs(list(CONFIG_CLASSES), config_file, overrides)
+    model_args, data_args, obj_args, train_args = load_config(list(CONFIG_CLASSES), config_file, overrides)
     return model_args, data_args, obj_args, train_args
 
 
-def resolve_resume(train_args: RIRTrainingArguments) -> str | None:
-    """``resume_from_checkpoint``: a path, ``auto`` (latest checkpoint in output_dir, if any) or None.
+def _is_local(path: str | None) -> bool:
+    return bool(path) and (Path(path).exists() or Path(path).is_absolute() or str(path).startswith("."))
 
-    Refuses a non-empty output_dir unless resuming or ``overwrite_output_dir`` is set.
+
+def check_training_start(model_args, data_args, train_args) -> None:
+    """Before ``train`` reads data or writes anything: the output folder, the model folder, the lengths.
+
+    - ``output_dir`` is never the base model, tokenizer, data or eval folder (nor holds one), never a file;
+    - ``resume_from_checkpoint auto`` only in a folder that is empty, absent, or holds an earlier run of ours:
+      it never turns someone's folder into a training folder;
+    - a local model folder has config.json, tokenizer files and readable weights;
+    - ``query_max_len`` / ``passage_max_len`` / ``answer_max_len`` fit the model's position table.
     """
-    out = Path(train_args.output_dir)
-    resume = train_args.resume_from_checkpoint
-    auto = resume is not None and str(resume).lower() in {"auto", "latest", "true"}
-    if auto:
-        resume = latest_complete_checkpoint(out)
-        if resume is None:
-            logger.info(
-                "resume_from_checkpoint auto: no complete checkpoint in %s, starting from scratch", out
-            )
-    elif resume is not None and not Path(resume).is_dir():
-        raise UserError(f"config key 'resume_from_checkpoint': {resume} is not a checkpoint folder")
-    if (
-        resume is None
-        and not auto
-        and out.is_dir()
-        and any(out.iterdir())
-        and not train_args.overwrite_output_dir
+    model = model_args.model_name_or_path
+    tokenizer = model_args.tokenizer_name
+    reads = [model, tokenizer, model_args.config_name, *(data_args.train_data or []), data_args.eval_data]
+    out = files.check_output_dir(
+        train_args.output_dir, key="output_dir", reads=[p for p in reads if _is_local(p)]
+    )
+    if lifecycle.is_auto(train_args.resume_from_checkpoint) and not lifecycle.holds_a_run(
+        out, {RESOLVED_CONFIG}
     ):
-        only_ours = {p.name for p in out.iterdir()} <= {RESOLVED_CONFIG, guards.LOCK_NAME}
-        if not only_ours:
-            raise UserError(
-                f"config key 'output_dir': {out} is not empty; resume with --resume_from_checkpoint auto, "
-                "or pass --overwrite_output_dir true, or choose another folder"
-            )
-    return resume
+        raise UserError(
+            f"config key 'output_dir': {out} holds files but no earlier run (no {RESOLVED_CONFIG}, no checkpoint-N); "
+            "resume_from_checkpoint auto would train over them. Choose an empty folder"
+        )
+    if _is_local(model):
+        model_folder.check_model_folder(model, key="model_name_or_path", need_tokenizer=not tokenizer)
+        if (
+            tokenizer
+            and _is_local(tokenizer)
+            and not any((Path(tokenizer) / f).is_file() for f in model_folder.TOKENIZER_FILES)
+        ):
+            raise UserError(f"config key 'tokenizer_name': {tokenizer} has no tokenizer files")
+        for key in ("query_max_len", "passage_max_len", "answer_max_len"):
+            model_folder.check_max_length(key, getattr(data_args, key, None), model_args.config_name or model)
 
 
-def checkpoint_is_complete(folder: Path) -> bool:
-    """The Trainer writes trainer_state.json last: a checkpoint is complete when it parses and weights exist."""
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return any(folder.glob("model*.safetensors"))
-
-
-def latest_complete_checkpoint(out: Path) -> str | None:
-    """Newest ``checkpoint-N`` in ``out`` that was written completely (a kill mid-save leaves an incomplete one)."""
-    if not out.is_dir():
-        return None
-    found = []
-    for p in out.iterdir():
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir():
-            found.append((int(m.group(1)), p))
-    for _, p in sorted(found, reverse=True):
-        if checkpoint_is_complete(p):
-            return str(p)
-        logger.warning("skipping incomplete checkpoint %s (interrupted while saving)", p)
-    return None
-
-
-def write_resolved_config(out: Path, parts: list) -> None:
-    resolved: dict = {}
+def check_resume_settings(parts: list, output_dir: str) -> None:
+    """A resumed run continues the checkpoint's run: the optimisation keys of TrainingArguments and every key of
+    ours except lengths, cadence and output keys must equal those recorded in the run's resolved config."""
+    new: dict = {}
+    defining: set[str] = set()
     for part in parts:
-        resolved.update(to_dict(part))
-    resolved.pop("token", None)
-    resolved.pop("hub_token", None)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (RESOLVED_CONFIG + ".tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(resolved, default=str)), sort_keys=False))
-    os.replace(tmp, out / RESOLVED_CONFIG)
+        values = to_dict(part)
+        new.update(values)
+        defining |= (
+            RESUME_MUST_MATCH if isinstance(part, RIRTrainingArguments) else set(values) - RESUME_MAY_CHANGE
+        )
+    lifecycle.check_resume_settings(Path(output_dir) / RESOLVED_CONFIG, new, defining)
 
 
 def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
@@ -123,11 +118,15 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     from rir_finetune.training.model import check_model_path
 
     check_model_path(model_args.model_name_or_path)
-    guards.check_training_start(model_args, data_args, train_args, bookkeeping={RESOLVED_CONFIG})  # issue 13
-    resume = resolve_resume(train_args)
-    if resume is not None:  # a resumed run continues the checkpoint's settings (issue 13)
-        parts = [model_args, data_args, obj_args, train_args]
-        guards.check_resume_settings(Path(train_args.output_dir) / RESOLVED_CONFIG, parts)
+    check_training_start(model_args, data_args, train_args)
+    resume = lifecycle.resolve_resume(
+        train_args.resume_from_checkpoint,
+        train_args.output_dir,
+        train_args.overwrite_output_dir,
+        {RESOLVED_CONFIG},
+    )
+    if resume is not None:  # a resumed run continues the checkpoint's settings
+        check_resume_settings([model_args, data_args, obj_args, train_args], train_args.output_dir)
 
     from rir_finetune.training.data import TrainDataset, load_train_data
 
@@ -159,6 +158,10 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
         raise UserError(
             "config keys 'gradient_cache' and 'deepspeed': gradient caching is not supported with DeepSpeed"
         )
+    if data_args.cache_path:
+        logger.warning(
+            "config key 'cache_path': ignored (training files are read in memory; nothing is cached)"
+        )
     if data_args.knowledge_distillation and data_args.train_group_size < 2:
         raise UserError("config key 'train_group_size': distillation needs at least 2 passages per query")
     from rir_finetune.training.objectives.compose import inert_terms
@@ -178,21 +181,21 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
         if line:
             logger.warning("%s", line)
 
-    # one run per output_dir; a refused run leaves the folder as it found it (guards.py, issue 13)
-    with guards.refused_run_cleanup(train_args.output_dir, ours={RESOLVED_CONFIG}):
+    # one run per output_dir; a refused run leaves the folder as it found it
+    with lifecycle.refused_run_cleanup(train_args.output_dir, ours={RESOLVED_CONFIG}):
         if train_args.process_index == 0:
-            guards.lock_folder(train_args.output_dir)
+            lifecycle.lock_folder(train_args.output_dir)
         try:
             return _train(model_args, data_args, obj_args, train_args, data, resume, TrainDataset, evaluator)
         finally:
-            guards.unlock_folder(train_args.output_dir)
+            lifecycle.unlock_folder(train_args.output_dir)
 
 
 def cosine_model_unnormalised_warning(model: str, normalize: bool) -> str | None:
     """A warning line when ``normalize_embeddings`` is false for a model folder that says it is scored by cosine
     similarity (a sentence-transformers ``Normalize`` module, or ``similarity_fn_name: cosine``): raw dot products
-    over the temperature then train a geometry the model was not made for. In the SciFact ablation this cost
-    all-MiniLM-L6-v2 0.054 nDCG@10 (benchmarks/README.md). Bare HF folders (contriever) say nothing and get none."""
+    over the temperature then train a geometry the model was not made for (the SciFact ablation in benchmarks/README.md
+    lost nDCG@10 this way). Bare HF folders (contriever) say nothing and get none."""
     root = Path(model)
     if normalize or not root.is_dir():
         return None
@@ -213,8 +216,8 @@ def cosine_model_unnormalised_warning(model: str, normalize: bool) -> str | None
         return None
     return (
         f"config key 'normalize_embeddings': false, but {model} is made for cosine similarity ({' and '.join(says)}"
-        "); trained on raw dot products it learns another geometry (the SciFact ablation lost 0.054 nDCG@10 this way"
-        " with all-MiniLM-L6-v2). Set normalize_embeddings true, unless you mean to train it for dot products"
+        "); trained on raw dot products it learns another geometry (all-MiniLM-L6-v2 lost nDCG@10 this way in the "
+        "SciFact ablation, benchmarks/README.md). Set normalize_embeddings true, unless you mean to train it for dot products"
     )
 
 
@@ -231,7 +234,10 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
     set_seed(train_args.seed)
     out = Path(train_args.output_dir)
     if train_args.process_index == 0:
-        write_resolved_config(out, [model_args, data_args, obj_args, train_args])
+        resolved = {
+            k: v for part in (model_args, data_args, obj_args, train_args) for k, v in to_dict(part).items()
+        }
+        lifecycle.write_resolved_config(out, resolved)
 
     hf = {"trust_remote_code": model_args.trust_remote_code, "cache_dir": model_args.cache_dir,
           "token": model_args.token}  # fmt: skip
@@ -242,6 +248,7 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         normalize=model_args.normalize_embeddings,
         sub_batch_size=model_args.sub_batch_size,
         attn_implementation=model_args.attn_implementation,
+        config_name=model_args.config_name,
         **hf,
     )
     model.pad_to_multiple_of = data_args.pad_to_multiple_of

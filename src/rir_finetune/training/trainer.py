@@ -102,14 +102,14 @@ class ReleaseFreedMemory(TrainerCallback):
 
     With the CPU allocator setting of :mod:`rir_finetune.cpu_memory` freed blocks stay in the heap for reuse, and
     blocks of varying sizes leave resident holes that a later step may not fit into: memory climbed over the steps.
-    A trim returns them, and the next step faults its working set in again, once. Two policies (main job's shapes,
-    bf16, one epoch of 50 steps; benchmarks/README.md):
+    A trim returns them, and the next step faults its working set in again, once. Two policies (their measured
+    peaks and times: benchmarks/README.md, "the trim policy"):
 
-    - ``every_step`` (with the gradient cache, whose point is bounded memory): peak 2.28 GiB, 277 s;
-      trimming only on growth instead: 2.53 GiB, 250 s (margin 128 MiB), 2.44 GiB and still climbing (32 MiB).
+    - ``every_step`` (with the gradient cache, whose point is bounded memory): trimming only on growth let the peak
+      climb over an epoch.
     - on growth (the plain step, chosen for speed): trim when a step ends with more resident memory than the step
       that set the reference, by more than ``margin``; the step after a trim sets the next reference. A steady run
-      never trims; every step trimmed made the plain step 4.75 s instead of 3.61 s at about the same peak.
+      never trims: a trim every step slowed the plain step by a third at about the same peak.
     """
 
     def __init__(self, every_step: bool = False, margin: int = 128 << 20):

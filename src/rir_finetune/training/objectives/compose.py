@@ -105,7 +105,7 @@ def compute_objectives(
 def inert_terms(
     model_args, data_args, cfg: ObjectiveArguments, batch_size: int, world_size: int = 1
 ) -> list[str]:
-    """One line per configured term that cannot change the model (issue 16), naming the key(s) and the fix.
+    """One line per configured term that cannot change the model, naming the key(s) and the fix.
 
     A term is inert when it is computed with a positive weight but is identically 0 (L_norm on normalised
     embeddings; an InfoNCE term whose softmax has a single candidate), or when its weight or temperature was set
@@ -175,8 +175,8 @@ def flat_teacher_warning(
 
     score_groups: per record, the teacher scores of its positive and negatives (G_i values). With cosine teachers
     (scores within a few hundredths of each other) and upstream's teacher_temperature 1, every target is almost
-    flat, and KL then pulls the student's softmax(s / temperature) toward a flat one: measured on SciFact, one epoch
-    with the MiniLM teacher lost 0.09 nDCG@10. Warns when the targets' mean top probability is below 1.5 / G."""
+    flat, and KL then pulls the student's softmax(s / temperature) toward a flat one (the SciFact ablation in
+    benchmarks/README.md lost nDCG@10 this way). Warns when the targets' mean top probability is below 1.5 / G."""
     import math
 
     ratios = []

@@ -1,0 +1,74 @@
+"""Fingerprints: what a round stage's result depends on, so that a rerun skips a stage exactly when nothing it
+reads has changed. Outside inputs (data, models, LLM files) are stamped by content, never by path or file times."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from rir_finetune.lifecycle import settings_fingerprint
+
+_CONTENT: dict[tuple[str, int, int, int], str] = {}  # (path, inode, size, mtime) -> digest, for one process
+
+
+def _content_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes, computed once per process for a given (path, inode, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _CONTENT:
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        _CONTENT[key] = h.hexdigest()
+    return _CONTENT[key]
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """The content of a file, or of every file under a folder (relative names and bytes), for data and LLM files.
+
+    Content, not size and modification time: a copied, re-synced or re-extracted data folder (new mtimes, same
+    bytes) must not make the round redo hours of LLM work, and an edit that keeps the size must be seen.
+    """
+    root = Path(path)
+    if not root.exists():
+        return "missing"
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        h.update(f"{p.relative_to(root) if p != root else p.name}:{_content_digest(p)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def model_stamp(path: str | None) -> str:
+    if not path:
+        return "none"
+    if path == "bm25":
+        return "bm25"
+    p = Path(path)
+    if p.is_dir():
+        from rir_finetune.retrieval.model_folder import model_fingerprint
+
+        return model_fingerprint(p)[:16]
+    return file_stamp(p)
+
+
+def data_stamp(data_dir: str, splits: list[str]) -> str:
+    root = Path(data_dir)
+    parts = [file_stamp(root / "corpus.jsonl"), file_stamp(root / "queries.jsonl")]
+    parts += [file_stamp(root / "qrels" / f"{s}.tsv") for s in splits]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def fingerprint(stage: Any, upstream: dict[str, str]) -> str:
+    """Changes when the stage's keys, an outside input or an upstream stage's fingerprint changes."""
+    body = {
+        "stage": stage.name,
+        "settings": stage.settings,
+        "extra": stage.extra,
+        "externals": stage.externals,
+        "upstream": {d: upstream.get(d, "") for d in stage.depends},
+    }
+    return settings_fingerprint(body, length=20)
