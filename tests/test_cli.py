@@ -64,3 +64,44 @@ def test_python_dash_m_entry_point_and_console_script(tmp_path):
         [sys.executable, "-m", "rir_finetune", "--help"], capture_output=True, text=True, timeout=120
     )
     assert r.returncode == 0 and "train" in r.stdout and "eval" in r.stdout
+
+
+def test_every_command_help_lists_every_key_with_type_default_and_help(capsys):
+    """`rir-finetune CMD --help` prints the key table from the command's config classes (the command table)."""
+    import dataclasses
+
+    from rir_finetune.commands import COMMANDS
+
+    for name, cmd in COMMANDS.items():
+        main([*name.split(), "--help"])  # returns: help is not an error
+        out = capsys.readouterr().out
+        assert out.startswith(f"Usage: rir-finetune {name}"), out[:200]
+        for cls in cmd.config_classes():
+            for f in dataclasses.fields(cls):
+                if f.init and not f.metadata.get("hidden"):
+                    assert f"  --{f.name} " in out, f"{name}: --{f.name} missing from --help"
+    main(["train", "--help"])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    row = lines.index("  --train_group_size int (default 8)")
+    assert lines[row + 1].strip() == "passages per query: 1 positive + (G-1) negatives [>=1]"
+    assert "  --learning_rate float (default 5e-05)" in out  # transformers' own fields, with their help
+    assert "  --token str? (default from the environment)" in out  # a secret's value is never printed
+    main(["data", "from-beir", "-h"])
+    assert capsys.readouterr().out.startswith("Usage: rir-finetune data from-beir DATA_DIR [--config FILE]")
+
+
+def test_our_keys_all_have_help():
+    """Every key rir-finetune declares (not the ones it inherits from transformers or TRL) says what it does."""
+    import dataclasses
+
+    from rir_finetune.commands import COMMANDS
+
+    missing = []
+    for name, cmd in COMMANDS.items():
+        for cls in cmd.config_classes():
+            for f in dataclasses.fields(cls):
+                owner = next(b for b in cls.__mro__ if f.name in vars(b).get("__annotations__", {}))
+                if f.init and owner.__module__.startswith("rir_finetune") and not f.metadata.get("help"):
+                    missing.append(f"{name}: {f.name}")
+    assert not missing, missing

@@ -447,7 +447,7 @@ def test_corpus_of_empty_passages_is_an_error(tmp_path):
 
 def test_generated_records_feed_mine_and_train(tmp_path):
     from rir_finetune.prep.mine import run_mine
-    from rir_finetune.training.data import read_jsonl
+    from rir_finetune.training.data import read_training_file
 
     generate(cfg_for(tmp_path, "--quality_check", "false"), ScriptedLLM())
     out = tmp_path / "out.jsonl"
@@ -459,7 +459,7 @@ def test_generated_records_feed_mine_and_train(tmp_path):
     for r in records:  # the source passage is the judged positive: never mined as a negative
         assert len(r["neg"]) == 3 and r["pos_ids"][0] not in r["neg_ids"] and r["pos"][0] not in r["neg"]
         assert r["generated"]["passage_id"] == r["pos_ids"][0]  # provenance kept through mine
-    rows = read_jsonl(mined, needs_answer=False, needs_scores=False)
+    rows = read_training_file(mined, needs_answer=False, needs_scores=False)
     assert [row["query"] for row in rows] == [r["query"] for r in records]
 
 

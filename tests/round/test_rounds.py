@@ -14,8 +14,9 @@ from round_fixtures import round_config
 
 from rir_finetune.errors import UserError
 from rir_finetune.round.config import load_round_config
+from rir_finetune.round.plan import Stage, build_stages
 from rir_finetune.round.run import plan, print_plan, run_round
-from rir_finetune.round.stages import GENERATOR_LLM_KEYS, REWARD_LLM_KEYS, Stage, build_stages
+from rir_finetune.round.stages import GENERATOR_LLM_KEYS, REWARD_LLM_KEYS
 
 # a few DPO steps that move a tiny random Llama
 GENERATOR = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
@@ -263,7 +264,7 @@ def test_reward_subset_and_inherited_keys(tmp_path, tiny_bert_dir, tiny_causal_l
 
 
 def test_no_pairs_stops_with_one_line(tmp_path):
-    from rir_finetune.round.runners import run_train_generator
+    from rir_finetune.round.stages import run_train_generator
 
     pairs = tmp_path / "reward" / "pairs.jsonl"
     pairs.parent.mkdir()

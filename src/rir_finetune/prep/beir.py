@@ -46,6 +46,11 @@ def load_corpus(data_dir: str | Path) -> tuple[list[str], list[str]]:
     path = Path(data_dir) / "corpus.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: not found (a BEIR corpus folder holds corpus.jsonl)")
+    return _corpus_file(path)
+
+
+def _corpus_file(path: Path) -> tuple[list[str], list[str]]:
+    """Doc ids and texts of a JSONL corpus file (``_id`` or ``id``, ``title``, ``text``), in file order."""
     corpus: dict[str, dict[str, str]] = {}
     for line_no, obj in files.iter_jsonl(path):
         doc_id = obj.get("_id", obj.get("id"))
@@ -256,17 +261,7 @@ def read_corpus(path: str | Path) -> tuple[list[str], list[str], Path]:
         return ids, texts, path / "corpus.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: corpus not found (a BEIR folder with corpus.jsonl, or a JSONL file)")
-    corpus: dict[str, dict[str, str]] = {}
-    for line_no, obj in files.iter_jsonl(path):
-        doc_id = obj.get("_id", obj.get("id"))
-        if doc_id is None or not isinstance(obj.get("text"), str):
-            raise located(path, line_no, "expected '_id' (or 'id') and 'text' fields")
-        if str(doc_id) in corpus:
-            raise located(path, line_no, f"duplicate id {str(doc_id)!r}")
-        corpus[str(doc_id)] = {"title": str(obj.get("title") or ""), "text": obj["text"]}
-    if not corpus:
-        raise UserError(f"{path}: the corpus is empty")
-    ids, texts = RetrievalDataset(corpus, {}, {}).corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
+    ids, texts = _corpus_file(path)
     return ids, texts, path
 
 

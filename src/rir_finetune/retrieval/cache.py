@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from rir_finetune.files import atomic_write
+from rir_finetune.lifecycle import settings_fingerprint
 from rir_finetune.retrieval.model_folder import EncoderSettings
 
 CACHE_VERSION = 1  # bump when the encoder's numerics change
@@ -58,7 +59,7 @@ def cache_key(
     }
     if dtype != "float32":
         described["dtype"] = dtype
-    key = hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()[:32]
+    key = settings_fingerprint(described, length=32)
     return key, described
 
 

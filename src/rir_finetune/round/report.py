@@ -8,7 +8,7 @@ from typing import Any
 
 from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig
-from rir_finetune.round.stages import Stage
+from rir_finetune.round.plan import Stage
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
 

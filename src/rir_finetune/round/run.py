@@ -32,7 +32,8 @@ from rir_finetune.config import check_values
 from rir_finetune.errors import UserError
 from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig, load_round_config
-from rir_finetune.round.stages import KINDS, Stage, build_stages, round_note
+from rir_finetune.round.plan import Stage, build_stages, round_note
+from rir_finetune.round.stages import KINDS
 from rir_finetune.round.stamps import fingerprint
 
 MARKER = "stage.json"

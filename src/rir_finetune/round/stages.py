@@ -12,51 +12,32 @@ r >= 2 under ``OUTPUT_DIR/round_<r>/<stage>/``. Every round but the last ends wi
 DPO generator (a transformers folder) and trains its retriever from round r-1's trained one. Training records from
 ``queries`` are the same in every round, so only round 1 has that stage and later rounds read its output.
 
-To add a stage: write its builder (and, if the command alone does not do it, a runner) below and add one
-:class:`StageKind` to :data:`KINDS`, in pipeline order.
+To add a stage: write its builder (and, if the command alone does not run it, a runner) in this file and add one
+:class:`StageKind` to :data:`KINDS`, in pipeline order. The round's sections, plan, key validation and markers
+follow from that entry (:mod:`.plan` builds the stages of every round from the table).
 """
 
 from __future__ import annotations
 
-import copy
+import json
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from rir_finetune.commands import COMMANDS
 from rir_finetune.config import ConfigFile
 from rir_finetune.errors import UserError
+from rir_finetune.files import atomic_write, iter_jsonl
 from rir_finetune.llm.common import BackendSettings
 from rir_finetune.llm.prompts import AnswerPromptKeys
-from rir_finetune.round import runners
 from rir_finetune.round.stamps import data_stamp, file_stamp, model_stamp
 
-if TYPE_CHECKING:  # the round's config names the stages of this table
-    from rir_finetune.round.config import RoundConfig
-
-
-@dataclass
-class Stage:
-    name: str  # the stage kind (queries, augment, ..., reward, train_generator)
-    command: str  # what a user would run by hand
-    folder: Path
-    outputs: list[Path]  # all present (and the marker says done) = complete
-    settings: dict[str, Any]  # the command's resolved keys (written to config.yaml)
-    depends: list[str]  # keys of the stages whose outputs it reads
-    externals: dict[str, str] = field(default_factory=dict)  # outside inputs -> their fingerprints
-    extra: dict[str, Any] = field(default_factory=dict)  # stage-specific wiring the runner needs
-    round: int = 1  # which round (1-based)
-    key: str = ""  # unique id: the name in round 1, "<r>.<name>" later (fingerprints chain on it)
-    label: str = ""  # what the plan and the log call it: the name with one round, "<r>.<name>" with several
-    note: str = ""  # shown after the plan line (not part of the fingerprint)
-    base_where: dict[str, str] = field(
-        default_factory=dict
-    )  # keys from the section's `config:` file -> file:line
-
-    def __post_init__(self):
-        self.key = self.key or (self.name if self.round == 1 else f"{self.round}.{self.name}")
-        self.label = self.label or self.key
-
+if TYPE_CHECKING:  # the plan builds rounds from this table
+    from rir_finetune.round.plan import Round, Stage
 
 # keys that reward takes from the shared llm keys and the augment section, so that it samples with the prompts
 # and backend that augment uses (sampling keys are reward's own: upstream samples at 0.9 / 0.9 whatever augment does)
@@ -70,73 +51,6 @@ GENERATOR_LLM_KEYS = ("model", "gguf_file", "use_chat_template", "system_prompt"
 # keys that name the round-1 generator's location or service; a later round's generator is a local folder
 _REMOTE_KEYS = ("gguf_file", "api_base", "api_key_env", "api_timeout", "api_max_retries", "api_concurrency",
                 "api_extra_body")  # fmt: skip
-
-
-@dataclass
-class Previous:
-    """What round r takes from round r-1."""
-
-    generator: Stage | None  # round r-1's train_generator
-    retriever: Stage | None  # round r-1's train
-    queries: Stage | None  # round 1's queries (shared by every round)
-
-
-@dataclass
-class Round:
-    """One round being built: the config, what came before, and the stages so far."""
-
-    cfg: RoundConfig
-    number: int
-    prev: Previous | None
-    out_dir: Path
-    stages: list[Stage] = field(default_factory=list)
-    records: tuple[str, Path] | None = None  # (stage key, file) holding the current training records
-    origin: tuple[str, Path] | None = None  # the round's first records: query + positive, before any stage
-
-    def need(self, key: str, why: str) -> str:
-        value = getattr(self.cfg, key)
-        if not value:
-            raise UserError(f"config key {key!r}: required ({why})")
-        return value
-
-    def get(self, name: str) -> Stage | None:
-        return next((s for s in self.stages if s.name == name), None)
-
-    def need_records(self, name: str) -> tuple[str, Path]:
-        if self.records is None:
-            raise UserError(f"stage {name!r} needs training records: add the 'queries' or 'generate' stage")
-        return self.records
-
-    @property
-    def new_generator(self) -> Stage | None:
-        """Round r-1's DPO generator, which writes this round's text (None in round 1)."""
-        return self.prev.generator if self.prev is not None else None
-
-    @property
-    def gen_dep(self) -> list[str]:
-        return [self.new_generator.key] if self.new_generator is not None else []
-
-    @property
-    def note(self) -> str:
-        g = self.new_generator
-        return f"answers by round {g.round}'s DPO generator, backend transformers" if g is not None else ""
-
-    def llm(self, section: dict[str, Any]) -> dict[str, Any]:
-        """The LLM keys of an answer-writing stage: the shared keys under the section's, and from round 2 on the
-        previous round's DPO generator (a transformers folder) whatever backend and model the config named."""
-        keys = {**self.cfg.llm, **section}
-        if self.new_generator is not None:
-            for k in _REMOTE_KEYS:
-                keys.pop(k, None)
-            keys.update(backend="transformers", model=str(self.new_generator.outputs[0].parent))
-        return keys
-
-    def llm_stamp(self, settings: dict[str, Any]) -> dict[str, str]:
-        """The generator as an outside input (round 1); a later round's comes from a stage it depends on."""
-        return {} if self.new_generator is not None else {"llm": model_stamp(settings.get("model"))}
-
-    def make(self, name: str, *args: Any, **kwargs: Any) -> Stage:
-        return Stage(name, f"rir-finetune {KINDS[name].command}", *args, **kwargs, round=self.number)
 
 
 def _base(sec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -300,6 +214,118 @@ def _train_generator(r: Round, sec: dict[str, Any], f: Path) -> Stage:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Runners: (stage, its config.yaml, resume) -> what its marker records for the report
+
+
+def limit_lines(src: Path, dst: Path, keep: Callable[[int, dict[str, Any]], bool]) -> int:
+    """Copy the JSONL records of ``src`` that ``keep(n, record)`` accepts into ``dst`` atomically; return the count."""
+    kept = [
+        json.dumps(rec, ensure_ascii=False) + "\n"
+        for n, (_, rec) in enumerate(iter_jsonl(src))
+        if keep(n, rec)
+    ]
+    atomic_write(dst, lambda out: out.writelines(kept))
+    return len(kept)
+
+
+def run_command(command: str, path: Path) -> dict[str, Any]:
+    """``command`` with the stage's written keys; its counts go to the report."""
+    result = COMMANDS[command].run(str(path), [])
+    return {"counts": result} if isinstance(result, dict) else {}
+
+
+def run_queries(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    COMMANDS["data from-beir"].run(str(path), [])
+    limit = stage.extra.get("limit")
+    n = limit_lines(Path(stage.settings["out"]), stage.outputs[0], lambda i, _: limit is None or i < limit)
+    return {"records": n}
+
+
+def run_test_answers(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    """Answers for the evaluated queries: the split's judged queries (the first ``limit``), then augment."""
+    from rir_finetune.prep.beir import FromBeirConfig, from_beir
+    from rir_finetune.retrieval.data import load_beir
+
+    everything = stage.folder / "queries_all.jsonl"
+    from_beir(FromBeirConfig(data_dir=stage.extra["data"], split=stage.extra["split"], out=str(everything)))
+    qids = set(
+        load_beir(stage.extra["data"], stage.extra["split"]).limit_queries(stage.extra["limit"]).queries
+    )
+    limit_lines(everything, Path(stage.settings["input"]), lambda _, r: str(r.get("qid")) in qids)
+    return run_command("augment", path)
+
+
+def run_reward(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    limit = stage.extra.get("limit")
+    if limit:
+        limit_lines(Path(stage.extra["source"]), Path(stage.settings["input"]), lambda i, _: i < limit)
+    return run_command("reward", path)
+
+
+def run_train(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    """``train`` in this process, or through the round's launcher (``torchrun --nproc_per_node 8``)."""
+    overrides = {"resume_from_checkpoint": "auto"} if resume and (stage.folder / "model").exists() else {}
+    launcher = stage.extra.get("launcher")
+    if not launcher:
+        COMMANDS["train"].run(str(path), overrides)
+        return {}
+    cmd = [*shlex.split(launcher), "-m", "rir_finetune", "train", "--config", str(path)]
+    cmd += [a for k, v in overrides.items() for a in (f"--{k}", str(v))]
+    print(f"round: train: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    code = subprocess.run(cmd).returncode
+    if code != 0:
+        raise UserError(
+            f"stage 'train': `{shlex.join(cmd)}` exited with {code}; rerun the round to resume it"
+        )
+    return {}
+
+
+def run_train_generator(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    pairs = Path(stage.settings["data"])
+    if pairs.is_file() and not pairs.read_text(encoding="utf-8").strip():
+        raise UserError(
+            f"stage {stage.label!r}: reward kept no preference pairs ({pairs} is empty; its counts are in "
+            f"{pairs.parent / 'stage.json'}); loosen reward.threshold, sample more (reward.samples_per_query) or "
+            "set reward.require_beats_query false"
+        )
+    out = Path(stage.settings["output_dir"])
+    overrides = {"resume_from_checkpoint": "auto"} if resume and out.exists() else {}
+    COMMANDS["train-generator"].run(str(path), overrides)
+    try:
+        state = json.loads((out / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    logs = [h for h in state.get("log_history", []) if "rewards/margins" in h]
+    result: dict[str, Any] = {"steps": state.get("global_step")}
+    if logs:
+        for key in ("rewards/margins", "rewards/accuracies"):
+            result[key.split("/")[1]] = [logs[0][key], logs[-1][key]]  # first and last logged step
+    return result
+
+
+def run_eval(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
+    """Every model (base, trained) in every mode (query, answer, fused at each alpha); the summary for the report."""
+    from rir_finetune.config import load_config
+    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
+
+    summary: dict[str, dict[str, float]] = {}
+    for model_name, model_dir in stage.extra["models"].items():
+        for label, mode, alpha in stage.extra["modes"]:
+            keys = {**stage.settings, "model": model_dir, "mode": mode,
+                    "output_dir": str(stage.folder / model_name / label)}  # fmt: skip
+            if mode != "query":
+                keys["answers"] = stage.extra["answers"]
+            if alpha is not None:
+                keys["alpha"] = alpha
+            print(f"round eval: {model_name} model, {label} mode", file=sys.stderr, flush=True)
+            metrics = evaluate_folder(load_config(EvalArguments, None, keys))
+            summary[f"{model_name}/{label}"] = {k: float(v) for k, v in metrics.items()}
+    text = json.dumps(summary, indent=2) + "\n"
+    atomic_write(stage.outputs[0], lambda f: f.write(text))
+    return {"summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # The table of stages
 
 
@@ -318,26 +344,26 @@ class StageKind:
 
     def execute(self, stage: Stage, path: Path, resume: bool) -> dict[str, Any]:
         """Run ``stage`` with its keys written to ``path``; returns what its marker records for the report."""
-        return self.run(stage, path, resume) if self.run else runners.run_command(self.command, path)
+        return self.run(stage, path, resume) if self.run else run_command(self.command, path)
 
 
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
         StageKind("generate", "generate", _generate, records=True, origin=True, llm=True),
-        StageKind("queries", "data from-beir", _queries, runners.run_queries, records=True, origin=True),
+        StageKind("queries", "data from-beir", _queries, run_queries, records=True, origin=True),
         StageKind("augment", "augment", _augment, records=True, llm=True),
         StageKind("mine", "mine", _mine, records=True),
         StageKind("score", "score", _score, records=True),
-        StageKind("train", "train", _train, runners.run_train),
-        StageKind("test_answers", "augment", _test_answers, runners.run_test_answers, llm=True),
-        StageKind("eval", "eval", _eval, runners.run_eval),
-        StageKind("reward", "reward", _reward, runners.run_reward, llm=True, generator=True),
+        StageKind("train", "train", _train, run_train),
+        StageKind("test_answers", "augment", _test_answers, run_test_answers, llm=True),
+        StageKind("eval", "eval", _eval, run_eval),
+        StageKind("reward", "reward", _reward, run_reward, llm=True, generator=True),
         StageKind(
             "train_generator",
             "train-generator",
             _train_generator,
-            runners.run_train_generator,
+            run_train_generator,
             llm=True,
             generator=True,
         ),  # fmt: skip
@@ -346,103 +372,3 @@ KINDS: dict[str, StageKind] = {
 PIPELINE = tuple(n for n, k in KINDS.items() if not k.generator)  # stage order within a round
 GENERATOR_STAGES = tuple(n for n, k in KINDS.items() if k.generator)
 SECTIONS = tuple(KINDS)
-
-
-def default_stages(cfg: RoundConfig) -> list[str]:
-    """Pipeline stages that run when the config does not list them: those its sections and keys ask for."""
-    names = ["generate"] if "generate" in cfg.sections else ["queries"]
-    uses_llm = bool(cfg.llm) or "augment" in cfg.sections
-    if uses_llm:
-        names.append("augment")
-    names.append("mine")
-    if "score" in cfg.sections:
-        names.append("score")
-    names.append("train")
-    if uses_llm:
-        names.append("test_answers")
-    names.append("eval")
-    return names
-
-
-def generator_stages(cfg: RoundConfig, round_no: int) -> list[str]:
-    """``reward`` / ``train_generator`` in round ``round_no``: always before the last round (the next round's answers
-    come from them); in the last round only when asked (``final_generator: true``; ``stages`` naming them; or,
-    with ``rounds: 1`` and no ``stages`` list, a ``reward`` or ``train_generator`` section)."""
-    if round_no < cfg.rounds:
-        return list(GENERATOR_STAGES)
-    if cfg.final_generator is not None:
-        return list(GENERATOR_STAGES) if cfg.final_generator else []
-    if cfg.stages is not None:
-        return [n for n in GENERATOR_STAGES if n in cfg.stages]
-    if cfg.rounds == 1:
-        if "train_generator" in cfg.sections:
-            return list(GENERATOR_STAGES)
-        if "reward" in cfg.sections:
-            return ["reward"]
-    return []
-
-
-def _build_round(cfg: RoundConfig, number: int, prev: Previous | None) -> list[Stage]:
-    """One round's stages in order, each with its resolved settings and wiring."""
-    names = cfg.stages if cfg.stages is not None else default_stages(cfg)
-    names = [n for n in PIPELINE if n in names]
-    if prev is not None:
-        names = [n for n in names if n != "queries"]  # the same records every round: round 1's
-    names += generator_stages(cfg, number)
-    r = Round(cfg, number, prev, Path(cfg.output_dir) / (f"round_{number}" if number > 1 else ""))
-    if prev is not None and prev.queries is not None and "generate" not in names:
-        r.records = r.origin = (prev.queries.key, prev.queries.outputs[0])
-    for name in names:
-        kind = KINDS[name]
-        stage = kind.build(r, copy.deepcopy(cfg.sections.get(name, {})), r.out_dir / name)
-        if cfg.rounds > 1:
-            stage.label = f"{number}.{name}"
-        r.stages.append(stage)
-        if kind.records:
-            r.records = (stage.key, stage.outputs[0])
-        if kind.origin:
-            r.origin = r.records
-    return r.stages
-
-
-def build_stages(cfg: RoundConfig) -> list[Stage]:
-    """Every round's stages in the order they run, each with its resolved settings and wiring."""
-    unknown = [n for n in cfg.sections if n not in KINDS]
-    if unknown:
-        raise UserError(f"config section {unknown[0]!r} is not a stage")
-    stages: list[Stage] = []
-    prev: Previous | None = None
-    queries: Stage | None = None
-    for number in range(1, cfg.rounds + 1):
-        this = _build_round(cfg, number, prev)
-        stages += this
-        by_name = {s.name: s for s in this}
-        queries = queries or by_name.get("queries")
-        if number < cfg.rounds:
-            retriever = by_name.get("train") or (prev.retriever if prev else None)
-            prev = Previous(by_name.get("train_generator"), retriever, queries)
-    return stages
-
-
-def round_note(cfg: RoundConfig, stages: list[Stage], round_no: int) -> str:
-    """One line per round for the plan: where its answers come from and where its retriever starts."""
-    mine = [s for s in stages if s.round == round_no]
-    llm = next((s for s in mine if s.name in {"augment", "test_answers", "generate", "reward"}), None)
-    train = next((s for s in mine if s.name == "train"), None)
-    if llm is not None:
-        backend = llm.settings.get("backend", "transformers")
-        model = llm.settings.get("model")
-        if round_no == 1:
-            answers = f"answers by {model} (backend {backend})"
-        else:
-            was = {**cfg.llm, **cfg.section("augment")}.get("backend", "transformers")
-            answers = f"answers by round {round_no - 1}'s DPO generator {model} (backend transformers"
-            answers += f", not the llm section's {was})" if was != "transformers" else ")"
-    else:
-        answers = "no answers"
-    start = (
-        f"train starts from {train.settings['model_name_or_path']}" if train is not None else "no training"
-    )
-    gen = [s.name for s in mine if s.name in GENERATOR_STAGES]
-    tail = ", then " + " + ".join(gen) if gen else ", no generator training"
-    return f"round {round_no}/{cfg.rounds}: {answers}; {start}{tail}"

@@ -39,9 +39,9 @@ class ModelArguments:
     )
     fix_position_embedding: bool = option(False, "freeze the position embeddings")
     use_lora: bool = option(False, "train LoRA adapters (peft) instead of every weight")
-    lora_rank: int = option(32, "", range=">=1")
-    lora_alpha: float = option(64.0, "", range=">0")
-    lora_dropout: float = option(0.1, "", range="[0, 1)")
+    lora_rank: int = option(32, "LoRA rank r (with use_lora)", range=">=1")
+    lora_alpha: float = option(64.0, "LoRA scaling alpha (with use_lora)", range=">0")
+    lora_dropout: float = option(0.1, "dropout on the LoRA path (with use_lora)", range="[0, 1)")
     lora_target_modules: list[str] | None = option(None, "None: peft's defaults for the architecture")
     gradient_cache: bool | None = option(
         None,
@@ -95,7 +95,7 @@ class DataArguments:
     )
     query_instruction_format: str = option("{}{}", "how instruction and query are joined")
     passage_instruction_for_retrieval: str | None = option(None, "prepended to passages; None adds nothing")
-    passage_instruction_format: str = option("{}{}", "")
+    passage_instruction_format: str = option("{}{}", "how instruction and passage are joined")
     answer_prefix: str = option(ANSWER_PREFIX, "before each answer, as at inference (SPEC 5)")
     knowledge_distillation: bool = option(False, "use pos_scores / neg_scores from the data")
     shuffle_ratio: float = option(

@@ -125,8 +125,8 @@ def validate_record(
     }  # fmt: skip
 
 
-def read_jsonl(path: Path, **checks: bool) -> list[dict[str, Any]]:
-    """Parse and validate every line of ``path``; blank lines are skipped."""
+def read_training_file(path: Path, **checks: bool) -> list[dict[str, Any]]:
+    """Every record of ``path`` (read by :func:`rir_finetune.files.iter_jsonl`), validated and normalised."""
     records = [validate_record(obj, path, line_no, **checks) for line_no, obj in iter_jsonl(path)]
     if not records:
         raise UserError(f"{path}: no records (empty file)")
@@ -160,7 +160,7 @@ def load_train_data(args: DataArguments, needs_answer: bool, seed: int) -> Train
     }
     per_file = []
     for i, f in enumerate(files):
-        recs = read_jsonl(f, **checks)
+        recs = read_training_file(f, **checks)
         if len(recs) > args.max_example_num_per_dataset:
             keep = sorted(
                 random.Random(f"{seed}-{i}-subset").sample(range(len(recs)), args.max_example_num_per_dataset)
