@@ -120,21 +120,8 @@ class GenerateConfig(BackendSettings):
     search_backend: str = option("auto", "auto (faiss when importable) | faiss | torch")
 
     def __post_init__(self):
-        if self.num_passages is not None and self.num_passages <= 0:
-            raise UserError("config key 'num_passages': must be a positive integer (leave it unset for all)")
-        for key in ("queries_per_passage", "batch_size", "max_new_tokens", "max_passage_chars",
-                    "consistency_top_k", "consistency_batch_size"):  # fmt: skip
-            if getattr(self, key) <= 0:
-                raise UserError(f"config key {key!r}: must be a positive integer")
-        for key in ("num_examples", "min_query_words", "max_query_words"):
-            if getattr(self, key) < 0:
-                raise UserError(f"config key {key!r}: must be 0 or more")
         if self.max_query_words and self.min_query_words > self.max_query_words:
             raise UserError("config keys 'min_query_words' > 'max_query_words': no query could pass")
-        if self.temperature < 0:
-            raise UserError("config key 'temperature': must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise UserError("config key 'top_p': must be in (0, 1]")
         super().__post_init__()
         self.query_task: QueryTask = resolve_task(
             self.task, self.task_description, self.query_type, self.passage_type, self.mission

@@ -63,10 +63,6 @@ class ModelArguments:
                 f"config key 'sentence_pooling_method': {self.sentence_pooling_method!r} is not one of "
                 f"{', '.join(POOLING_METHODS)}"
             )
-        if self.sub_batch_size is not None and self.sub_batch_size <= 0:
-            self.sub_batch_size = None
-        if self.gradient_cache_chunk_size <= 0:
-            raise UserError("config key 'gradient_cache_chunk_size': must be a positive integer")
 
 
 @dataclass
@@ -113,15 +109,8 @@ class DataArguments:
     eval_max_queries: int | None = option(None, "score at most this many eval queries (speed)", range=">=1")
 
     def __post_init__(self):
-        if self.train_group_size < 1:
-            raise UserError("config key 'train_group_size': must be at least 1")
-        for key in ("query_max_len", "passage_max_len"):
-            if getattr(self, key) < 1:
-                raise UserError(f"config key {key!r}: must be a positive integer")
         if self.answer_max_len is None:
             self.answer_max_len = self.query_max_len
-        if not 0.0 <= self.shuffle_ratio <= 1.0:
-            raise UserError("config key 'shuffle_ratio': must be between 0 and 1")
         for side in ("query", "passage"):
             key, fmt = f"{side}_instruction_format", getattr(self, f"{side}_instruction_format")
             if fmt.count("{}") != 2:
@@ -177,12 +166,6 @@ class ObjectiveArguments:
                 f"config key 'kd_loss_type': {self.kd_loss_type!r} is not one of {', '.join(KD_LOSS_TYPES)}"
                 + _close(self.kd_loss_type, KD_LOSS_TYPES)
             )
-        for key in ("temperature", "answer_temperature", "teacher_temperature"):
-            if not getattr(self, key) > 0:
-                raise UserError(f"config key {key!r}: must be greater than 0, got {getattr(self, key)}")
-        for key in ("qp_weight", "qa_weight", "ap_weight", "norm_weight", "kd_weight"):
-            if getattr(self, key) < 0:
-                raise UserError(f"config key {key!r}: must not be negative")
 
     @property
     def uses_answers(self) -> bool:
@@ -219,11 +202,8 @@ class RIRTrainingArguments(TrainingArguments):
     def __post_init__(self):
         if self.output_dir is None:
             raise UserError("config key 'output_dir': required (where checkpoints and the final model go)")
-        if self.warmup_ratio is not None:
-            if not 0 <= self.warmup_ratio < 1:
-                raise UserError("config key 'warmup_ratio': must be in [0, 1)")
-            if not self.warmup_steps:
-                self.warmup_steps = self.warmup_ratio
+        if self.warmup_ratio is not None and not self.warmup_steps:
+            self.warmup_steps = self.warmup_ratio
         # we log per-term losses ourselves and never need the `labels` column
         self.remove_unused_columns = False
         if self.ddp_find_unused_parameters is None:
