@@ -42,3 +42,47 @@ def test_auto_is_bf16_only_where_native(monkeypatch, native, expected):
     assert resolve_dtype("auto", "cpu") == expected
     assert resolve_dtype("fp32", "cpu") == "float32" and resolve_dtype("bf16", "cpu") == "bfloat16"
     assert precision.bf16_native("cpu") is native
+
+
+def test_device_auto_is_the_local_ranks_gpu_else_the_cpu(monkeypatch):
+    import torch
+
+    from rir_finetune.precision import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (
+        resolve_device("auto") == "cpu" and resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("auto") == "cuda:3"  # under torchrun each rank takes its own GPU
+    monkeypatch.delenv("LOCAL_RANK")
+    assert resolve_device("auto") == "cuda:0"
+
+
+@pytest.mark.parametrize("command", ["eval", "mine", "score", "generate", "reward", "augment"])
+def test_every_model_command_defaults_to_device_auto_and_says_so_in_help(command, capsys):
+    from rir_finetune.cli import main
+
+    main([command, "--help"])
+    out = capsys.readouterr().out
+    assert "device str (default 'auto')" in out, out
+
+
+def test_device_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
+    import torch
+
+    from rir_finetune.cli import main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", str(tmp_path), "--data", str(tmp_path), "--output_dir", str(tmp_path / "o"),
+              "--device", "cuda"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert (
+        e.value.code == 2
+        and err.strip()
+        == "error: config key 'device': 'cuda' is not available (this machine has no CUDA GPU)"
+    )

@@ -1,4 +1,5 @@
-"""Devices and float types: :func:`check_device` refuses a device this machine does not have; ``dtype: auto`` computes
+"""Devices and float types: ``device: auto`` (every command's default) is the local rank's CUDA device when one is
+visible, else the CPU; :func:`check_device` refuses a device this machine does not have; ``dtype: auto`` computes
 in bf16 where the hardware does bf16 arithmetic natively and in fp32 elsewhere.
 
 bf16 matmuls are the largest speed lever on hardware that has them (benchmarks/README.md has the measured ratio). On
@@ -9,6 +10,7 @@ extensions.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -25,10 +27,11 @@ def cpu_has_bf16(capabilities: Mapping[str, Any]) -> bool:
 
 
 def bf16_native(device: str | None = None) -> bool:
-    """Whether ``device`` (``cpu``, ``cuda``, ``cuda:1``; None: cuda when available) computes bf16 natively."""
+    """Whether ``device`` (``cpu``, ``cuda``, ``cuda:1``; None or ``auto``: cuda when available) computes bf16
+    natively."""
     import torch
 
-    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    on_cuda = device.startswith("cuda") if device and device != "auto" else torch.cuda.is_available()
     if on_cuda:
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cpu_has_bf16(torch.cpu.get_capabilities())
@@ -56,9 +59,26 @@ def resolve_dtype(value: str, device: str | None = None) -> str:
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|meta)(:(\d+))?")
 
 
+DEVICE_HELP = (
+    "auto: the local rank's CUDA device when one is visible, else the CPU; or cpu, cuda, cuda:1, mps"
+)
+
+
+def resolve_device(device: str | None, key: str = "device") -> str:
+    """``auto`` (or None) -> ``cuda:<LOCAL_RANK>`` when CUDA is visible, else ``cpu``; a named device is checked."""
+    check_device(device, key)
+    if device is not None and str(device).strip() != "auto":
+        return str(device).strip()
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0) % torch.cuda.device_count()}"
+    return "cpu"
+
+
 def check_device(device: str | None, key: str = "device") -> None:
-    """A device that this machine does not have is refused (e.g. ``cuda`` without a GPU)."""
-    if device is None:
+    """A device that this machine does not have is refused (e.g. ``cuda`` without a GPU); ``auto`` always passes."""
+    if device is None or str(device).strip() == "auto":
         return
     m = _DEVICE.fullmatch(str(device).strip())
     if not m:

@@ -29,6 +29,7 @@ from rir_finetune.evaluation.outputs import (
     write_trec_run,
 )
 from rir_finetune.evaluation.retrieval import run_retrieval
+from rir_finetune.precision import DEVICE_HELP
 from rir_finetune.retrieval.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
 from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
 from rir_finetune.retrieval.model_folder import POOLING_METHODS, model_fingerprint, read_settings
@@ -90,7 +91,7 @@ class EvalArguments:
         None, "corpus-embedding cache; None: $RIR_FINETUNE_CACHE or ~/.cache/rir_finetune/embeddings"
     )
     use_cache: bool = option(True, "false: always encode the corpus, store nothing")
-    device: str = option("cpu", "torch device of the encoder")
+    device: str = option("auto", f"the encoder's device ({DEVICE_HELP})")
     dtype: str = option(
         "float32", "float32 | bfloat16 (autocast) | auto: bf16 where the device has it natively"
     )

@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
-from rir_finetune import files
+from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.generator.causal_lm import check_causal_lm, model_location
 from rir_finetune.lifecycle import ResumableJsonl, settings_fingerprint
 from rir_finetune.llm.common import BackendSettings
 from rir_finetune.llm.prompts import AnswerPromptKeys, build_prompt, resolve_template
+from rir_finetune.precision import DEVICE_HELP
 from rir_finetune.retrieval import model_folder
 from rir_finetune.retrieval.data import ANSWER_PREFIX
 
@@ -122,7 +123,7 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
     # the judge
     retriever: str | None = option(None, "retriever model folder that judges the answers")
     retriever_batch_size: int = option(64, "texts per forward pass of the retriever", range=">=1")
-    retriever_device: str | None = option(None, "cpu, cuda...; None: cuda when available")
+    retriever_device: str = option("auto", f"the judge's device ({DEVICE_HELP})")
     retriever_max_length: int | None = option(
         None, "tokens per text; None: the folder's own limit", range=">=1"
     )
@@ -205,7 +206,6 @@ class _Judge:
     """The retriever: embeddings of queries, prefixed answers and passages, by the engine's encoder."""
 
     def __init__(self, cfg: RewardConfig):
-        import torch
 
         from rir_finetune.retrieval.encoder import Encoder
         from rir_finetune.retrieval.model_folder import read_settings
@@ -216,7 +216,7 @@ class _Judge:
             query_instruction=cfg.query_instruction,
             passage_instruction=cfg.passage_instruction,
         )
-        device = cfg.retriever_device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = precision.resolve_device(cfg.retriever_device, "retriever_device")
         self.encoder = Encoder(
             settings, batch_size=cfg.retriever_batch_size, device=device, show_progress=False
         )

@@ -90,8 +90,10 @@ class BackendSettings:
     backend: str = option("transformers", "transformers | llama_cpp | openai")
     model: str | None = option(None, "model folder, .gguf file, or (openai) the model name to request")
     gguf_file: str | None = option(None, "GGUF file inside the 'model' folder")
-    device: str | None = option(
-        None, "transformers: cpu, cuda, cuda:1...; llama_cpp: cpu = no offload, else all layers"
+    device: str = option(
+        "auto",
+        "transformers: auto (the local rank's GPU, else the CPU), cpu, cuda, cuda:1...; llama_cpp: cpu = no "
+        "offload, anything else offloads every layer when the library can",
     )
     n_ctx: int = option(4096, "context window in tokens (prompt + reply) for local backends", range=">=1")
     n_threads: int | None = option(

@@ -72,13 +72,14 @@ class TransformersBackend:
         extra = {"gguf_file": gguf} if gguf else {}
         self.name = gguf or Path(folder).name
         from rir_finetune.llm.common import threads_setting
+        from rir_finetune.precision import resolve_device
 
         threads = threads_setting(settings.n_threads)
         if threads < torch.get_num_threads():  # fewer threads on busy cores (threads_setting); never more
             torch.set_num_threads(threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
-            self.device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self.device = resolve_device(settings.device)
             self.dtype = settings.resolved_dtype()
             with _quiet_gguf_dtype_advice():
                 self.model = (

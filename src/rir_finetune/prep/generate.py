@@ -45,6 +45,7 @@ from rir_finetune.llm.query_prompts import (
     query_generation_prompt,
     resolve_task,
 )
+from rir_finetune.precision import DEVICE_HELP
 from rir_finetune.prep.beir import read_corpus, sample_passages
 from rir_finetune.prep.common import report
 from rir_finetune.prep.io import Record
@@ -114,7 +115,7 @@ class GenerateConfig(BackendSettings):
         3, "keep a pair when its passage ranks within this many for its query", range=">=1"
     )
     consistency_batch_size: int = option(64, "retriever: texts per forward pass", range=">=1")
-    consistency_device: str = option("cpu", "retriever: torch device")
+    consistency_device: str = option("auto", f"retriever: its device ({DEVICE_HELP})")
     cache_dir: str | None = option(None, "corpus-embedding cache; None: the evaluation default")
     use_cache: bool = option(True, "false: encode the corpus every time, store nothing")
     search_backend: str = option("auto", "auto (faiss when importable) | faiss | torch")

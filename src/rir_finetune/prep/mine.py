@@ -31,6 +31,7 @@ from tqdm import tqdm
 from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
+from rir_finetune.precision import DEVICE_HELP
 from rir_finetune.prep.beir import load_corpus
 from rir_finetune.prep.common import min_mean_max, report
 from rir_finetune.prep.io import Record, read_records
@@ -73,7 +74,7 @@ class MineConfig:
     )
     use_cache: bool = option(True, "dense: false encodes the corpus every time and stores nothing")
     search_backend: str = option("auto", "dense: auto (faiss when importable) | faiss | torch")
-    device: str = option("cpu", "dense: torch device of the encoder")
+    device: str = option("auto", f"dense: the encoder's device ({DEVICE_HELP})")
     sample_range: tuple[int, int] = option(help="parsed range_for_sampling", init=False, repr=False)
 
     def __post_init__(self):

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
+from rir_finetune.precision import DEVICE_HELP
 from rir_finetune.prep.common import min_mean_max, report
 from rir_finetune.prep.io import Record, read_records
 from rir_finetune.prep.llm_teacher import LLMTeacher, LLMTeacherKeys
@@ -58,7 +59,7 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
         None, "bi-encoder: prepended to passages; None: the folder's passage prompt"
     )
     records_per_chunk: int = option(256, "records scored (and written) together", range=">=1")
-    device: str | None = option(None, "cpu, cuda, cuda:1...; None: cuda when available, else cpu")
+    device: str = option("auto", f"the teacher's device ({DEVICE_HELP})")
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
@@ -68,9 +69,7 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
 
 
 def _device(cfg: ScoreConfig) -> str:
-    import torch
-
-    return cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return precision.resolve_device(cfg.device)
 
 
 def _check_model(model: str | None) -> Path:

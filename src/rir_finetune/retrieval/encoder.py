@@ -47,7 +47,7 @@ class Encoder:
         settings: EncoderSettings,
         *,
         batch_size: int = 64,
-        device: str = "cpu",
+        device: str = "auto",
         show_progress: bool = True,
         trust_remote_code: bool = False,
         dtype: str = "float32",
@@ -55,6 +55,7 @@ class Encoder:
         from rir_finetune.precision import resolve_dtype
 
         self.settings = settings
+        device = precision.resolve_device(device)
         self.dtype = resolve_dtype(dtype, device)  # float32 | bfloat16 | float16
         self.batch_size = batch_size
         self.device = torch.device(device)
