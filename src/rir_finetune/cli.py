@@ -9,6 +9,8 @@ and exit 130 / 143.
 from __future__ import annotations
 
 import contextlib
+import errno
+import os
 import signal
 import sys
 import threading
@@ -107,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point; every way a run ends maps to one exit status.
 
     0: done. 2: bad input (:class:`UserError`, one ``error:`` line) or bad usage (unknown command, missing value).
+    1: the machine failed the run (a full disk, an I/O error): one ``error:`` line naming the file
+    (``RIR_FINETUNE_TRACEBACK=1`` shows the traceback).
     130 / 143: SIGINT / SIGTERM (one ``interrupted`` line; partial work is kept as the command left it).
     """
     install_signal_handlers()
@@ -123,6 +127,14 @@ def main(argv: list[str] | None = None) -> None:
     except _click.exceptions.ClickException as e:  # usage errors: typer raises its vendored click's classes
         e.show()
         sys.exit(2 if e.exit_code == 0 else e.exit_code)
+    except OSError as e:  # the machine, not the input: a full disk, a vanished folder; one line all the same
+        if os.environ.get("RIR_FINETUNE_TRACEBACK"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        hint = " (free space and run again; augment, generate and reward continue from OUT.partial)" if e.errno in (
+            errno.ENOSPC, errno.EDQUOT) else ""  # fmt: skip
+        print(f"error: {where}{e.strerror or e}{hint}", file=sys.stderr)
+        sys.exit(1)
     if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
         if rv == 130:  # typer turned a KeyboardInterrupt it saw into this code
             _interrupted()

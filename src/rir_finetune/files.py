@@ -131,9 +131,12 @@ def atomic_jsonl(path: str | os.PathLike, tmp: str | os.PathLike | None = None) 
         os.fsync(f.fileno())
         f.close()
         os.replace(tmp, path)
-    except BaseException:
-        f.close()
+    except BaseException as e:
+        with contextlib.suppress(OSError):  # closing flushes again, and a full disk refuses that too
+            f.close()
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a failed write names no file: name the output
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
 
 
@@ -146,6 +149,14 @@ def write_jsonl(
             f.write(json_line(record, str(path)))
 
 
+def shareable(path: str | Path) -> None:
+    """Give a file we wrote the mode any tool would (0666 less the process umask): temporary files and folders
+    are created 0600 / 0700, and a rename keeps that, so results would otherwise be private to their writer."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
@@ -154,6 +165,7 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
     try:
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             write(f)
+        shareable(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -294,9 +294,15 @@ class ResumableJsonl:
         if self._file is None:
             self.partial.parent.mkdir(parents=True, exist_ok=True)
             self._file = self.partial.open("a", encoding="utf-8")
-        self._file.write(lines)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(lines)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk: what was synced before stays; a torn last line is cut on resume
+            file, self._file = self._file, None
+            with contextlib.suppress(OSError):
+                file.close()
+            raise OSError(e.errno, e.strerror, str(self.partial)) from None
 
     def close(self) -> None:
         if self._file is not None:

@@ -391,3 +391,22 @@ def test_resolved_dtype_is_none_where_the_backend_chooses(monkeypatch):
     assert BackendSettings(model="m", device="cpu").resolved_dtype() == "bfloat16"
     assert BackendSettings(model="m", device="cpu", dtype="fp32").resolved_dtype() == "float32"
     assert BackendSettings(model="m.gguf", backend="llama_cpp").resolved_dtype() is None
+
+
+def test_progress_after_a_burst_shows_the_whole_burst_and_the_average_rate(capsys):
+    """Prompts finish a decoded batch at a time: the bar drawn after the burst counts all of it, and the time left
+    comes from the run's average rate (not from the first prompt of the burst after a long wait)."""
+    import time
+
+    from rir_finetune.llm.common import Completion, Progress
+
+    bar = Progress(total=640)
+    time.sleep(0.3)  # the first batch decodes
+    for i in range(64):
+        bar.done(i, [Completion("a", 1, "stop")])
+    last = capsys.readouterr().err.split("\r")[-1]
+    assert "64/640" in last, last
+    left = last.split("<")[1].split(",")[0]  # mm:ss left: 576 prompts at about 64 per 0.3 s, i.e. about 3 s
+    minutes, seconds = (int(x) for x in left.split(":"))
+    assert 60 * minutes + seconds < 10, last
+    bar.close()

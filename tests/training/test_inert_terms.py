@@ -151,3 +151,25 @@ def test_unnormalised_training_of_a_cosine_model_is_warned(tmp_path, tiny_bert_d
     with caplog.at_level(logging.WARNING, logger="rir_finetune"):
         run_train(None, _opts(cos, data, tmp_path / "b", training_type="retrieval"))
     assert [r for r in caplog.records if r.getMessage().startswith(COSINE)] == []
+
+
+def test_no_shipped_config_trains_an_inert_term():
+    """What the shipped configs train is what they say: no configured term is identically zero (the main job's
+    round trains through configs/scifact_retrieval_answer.yaml)."""
+    from conftest import REPO
+    from rir_finetune.config import ConfigFile, check_values
+    from rir_finetune.training.arguments import CONFIG_CLASSES
+
+    checked = 0
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        values, _ = ConfigFile(path).flat()
+        if "training_type" not in values:
+            continue  # another command's config
+        model, data, obj, train = check_values(list(CONFIG_CLASSES), values)
+        batch = train.get("per_device_train_batch_size", 8)
+        lines = inert_terms(
+            ModelArguments(**model), DataArguments(**data), ObjectiveArguments(**obj), batch, 8
+        )
+        assert lines == [], f"{path.name}: {lines}"
+        checked += 1
+    assert checked >= 4

@@ -36,7 +36,7 @@ from trl import DPOConfig
 from rir_finetune import files, lifecycle
 from rir_finetune.config import TRAINER_RANGES, load_config, option
 from rir_finetune.errors import UserError
-from rir_finetune.generator.causal_lm import check_causal_lm, model_location
+from rir_finetune.llm.causal_lm import check_causal_lm, model_location
 from rir_finetune.precision import bf16_native
 from rir_finetune.retrieval import model_folder
 

@@ -36,8 +36,8 @@ import numpy as np
 from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
-from rir_finetune.generator.causal_lm import check_causal_lm, model_location
 from rir_finetune.lifecycle import ResumableJsonl, settings_fingerprint
+from rir_finetune.llm.causal_lm import check_causal_lm, model_location
 from rir_finetune.llm.common import BackendSettings
 from rir_finetune.llm.prompts import AnswerPromptKeys, build_prompt, resolve_template
 from rir_finetune.precision import DEVICE_HELP
@@ -330,9 +330,16 @@ def reward(
             pair["qid"] = e["qid"]
         pairs.append(pair)
     counts["pairs"] = len(pairs)
-    files.write_jsonl(out, pairs)
     if cfg.samples_output:
         files.write_jsonl(Path(cfg.samples_output), samples)
+    if not pairs:  # a run that kept nothing is not a success; the scored samples stay in the partial file
+        dropped = ", ".join(f"{counts[f'dropped_{r}']} {r}" for r in DROP_REASONS)
+        raise UserError(
+            f"{out}: no preference pair kept of {counts['records']} queries ({dropped}); loosen threshold, sample "
+            "more (samples_per_query) or set require_beats_query false"
+            + (f"; every answer with its score is in {cfg.samples_output}" if cfg.samples_output else "")
+        )
+    files.write_jsonl(out, pairs)
     partial.remove()
     all_scores = [s for e in entries.values() for s in e["scores"]]
     raws = [e["raw_score"] for e in entries.values()]

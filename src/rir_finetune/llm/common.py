@@ -265,9 +265,13 @@ class Progress:
         from tqdm import tqdm
 
         self._start = time.perf_counter()
+        # prompts finish in bursts (a whole decoded batch at once): the bar is redrawn on every prompt and its rate is
+        # the run's average, so the time left shown after a burst counts the whole burst (drawn at the burst's first
+        # prompt with a smoothed rate, it promised hours for minutes of work)
         self._bar = tqdm(
-            total=self.total, desc="generate", unit="prompt", disable=not self.enabled, file=sys.stderr
-        )
+            total=self.total, desc="generate", unit="prompt", disable=not self.enabled, file=sys.stderr,
+            smoothing=0, mininterval=0,
+        )  # fmt: skip
 
     def done(self, index: int, completions: list[Completion]) -> None:
         self.counts.add(completions)

@@ -59,6 +59,9 @@ class TransformersBackend:
 
         self.settings = settings
         folder, gguf = model_file(settings.model, settings.gguf_file)
+        from rir_finetune.llm.causal_lm import check_causal_lm
+
+        check_causal_lm(folder, gguf)
         if gguf:
             import importlib.util
 

@@ -18,6 +18,7 @@ the trained retriever in every evaluated mode, round by round, with the generato
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -27,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from rir_finetune import files, lifecycle
 from rir_finetune.commands import COMMANDS
 from rir_finetune.config import check_values
 from rir_finetune.errors import UserError
@@ -34,9 +36,12 @@ from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig, load_round_config
 from rir_finetune.round.plan import Stage, build_stages, round_note
 from rir_finetune.round.stages import KINDS
-from rir_finetune.round.stamps import fingerprint
+from rir_finetune.round.stamps import fingerprint, stage_inputs, what_changed
 
 MARKER = "stage.json"
+ROUND_MARKER = (
+    "round.json"  # the round's folder is the round's: report.md and stage folders are written only there
+)
 
 
 @dataclass
@@ -45,6 +50,9 @@ class Step:
     fingerprint: str
     action: str  # run | resume | rerun | skip | before-from | after-until
     reason: str
+    inputs: dict[str, Any] | None = (
+        None  # what the fingerprint hashes (stamps.stage_inputs), kept in the marker
+    )
 
 
 def _marker(stage: Stage) -> dict[str, Any] | None:
@@ -57,8 +65,10 @@ def _marker(stage: Stage) -> dict[str, Any] | None:
         return None
 
 
-def _write_marker(stage: Stage, fp: str, status: str, **extra: Any) -> None:
-    body = {"stage": stage.name, "round": stage.round, "fingerprint": fp, "status": status, **extra}
+def _write_marker(step: Step, status: str, **extra: Any) -> None:
+    stage = step.stage
+    body = {"stage": stage.name, "round": stage.round, "fingerprint": step.fingerprint, "status": status,
+            "inputs": step.inputs, **extra}  # fmt: skip
     if KINDS[stage.name].llm:  # the generator of this stage's text (round r >= 2: round r-1's DPO model)
         body["generator"] = {
             k: stage.settings.get(k) for k in ("backend", "model", "gguf_file") if stage.settings.get(k)
@@ -79,20 +89,69 @@ def _position(stages: list[Stage], key: str, value: str) -> int:
     )
 
 
-def validate(cfg: RoundConfig, stages: list[Stage]) -> None:
-    """Every stage's keys checked against its command's config classes (unknown keys, types, ranges), naming where
-    the user set a bad key: the round file's line, the ``--section.key`` flag, or the section's own config file."""
+# a stage's keys that name something outside the round; False: a hub id (org/name) is allowed too
+_INPUT_KEYS = {"corpus": False, "data_dir": False, "data": False, "examples": False, "model": True,
+               "model_name_or_path": True, "retriever": True, "consistency_model": True}  # fmt: skip
+_TOP_KEY = {"corpus": "data", "data_dir": "data", "data": "data", "model": "retriever",
+            "model_name_or_path": "retriever", "retriever": "retriever"}  # fmt: skip
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _where(cfg: RoundConfig, stage: Stage, key: str) -> str:
+    """Where the user set a stage's key: the round file's line, a ``--section.key`` flag, a top-level key it came
+    from, or the section's own config file."""
+    sections = (stage.name, *(("augment", "llm") if KINDS[stage.name].llm else ()))
+    found = next((w for sec in sections if (w := cfg.locate(sec, key))), None)
+    if found is None and key in _TOP_KEY:
+        found = cfg.locate(_TOP_KEY[key])
+    return found or stage.base_where.get(key) or f"stage {stage.label!r} (key {key!r}, set by the round)"
+
+
+def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
+    """Everything a run could fail on, before any stage runs or any folder is cleared (``--dry-run`` too):
+
+    - every stage's keys against its command's config classes (unknown keys, types, ranges);
+    - every outside input a stage reads exists (data, models, LLM files; a hub id is let through);
+    - the round's folder is none of them, holds none of them, and is the round's own (or new).
+
+    Errors name where the user set the key. Returns the outside inputs."""
+    inputs: list[Path] = []
+    root = Path(cfg.output_dir)
     for stage in stages:
         kind = KINDS[stage.name]
+        check_values(
+            COMMANDS[kind.command].config_classes(), stage.settings, lambda k, st=stage: _where(cfg, st, k)
+        )
+        remote = stage.settings.get("backend") == "openai" or bool(stage.settings.get("api_base"))
+        for key, hub_ok in _INPUT_KEYS.items():
+            value = stage.settings.get(key)
+            if not isinstance(value, str) or not value or value == "bm25" or (key == "model" and remote):
+                continue
+            path = Path(value)
+            if any(files.inside(path, s.folder) for s in stages):  # an earlier stage's output
+                continue
+            if path.exists():
+                inputs.append(path)
+            elif not (hub_ok and _HUB_ID.fullmatch(value)):
+                shown = key if any(cfg.locate(sec, key) for sec in (stage.name, "augment", "llm")) else None
+                raise UserError(
+                    f"{_where(cfg, stage, key)}: config key {shown or _TOP_KEY.get(key, key)!r}: {value} not found "
+                    f"(stage {stage.label!r} reads it)"
+                )
+    files.check_output_dir(root, key="output_dir", reads=inputs)
+    if root.is_dir() and any(p.name != lifecycle.LOCK_NAME for p in root.iterdir()) and not _round_made(root):
+        raise UserError(
+            f"{root}: exists and holds files, but the round did not create it (no {ROUND_MARKER}); choose another "
+            "output_dir or empty it"
+        )
+    return inputs
 
-        def where(key: str, stage: Stage = stage, llm: bool = kind.llm) -> str:
-            for section in (stage.name, *(("augment", "llm") if llm else ())):
-                found = cfg.locate(section, key)
-                if found:
-                    return found
-            return stage.base_where.get(key) or f"stage {stage.label!r} (key {key!r}, set by the round)"
 
-        check_values(COMMANDS[kind.command].config_classes(), stage.settings, where)
+def _round_made(root: Path) -> bool:
+    """The folder is a round's: its marker, or (rounds of earlier versions) a stage marker in a sub-folder."""
+    return (root / ROUND_MARKER).is_file() or any(
+        (p / MARKER).is_file() for p in root.iterdir() if p.is_dir()
+    )
 
 
 def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -> list[Step]:
@@ -104,20 +163,27 @@ def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -
     if lo > hi:
         raise UserError(f"--from {start} comes after --until {until}")
     fps: dict[str, str] = {}
+    legacy: dict[
+        str, str
+    ] = {}  # fingerprints of markers written before paths were made relative to the round
     steps: list[Step] = []
     for i, stage in enumerate(stages):
-        fp = fingerprint(stage, fps)
+        inputs = stage_inputs(stage, fps, cfg.output_dir)
+        fp = fingerprint(stage, fps, cfg.output_dir)
+        legacy[stage.key] = fingerprint(stage, legacy)
         fps[stage.key] = fp
         mark = _marker(stage)
+        same = mark is not None and mark.get("fingerprint") in {fp, legacy[stage.key]}
         complete = (
             mark is not None and mark.get("status") == "done" and all(p.exists() for p in stage.outputs)
         )
-        if complete and mark.get("fingerprint") == fp:
+        if complete and same:
             action, reason = "skip", "up to date"
-        elif mark is not None and mark.get("fingerprint") == fp:
+        elif same:
             action, reason = "resume", "interrupted earlier; continues from what it finished"
         elif mark is not None:
-            action, reason = "rerun", "its keys or inputs changed since it ran; its folder is cleared"
+            action = "rerun"
+            reason = f"{what_changed(mark.get('inputs'), inputs)} since it ran; its folder is cleared"
         elif stage.folder.exists() and any(stage.folder.iterdir()):
             raise UserError(
                 f"{stage.folder}: exists and is not empty, but the round did not create it (no {MARKER}); "
@@ -134,7 +200,7 @@ def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -
             action = "before-from"
         elif i > hi:
             action, reason = "after-until", f"after --until {until}"
-        steps.append(Step(stage, fp, action, reason))
+        steps.append(Step(stage, fp, action, reason, inputs))
     return steps
 
 
@@ -178,7 +244,10 @@ def run_round(
     if dry_run:
         return steps
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    lifecycle.lock_folder(out_dir)  # one round per folder at a time (held until the process ends)
+    if not (out_dir / ROUND_MARKER).is_file():
+        body = {"created": time.time(), "config": str(config_file) if config_file else None}
+        atomic_write(out_dir / ROUND_MARKER, lambda f: f.write(json.dumps(body, indent=2) + "\n"))
     for step in steps:
         stage = step.stage
         if step.action in {"skip", "before-from", "after-until"}:
@@ -189,12 +258,12 @@ def run_round(
             shutil.rmtree(stage.folder)  # the round made it (it holds our marker)
         print(f"round: {stage.label}: {step.action} ({step.reason})", file=sys.stderr, flush=True)
         stage.folder.mkdir(parents=True, exist_ok=True)
-        _write_marker(stage, step.fingerprint, "running", started=time.time())
+        _write_marker(step, "running", started=time.time())
         start_t = time.perf_counter()
         path = _write_settings(stage)
         result = KINDS[stage.name].execute(stage, path, resume=step.action == "resume")
         wall = time.perf_counter() - start_t
-        _write_marker(stage, step.fingerprint, "done", wall_s=round(wall, 1), result=result)
+        _write_marker(step, "done", wall_s=round(wall, 1), result=result)
         print(f"round: {stage.label}: done in {wall:.1f} s", file=sys.stderr, flush=True)
     from rir_finetune.round.report import write_report
 

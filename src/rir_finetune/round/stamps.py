@@ -4,6 +4,7 @@ reads has changed. Outside inputs (data, models, LLM files) are stamped by conte
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -62,8 +63,10 @@ def data_stamp(data_dir: str, splits: list[str]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def fingerprint(stage: Any, upstream: dict[str, str]) -> str:
-    """Changes when the stage's keys, an outside input or an upstream stage's fingerprint changes."""
+def stage_inputs(stage: Any, upstream: dict[str, str], root: str | None) -> dict[str, Any]:
+    """What a stage's result depends on: its keys and wiring, its outside inputs' stamps, its upstream stages'
+    fingerprints. Paths inside the round's folder ``root`` are written relative to it (``$OUT/...``), so a round
+    folder that is copied or moved keeps every fingerprint."""
     body = {
         "stage": stage.name,
         "settings": stage.settings,
@@ -71,4 +74,29 @@ def fingerprint(stage: Any, upstream: dict[str, str]) -> str:
         "externals": stage.externals,
         "upstream": {d: upstream.get(d, "") for d in stage.depends},
     }
-    return settings_fingerprint(body, length=20)
+    text = json.dumps(body, sort_keys=True, default=str)
+    if root:
+        text = text.replace(json.dumps(str(root))[1:-1], "$OUT")
+    return json.loads(text)
+
+
+def fingerprint(stage: Any, upstream: dict[str, str], root: str | None = None) -> str:
+    """Changes when the stage's keys, an outside input or an upstream stage's fingerprint changes."""
+    return settings_fingerprint(stage_inputs(stage, upstream, root), length=20)
+
+
+def what_changed(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    """The first few differences between two :func:`stage_inputs`, in words (the plan's reason for a rerun)."""
+    if not isinstance(old, dict):
+        return "its keys or inputs changed"
+    changes = []
+    for part, say in (("settings", "key {k!r}: {a!r} -> {b!r}"), ("extra", "wiring {k!r}: {a!r} -> {b!r}"),
+                      ("externals", "input {k!r} changed"), ("upstream", "upstream stage {k!r} changed")):  # fmt: skip
+        a_part, b_part = old.get(part) or {}, new.get(part) or {}
+        for k in sorted(set(a_part) | set(b_part)):
+            a, b = a_part.get(k, "unset"), b_part.get(k, "unset")
+            if a != b:
+                changes.append(say.format(k=k, a=a, b=b))
+    if not changes:
+        return "its keys or inputs changed"
+    return "; ".join(changes[:3]) + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "")

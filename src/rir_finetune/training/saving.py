@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from rir_finetune.files import shareable
+
 POOLING_FLAGS = {
     "cls": "pooling_mode_cls_token",
     "mean": "pooling_mode_mean_tokens",
@@ -124,6 +126,7 @@ def save_encoder(
             if item.is_file():
                 dest = out / item.relative_to(tmp)
                 dest.parent.mkdir(parents=True, exist_ok=True)
+                shareable(item)
                 os.replace(item, dest)
         (out / "modules.json.tmp").write_text(json.dumps(files["modules.json"], indent=2) + "\n")
         os.replace(out / "modules.json.tmp", out / "modules.json")

@@ -92,6 +92,27 @@ def check_training_start(model_args, data_args, train_args) -> None:
             model_folder.check_max_length(key, getattr(data_args, key, None), model_args.config_name or model)
 
 
+def check_some_batch(data, data_args, train_args) -> None:
+    """A run that would take no optimisation step is refused before anything is written: too few records for one
+    batch (with ``dataloader_drop_last``, or fewer than the processes)."""
+    from rir_finetune.training.sampler import GroupedBatchSampler
+
+    sampler = GroupedBatchSampler(
+        data.batch_groups, train_args.per_device_train_batch_size, train_args.seed, train_args.world_size,
+        drop_last=train_args.dataloader_drop_last,
+    )  # fmt: skip
+    if len(sampler) == 0:
+        per_step = train_args.per_device_train_batch_size * train_args.world_size
+        largest = max((len(g) for g in data.batch_groups), default=0)
+        raise UserError(
+            f"config key 'train_data': {len(data.dataset)} records make no batch of {per_step} "
+            f"({train_args.world_size} process(es) x per_device_train_batch_size "
+            f"{train_args.per_device_train_batch_size}; the largest batch group holds {largest}"
+            f"{', dataloader_drop_last drops the rest' if train_args.dataloader_drop_last else ''}); add records or "
+            "lower per_device_train_batch_size"
+        )
+
+
 def check_resume_settings(parts: list, output_dir: str) -> None:
     """A resumed run continues the checkpoint's run: the optimisation keys of TrainingArguments and every key of
     ours except lengths, cadence and output keys must equal those recorded in the run's resolved config."""
@@ -131,6 +152,7 @@ def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     from rir_finetune.training.data import TrainDataset, load_train_data
 
     data = load_train_data(data_args, needs_answer=obj_args.uses_answers, seed=train_args.seed)
+    check_some_batch(data, data_args, train_args)
     if data.short_records:
         logger.warning(
             "%d of %d records have fewer than train_group_size - 1 = %d negatives; their groups are filled with "
@@ -317,6 +339,10 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
         plugin = trainer.accelerator.state.deepspeed_plugin
         logger.info("DeepSpeed ZeRO stage %s (%s)", plugin.zero_stage, train_args.deepspeed)
     trainer.train(resume_from_checkpoint=resume)
+    if trainer.state.global_step == 0:  # never save the base model as the fine-tuned one
+        raise UserError(
+            f"config key 'max_steps': the run ended after 0 optimisation steps; nothing was trained into {out}"
+        )
     trainer.save_model(str(out))
     if train_args.process_index == 0:
         from rir_finetune.training.model_card import write_model_card

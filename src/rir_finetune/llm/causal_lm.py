@@ -1,4 +1,8 @@
-"""Where a generator model is, and whether it is a causal LM, checked from its files before anything loads."""
+"""Where a generator model is, and whether it is a causal LM, checked from its files before anything loads.
+
+Every command that loads a text generator through transformers (augment, generate, score's LLM teacher, reward,
+train-generator) runs :func:`check_causal_lm` first: an encoder folder (BERT) would otherwise load with a randomly
+initialised LM head and write noise."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import json
 from pathlib import Path
 
 from rir_finetune.errors import UserError
+from rir_finetune.llm.common import check_gguf
 from rir_finetune.llm.common import model_file as model_location  # noqa: F401 (one rule for --model / --gguf_file)
 
 # architectures that generate text left to right; BERT-like encoders have a causal-LM head class too
@@ -25,6 +30,7 @@ def check_causal_lm(folder: Path, gguf_file: str | None, key: str = "model") -> 
     that transformers has a causal LM for).
     """
     if gguf_file is not None:
+        check_gguf(folder / gguf_file)  # llama.cpp's format: a language model by construction, if it is one
         return
     config_path = folder / "config.json"
     if not config_path.is_file():
