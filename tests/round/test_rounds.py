@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from round_fixtures import round_config
 
 from rir_finetune.errors import UserError
 from rir_finetune.round.config import load_round_config
 from rir_finetune.round.plan import Stage, build_stages
 from rir_finetune.round.run import plan, print_plan, run_round
 from rir_finetune.round.stages import GENERATOR_LLM_KEYS, REWARD_LLM_KEYS
+from round_fixtures import round_config
 
 # a few DPO steps that move a tiny random Llama
 GENERATOR = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-2, "lr_scheduler_type": "constant",
@@ -300,3 +300,36 @@ def test_shipped_two_round_config_keys_fit_their_commands(tmp_path):
     assert (gen.lora_rank, dpo.beta, dpo.max_length) == (32, 0.1, 384) and gen.model.endswith(".gguf")
     (augment,) = build_configs([AugmentConfig], None, by["2.augment"].settings)
     assert (augment.backend, augment.model) == ("transformers", str(tmp_path / "train_generator" / "model"))
+
+
+def test_remine_rounds_need_no_llm_and_mine_with_the_last_retriever(
+    tmp_path, tiny_bert_dir, tiny_causal_lm_dir
+):
+    """rounds: 2 + remine without any LLM key: no generator stages; round 2 mines with round 1's trained model."""
+    base = yaml.safe_load(
+        round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out").read_text()
+    )
+    base.pop("llm")
+    base.update(rounds=2, remine=True)
+    base["train"]["training_type"] = "retrieval"  # no answers without an LLM
+    path = tmp_path / "remine.yaml"
+    path.write_text(yaml.safe_dump(base))
+    steps = plan(load_round_config(str(path), []))
+    assert _labels(steps) == ["1.queries", "1.mine", "1.train", "1.eval", "2.mine", "2.train", "2.eval"]
+    by = {s.stage.label: s.stage for s in steps}
+    assert by["1.mine"].settings["model"] == str(tiny_bert_dir)
+    assert by["2.mine"].settings["model"] == str(tmp_path / "out" / "train" / "model")
+    assert (
+        "train" in by["2.mine"].depends and "model" not in by["2.mine"].externals
+    )  # round 1 keys: bare names
+    assert by["2.train"].settings["train_data"] == str(tmp_path / "out" / "round_2" / "mine" / "train.jsonl")
+    plain = plan(load_round_config(str(path), ["--remine", "false"]))
+    assert {s.stage.label: s.stage for s in plain}["2.mine"].settings["model"] == str(tiny_bert_dir)
+    run_round(str(path), [])
+    first = _read_jsonl(tmp_path / "out" / "mine" / "train.jsonl")
+    second = _read_jsonl(tmp_path / "out" / "round_2" / "mine" / "train.jsonl")
+    assert [r["query"] for r in first] == [r["query"] for r in second]
+    assert [r["neg"] for r in first] != [
+        r["neg"] for r in second
+    ]  # a trained model ranks other passages first
+    assert json.loads((tmp_path / "out" / "round_2" / "eval" / "summary.json").read_text())["trained/query"]

@@ -65,6 +65,10 @@ class RoundConfig:
     final_generator: bool | None = option(
         None, "reward + train_generator after the last round too; None: only as rounds: 1 asks"
     )
+    remine: bool = option(
+        False,
+        "round r >= 2 mines its hard negatives with round r-1's trained retriever (ANCE-style), not 'retriever'",
+    )
     max_reward_queries: int | None = option(
         None, "reward samples for only the first N training records", range=">=1"
     )

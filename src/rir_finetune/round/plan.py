@@ -127,8 +127,11 @@ def generator_stages(cfg: RoundConfig, round_no: int) -> list[str]:
     """``reward`` / ``train_generator`` in round ``round_no``: always before the last round (the next round's answers
     come from them); in the last round only when asked (``final_generator: true``; ``stages`` naming them; or,
     with ``rounds: 1`` and no ``stages`` list, a ``reward`` or ``train_generator`` section)."""
-    if round_no < cfg.rounds:
-        return list(GENERATOR_STAGES)
+    uses_llm = bool(cfg.llm) or any(s in cfg.sections for s in ("augment", "generate", *GENERATOR_STAGES))
+    if (
+        round_no < cfg.rounds
+    ):  # without an LLM, rounds only train the retriever further (remine: on new negatives)
+        return list(GENERATOR_STAGES) if uses_llm else []
     if cfg.final_generator is not None:
         return list(GENERATOR_STAGES) if cfg.final_generator else []
     if cfg.stages is not None:

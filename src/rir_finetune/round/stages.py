@@ -90,11 +90,16 @@ def _mine(r: Round, sec: dict[str, Any], f: Path) -> Stage:
     records = r.need_records("mine")
     settings = {"model": r.cfg.retriever, "corpus": r.cfg.data, "seed": r.cfg.seed, **sec}
     settings.update(input=str(records[1]), output=str(f / "train.jsonl"))
+    last = r.prev.retriever if r.prev is not None else None
+    remined = r.cfg.remine and last is not None and "model" not in sec
+    if remined:  # ANCE-style: the negatives the retriever just trained now ranks highest
+        settings["model"] = str(last.folder / "model")
     if not settings.get("model"):
         raise UserError("stage 'mine': set 'retriever' or mine.model (a model folder, or bm25)")
     corpus = data_stamp(settings["corpus"], []) if settings.get("corpus") else "none"
-    return r.make("mine", f, [f / "train.jsonl"], settings, [records[0]],
-                  {"model": model_stamp(settings["model"]), "corpus": corpus})  # fmt: skip
+    externals = {"corpus": corpus} if remined else {"model": model_stamp(settings["model"]), "corpus": corpus}
+    return r.make("mine", f, [f / "train.jsonl"], settings, [records[0], *([last.key] if remined else [])],
+                  externals, note=f"mines with round {last.round}'s trained retriever" if remined else "")  # fmt: skip
 
 
 def _score(r: Round, sec: dict[str, Any], f: Path) -> Stage:
