@@ -179,8 +179,16 @@ def test_two_rounds_on_one_folder_do_not_run_at_once(tmp_path, tiny_bert_dir, ti
 def test_a_copied_round_skips_every_finished_stage_and_a_changed_key_says_what(tmp_path, tiny_bert_dir,
                                                                                 tiny_causal_lm_dir):  # fmt: skip
     path = round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out")
-    r = round_cli(["--config", str(path)])
+    old = os.umask(0o022)
+    try:
+        r = round_cli(["--config", str(path)])
+    finally:
+        os.umask(old)
     assert r.returncode == 0, r.stderr[-3000:]
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".rir_finetune.lock"]
+    private = sorted(str(p) for p in written if p.stat().st_mode & 0o044 != 0o044)
+    assert not private, private  # report.md, report.png, stage.json, weights: readable by others, as umask says
+    assert {"report.md", "report.png", "stage.json", "model.safetensors"} <= {p.name for p in written}
     copy = tmp_path / "elsewhere" / "copied"
     shutil.copytree(tmp_path / "out", copy, symlinks=True)
     r = round_cli(["--config", str(path), "--output_dir", str(copy)])
