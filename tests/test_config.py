@@ -164,3 +164,31 @@ def test_deepspeed_without_the_package_is_a_clean_error(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 1}}')
     with pytest.raises(UserError, match="not installed"):
         _build(["--output_dir", str(tmp_path / "o"), "--deepspeed", str(ds)])
+
+
+def test_last_positional_list_field_takes_every_remaining_bare_argument():
+    """`compare A B C --seed 1`: a list-typed last positional key takes all bare arguments; scalar ones take one."""
+    from dataclasses import dataclass
+
+    from rir_finetune.config import load_config, option, split_positional
+
+    @dataclass
+    class Many:
+        name: str = option("", "a scalar positional")
+        runs: list[str] = option(factory=list, help="a list positional")
+        seed: int = option(0, "an option")
+
+    Many.POSITIONAL = ("name", "runs")  # a class attribute, as the ClassVar of the real configs
+
+    cfg = load_config(Many, None, ["n", "a", "b=x,y", "c", "--seed", "3"])
+    assert (cfg.name, cfg.runs, cfg.seed) == ("n", ["a", "b=x,y", "c"], 3)
+    assert load_config(Many, None, ["n", "a"]).runs == ["a"]  # one bare argument is still a list
+    assert load_config(Many, None, ["n", "--runs", "a", "b"]).runs == ["a", "b"]
+    with pytest.raises(UserError, match="'runs' given twice"):
+        load_config(Many, None, ["n", "a", "--runs", "b"])
+    # without the class (or with a scalar last key) one bare argument per key, as before
+    assert split_positional(["n", "a"], ("name", "runs")) == {"name": "n", "runs": "a"}
+    with pytest.raises(UserError, match="unexpected argument 'b'"):
+        split_positional(["n", "a", "b"], ("name", "runs"))
+    with pytest.raises(UserError, match="unexpected argument 'b'"):
+        split_positional(["a", "b"], ("name",), Many)

@@ -80,6 +80,13 @@ COMMANDS: dict[str, Command] = {
             "rir-finetune eval --model DIR --data DATA_DIR --split test --output_dir OUT",
         ),
         Command(
+            "compare",
+            "Paired comparison of eval runs (seeds grouped): mean difference, bootstrap interval, p-value.",
+            "rir_finetune.evaluation.compare:CompareConfig",
+            "rir_finetune.evaluation.compare:run_compare",
+            "rir-finetune compare base=runs/base/eval trained=runs/s1/eval,runs/s2/eval [--output_dir OUT]",
+        ),
+        Command(
             "mine",
             "Add hard negatives to training records with a dense retriever or BM25.",
             "rir_finetune.prep.mine:MineConfig",

@@ -61,6 +61,7 @@ def test_outputs(model_dir, data, tmp_path):
         "eval_config.json",
         "metrics.json",
         "metrics.md",
+        "per_query.json",
         "run.trec",
     ]
 

@@ -16,7 +16,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import yaml
 
@@ -247,15 +247,31 @@ def _build(cls: type, values: dict[str, Any]) -> Any:
         raise UserError(f"a configured feature needs a package that is not installed: {msg}") from None
 
 
-def split_positional(tokens: list[str], positional: tuple[str, ...]) -> dict[str, Any]:
+def split_positional(
+    tokens: list[str], positional: tuple[str, ...], cls: type | None = None
+) -> dict[str, Any]:
     """``--key value`` tokens, with leading bare arguments filling the ``positional`` keys in order
-    (``data from-beir DATA_DIR`` is ``--data_dir DATA_DIR``); a positional and its ``--key`` together are an error."""
+    (``data from-beir DATA_DIR`` is ``--data_dir DATA_DIR``); a positional and its ``--key`` together are an error.
+
+    When the last positional key is a list field of ``cls``, it takes every remaining bare argument
+    (``compare A B C`` is ``--runs A B C``).
+    """
     tokens = list(tokens)
     values: dict[str, Any] = {}
     names = list(positional)
+    last_is_list = False
+    if cls is not None and names:
+        tp = field_types(cls).get(names[-1])
+        last_is_list = any(get_origin(t) in (list, tuple) for t in (tp, *get_args(tp)))
     while tokens and not tokens[0].startswith("--"):
         if not names:
             raise UserError(f"command line: unexpected argument {tokens[0]!r} (options are --key value)")
+        if len(names) == 1 and last_is_list:
+            rest = []
+            while tokens and not tokens[0].startswith("--"):
+                rest.append(tokens.pop(0))
+            values[names.pop(0)] = rest
+            break
         values[names.pop(0)] = tokens.pop(0)
     options = parse_overrides(tokens)
     for key in values:
@@ -277,7 +293,7 @@ def load_config(
     many = isinstance(classes, (list, tuple))
     first = list(classes)[0] if many else classes
     positional = positional or tuple(getattr(first, "POSITIONAL", ()))
-    values = tokens if isinstance(tokens, dict) else split_positional(list(tokens or []), positional)
+    values = tokens if isinstance(tokens, dict) else split_positional(list(tokens or []), positional, first)
     built = build_configs(list(classes) if many else [classes], config_file, values)
     return built if many else built[0]
 

@@ -62,6 +62,12 @@ def compute_metrics(
     """Flat ``{"ndcg@10": mean, "recall@100": mean, "mrr@10": mean, ...}`` over all judged queries."""
     if not qrels:
         raise ValueError("no judged queries")
-    per_query = per_query_metrics(qrels, run, k_values)
+    return mean_metrics(per_query_metrics(qrels, run, k_values))
+
+
+def mean_metrics(per_query: dict[str, dict[str, float]]) -> dict[str, float]:
+    """The mean of every metric over the queries of :func:`per_query_metrics` (what ``metrics.json`` reports)."""
+    if not per_query:
+        raise ValueError("no judged queries")
     names = next(iter(per_query.values())).keys()
     return {name: sum(v[name] for v in per_query.values()) / len(per_query) for name in names}

@@ -1,6 +1,8 @@
 """Result files, each written atomically (temporary file in the same folder, then rename).
 
 - ``metrics.json``: flat ``{"ndcg@10": 0.6451, ...}``;
+- ``per_query.json``: ``{query id: {"ndcg@10": ..., ...}}`` for every judged query, the same metrics; their mean
+  is ``metrics.json`` (``rir-finetune compare`` pairs runs query by query on it);
 - ``metrics.md``: a Markdown table, one row per metric, one column per cut-off;
 - ``run.trec``: ``qid Q0 docid rank score run_name``, one line per retrieved document.
 """
@@ -17,6 +19,12 @@ from rir_finetune.files import atomic_write
 
 def write_metrics_json(path: str | Path, metrics: dict[str, float]) -> None:
     atomic_write(path, lambda f: f.write(json.dumps(metrics, indent=2) + "\n"))
+
+
+def write_per_query_json(path: str | Path, per_query: dict[str, dict[str, float]]) -> None:
+    """One query per line, so the file stays readable and diffable for thousands of queries."""
+    rows = [f"{json.dumps(qid)}: {json.dumps(values)}" for qid, values in per_query.items()]
+    atomic_write(path, lambda f: f.write("{\n" + ",\n".join(rows) + "\n}\n"))
 
 
 def metrics_table(metrics: dict[str, float], title: str = "") -> str:

@@ -3,8 +3,9 @@
     rir-finetune eval --model DIR --data ../shared/data/scifact --split test --output_dir OUT
     rir-finetune eval --model DIR --data DATA --answers answers.jsonl --mode fused --alpha 0.8 --output_dir OUT
 
-Writes ``OUT/metrics.json`` (flat: ``ndcg@10``, ``recall@100``, ``mrr@10``, ...), ``OUT/metrics.md``,
-``OUT/run.trec`` and ``OUT/eval_config.json`` (the arguments and the encoder settings actually used).
+Writes ``OUT/metrics.json`` (flat: ``ndcg@10``, ``recall@100``, ``mrr@10``, ...), ``OUT/per_query.json`` (the same
+metrics for every judged query, for ``rir-finetune compare``), ``OUT/metrics.md``, ``OUT/run.trec`` and
+``OUT/eval_config.json`` (the arguments and the encoder settings actually used).
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from rir_finetune.config import build_configs, option, to_dict
 from rir_finetune.cpu_memory import keep_freed_memory
 from rir_finetune.errors import UserError
 from rir_finetune.evaluation.answers import ANSWER_PREFIX, DEFAULT_ALPHA, MODES, check_answers, load_answers
-from rir_finetune.evaluation.metrics import DEFAULT_K_VALUES, compute_metrics
+from rir_finetune.evaluation.metrics import DEFAULT_K_VALUES, mean_metrics, per_query_metrics
 from rir_finetune.evaluation.outputs import (
     atomic_write,
     metrics_table,
     write_metrics_json,
     write_metrics_md,
+    write_per_query_json,
     write_trec_run,
 )
 from rir_finetune.evaluation.retrieval import run_retrieval
@@ -46,7 +48,7 @@ class EvalArguments:
         "test", "qrels/<split>.tsv (BEIR) or <split>_queries.jsonl + <split>_qrels.jsonl (custom)"
     )
     output_dir: str | None = option(
-        None, "where metrics.json, metrics.md, run.trec, eval_config.json go (required)"
+        None, "where metrics.json, per_query.json, metrics.md, run.trec, eval_config.json go (required)"
     )
     mode: str = option("query", "query | answer | fused (SPEC section 5)")
     answers: str | None = option(
@@ -148,8 +150,8 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     # every output location before any work; the output folder is never an input folder
     out = files.check_output_dir(
         args.output_dir, key="output_dir", reads=[args.model, args.data], may_hold_inputs=True
-    )  # eval writes four named files (checked next), never sub-folders
-    for name in ("metrics.json", "metrics.md", "run.trec", "eval_config.json"):
+    )  # eval writes five named files (checked next), never sub-folders
+    for name in ("metrics.json", "per_query.json", "metrics.md", "run.trec", "eval_config.json"):
         files.check_output_file(out / name, key="output_dir", reads=[args.answers])
     precision.check_device(args.device)
     settings = read_settings(
@@ -206,9 +208,11 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         renormalize=args.renormalize,
         answers_source=str(args.answers),
     )
-    metrics = compute_metrics(dataset.qrels, run, args.k_values)
+    per_query = per_query_metrics(dataset.qrels, run, args.k_values)
+    metrics = mean_metrics(per_query)
     title = f"{Path(args.model).name} on {dataset.name} ({args.split}, mode {args.mode})"
     write_metrics_json(out / "metrics.json", metrics)
+    write_per_query_json(out / "per_query.json", per_query)
     write_metrics_md(out / "metrics.md", metrics, title)
     write_trec_run(out / "run.trec", run)
     record = {

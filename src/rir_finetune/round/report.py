@@ -6,11 +6,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from rir_finetune.errors import UserError
+from rir_finetune.evaluation.compare import CompareConfig, compare, fmt_diff
 from rir_finetune.files import atomic_write
 from rir_finetune.round.config import RoundConfig
 from rir_finetune.round.plan import Stage
 
 METRICS = ("ndcg@10", "recall@10", "recall@100", "mrr@10")
+PAIRED_METRICS = ("ndcg@10", "recall@100")
 
 
 def _read_json(path: Path) -> Any:
@@ -43,11 +46,56 @@ def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
     lines.append("")
     for model, (label, value) in _best(summary).items():
         lines.append(f"- best mode of the {model} model: {label} (nDCG@10 {value:.4f})")
+    paired = paired_comparisons(ev.folder, summary)
     if "base/query" in summary and "trained/query" in summary:
         d = summary["trained/query"]["ndcg@10"] - summary["base/query"]["ndcg@10"]
-        lines.append(f"- training changed query-mode nDCG@10 by {100 * d:+.2f} points")
+        stats = paired.get(("query", "ndcg@10"))
+        tested = "; not tested: no per-query results, rerun the eval stage"  # an older eval wrote none
+        if stats is not None:
+            lo, hi = (100 * x for x in stats["interval"])
+            interval = f"{stats['interval_level']} interval [{lo:+.2f}, {hi:+.2f}], p = {fmt_diff(stats)[2]}"
+            tested = f" ({interval}): {stats['verdict']}"
+        lines.append(f"- training changed query-mode nDCG@10 by {100 * d:+.2f} points{tested}")
     lines.append("")
-    return lines
+    return lines + _paired_lines(ev.folder, summary, paired)
+
+
+def paired_comparisons(folder: Path, summary: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict]:
+    """Trained vs base, query by query (``rir-finetune compare`` with its defaults), in query mode and in the
+    trained model's best other mode: ``{(mode, metric): stats}``; modes without per_query.json are left out."""
+    others = [k.split("/", 1)[1] for k in summary if k.startswith("trained/") and k != "trained/query"]
+    best = max(others, key=lambda m: summary[f"trained/{m}"].get("ndcg@10", -1), default=None)
+    out: dict[tuple[str, str], dict] = {}
+    for mode in ("query", best):
+        if mode is None or f"base/{mode}" not in summary or f"trained/{mode}" not in summary:
+            continue
+        runs = [f"{m}={folder / m / mode}" for m in ("base", "trained")]
+        metrics = [m for m in PAIRED_METRICS if m in summary[f"base/{mode}"]]
+        try:
+            result = compare(CompareConfig(runs=runs, metrics=metrics))
+        except UserError:
+            continue
+        level = f"{100 * result['confidence']:g} %"
+        out.update({(mode, c["metric"]): {**c, "interval_level": level} for c in result["comparisons"]})
+    return out
+
+
+def _paired_lines(folder: Path, summary: dict[str, dict[str, float]], paired: dict) -> list[str]:
+    if not paired:
+        return []
+    modes = list(dict.fromkeys(mode for mode, _ in paired))
+    cmd = f"`rir-finetune compare base={folder}/base/{modes[0]} trained={folder}/trained/{modes[0]}`"
+    level = next(iter(paired.values()))["interval_level"]
+    lines = [f"Trained vs base, paired over the {next(iter(paired.values()))['queries']} queries ({cmd} "
+             "reproduces a row; a difference whose interval contains 0 is no significant difference):", "",
+             f"| mode | metric | base | trained | difference | {level} interval | p | wins / ties / losses | verdict |",
+             "|---|---|---:|---:|---:|---|---:|---|---|"]  # fmt: skip
+    for (mode, metric), c in paired.items():
+        mean, interval, p = fmt_diff(c)
+        lines.append(f"| {mode} | {metric} | {summary[f'base/{mode}'][metric]:.4f} | "
+                     f"{summary[f'trained/{mode}'][metric]:.4f} | {mean} | {interval} | {p} | "
+                     f"{c['wins']} / {c['ties']} / {c['losses']} | {c['verdict']} |")  # fmt: skip
+    return [*lines, ""]
 
 
 def _best(summary: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
@@ -176,35 +224,53 @@ def report_lines(cfg: RoundConfig, stages: list[Stage]) -> list[str]:
     return lines
 
 
-def write_png(path: Path, summary: dict[str, dict[str, float]]) -> bool:
-    """nDCG@10 against the fused weight alpha (1 = query only), one line per model; False without matplotlib."""
-    try:
-        import matplotlib
+# one colour per model (matplotlib's cycle: C0, C1, ...), one line style per mode
+MODE_STYLES = {
+    "query": {"linestyle": "none", "marker": "s", "markersize": 8},  # alpha = 1, on the fused curve's end
+    "fused": {"linestyle": "-", "marker": "o"},
+    "answer": {"linestyle": ":", "marker": None, "linewidth": 1.5},
+}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+
+def report_figure(summary: dict[str, dict[str, float]]) -> Any:
+    """nDCG@10 against the fused weight alpha (1 = query only): a colour per model, a style per mode, the legend
+    outside the axes so it never hides a curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
     models = sorted({k.split("/", 1)[0] for k in summary})
-    for model in models:
+    for i, model in enumerate(models):
+        colour = f"C{i % 10}"
         points = sorted((_alpha(k.split("/", 1)[1]), v["ndcg@10"]) for k, v in summary.items()
                         if k.startswith(model + "/") and _alpha(k.split("/", 1)[1]) is not None)  # fmt: skip
-        if points:
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
-        answer = summary.get(f"{model}/answer")
-        if answer:
-            ax.axhline(answer["ndcg@10"], linestyle=":", linewidth=1, label=f"{model}, answer only")
+        if len(points) > 1:
+            ax.plot(*zip(*points, strict=True), color=colour, label=f"{model}, fused", **MODE_STYLES["fused"])
+        if f"{model}/query" in summary:
+            ax.plot([1.0], [summary[f"{model}/query"]["ndcg@10"]], color=colour, label=f"{model}, query",
+                    **MODE_STYLES["query"])  # fmt: skip
+        if f"{model}/answer" in summary:
+            ax.axhline(summary[f"{model}/answer"]["ndcg@10"], color=colour, label=f"{model}, answer only",
+                       **MODE_STYLES["answer"])  # fmt: skip
     ax.set_xlabel("alpha (weight of the query embedding; 1 = query only)")
     ax.set_ylabel("nDCG@10")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
+    return fig
 
-    def save(f):
-        fig.savefig(f, format="png")
 
-    atomic_write(path, save, binary=True)
+def write_png(path: Path, summary: dict[str, dict[str, float]]) -> bool:
+    """The report's plot (:func:`report_figure`); False without matplotlib."""
+    try:
+        fig = report_figure(summary)
+    except ImportError:
+        return False
+    import matplotlib.pyplot as plt
+
+    atomic_write(path, lambda f: fig.savefig(f, format="png", bbox_inches="tight"), binary=True)
     plt.close(fig)
     return True
 

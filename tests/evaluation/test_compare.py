@@ -1,0 +1,188 @@
+"""``rir-finetune compare``: eval's per_query.json (its mean is metrics.json), the paired statistics against
+independent computations, the CLI end to end on real eval outputs, grouped seeds, one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import WORDS, build_tiny_bert
+from eval_fixtures import write_beir
+from rir_finetune.cli import main
+from rir_finetune.evaluation.compare import run_compare
+
+TOPICS = WORDS[10:22]
+
+
+@pytest.fixture(scope="module")
+def eval_runs(tmp_path_factory, tiny_bert_dir) -> tuple[Path, Path]:
+    """The real `eval` of two tiny random BERTs on a BEIR folder of 12 documents and 8 judged queries."""
+    root = tmp_path_factory.mktemp("compare_eval")
+    corpus = {f"d{i}": (t, f"{t} w{i} " + " ".join(WORDS[(i + k) % len(WORDS)] for k in range(6)))
+              for i, t in enumerate(TOPICS)}  # fmt: skip
+    queries = {f"q{i}": f"{t} effect w{i}" for i, t in enumerate(TOPICS[:8])}
+    data = write_beir(root / "beir", corpus, queries, [(f"q{i}", f"d{i}", 1) for i in range(8)])
+    other = build_tiny_bert(root / "other_bert", seed=1)
+    for name, model in (("a", tiny_bert_dir), ("b", other)):
+        main(["eval", "--model", str(model), "--data", str(data), "--output_dir", str(root / name),
+              "--use_cache", "false", "--show_progress", "false"])  # fmt: skip
+    return root / "a", root / "b"
+
+
+def write_run(folder: Path, values: dict[str, float], metric: str = "ndcg@10") -> str:
+    """An eval output folder by hand: per_query.json with one metric (and recall@100 = 1)."""
+    folder.mkdir(parents=True)
+    per_query = {qid: {metric: v, "recall@100": 1.0} for qid, v in values.items()}
+    (folder / "per_query.json").write_text(json.dumps(per_query))
+    return str(folder)
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_per_query_json_covers_every_judged_query_and_its_mean_is_metrics_json(eval_runs):
+    for folder in eval_runs:
+        per_query, metrics = read(folder / "per_query.json"), read(folder / "metrics.json")
+        assert sorted(per_query) == [f"q{i}" for i in range(8)]
+        assert all(list(v) == list(metrics) for v in per_query.values())
+        # the same sum in the same order as metrics.json's: equal to the last bit
+        assert {m: sum(v[m] for v in per_query.values()) / 8 for m in metrics} == metrics
+
+
+def test_cli_end_to_end(eval_runs, tmp_path, capsys):
+    a, b = eval_runs
+    capsys.readouterr()
+    main(["compare", str(a), str(b), "--output_dir", str(tmp_path / "cmp")])
+    out = capsys.readouterr().out
+    result = read(tmp_path / "cmp" / "compare.json")
+    pa, pb = read(a / "per_query.json"), read(b / "per_query.json")
+    assert out.startswith("8 queries paired") and result["paired_queries"] == 8
+    assert [(c["group"], c["metric"]) for c in result["comparisons"]] == [
+        ("b", "ndcg@10"),
+        ("b", "recall@100"),
+    ]
+    for c in result["comparisons"]:
+        d = {q: pb[q][c["metric"]] - pa[q][c["metric"]] for q in pa}
+        assert c["differences"] == d
+        assert c["mean_difference"] == pytest.approx(sum(d.values()) / 8, abs=1e-15)
+        assert (c["wins"], c["ties"], c["losses"]) == (sum(x > 0 for x in d.values()),
+                                                       sum(x == 0 for x in d.values()), sum(x < 0 for x in d.values()))  # fmt: skip
+        assert c["interval"][0] <= c["mean_difference"] <= c["interval"][1] and 0 < c["p_value"] <= 1
+        mean, lo, hi = (f"{x:+.4f}" for x in (c["mean_difference"], *c["interval"]))
+        assert f"| b | {c['metric']} | {mean} | [{lo}, {hi}] |" in out
+    assert [g["mean"]["ndcg@10"] for g in result["groups"]] == [
+        pytest.approx(read(f / "metrics.json")["ndcg@10"], abs=1e-15) for f in (a, b)
+    ]
+    assert out in (tmp_path / "cmp" / "compare.md").read_text()
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_run_against_itself(eval_runs, tmp_path, monkeypatch, capsys):
+    """Every difference is 0: mean 0, interval [0, 0], p = 1 (exactly, enumerated or sampled); no file written."""
+    monkeypatch.chdir(tmp_path)
+    a = str(eval_runs[0])
+    for flips, exact in (("10000", True), ("100", False)):  # 2^8 = 256 sign vectors: enumerated, then sampled
+        result = run_compare(None, [f"x={a}", f"y={a}", "--sign_flips", flips])
+        for c in result["comparisons"]:
+            assert (c["mean_difference"], c["interval"], c["p_value"]) == (0.0, [0.0, 0.0], 1.0)
+            assert (c["exact_p"], c["ties"], c["verdict"]) == (exact, 8, "no significant difference")
+    assert "gain" not in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+
+
+def test_statistics_equal_an_independent_computation(tmp_path):
+    """8 queries whose scores are multiples of 1/256, so every mean of 8 differences is a multiple of 1/2048: exact
+    in floating point whatever the order of summation, and the test recomputes each from integers. The bootstrap
+    draws the same indices (``default_rng(seed).integers(0, 8, (R, 8))``) and takes numpy's percentiles of the
+    same exact means, so the interval is equal to the last bit; R = 1000 makes it move with the seed. The sign-flip
+    p-value is the exact one over all 2^8 sign vectors (256 <= sign_flips), counted with integers as a Fraction;
+    with 100 sign flips, the same generator's vectors and (1 + count) / 101."""
+    base = [128, 144, 64, 32, 112, 48, 96, 80]
+    num = np.array([37, 11, 23, 58, 0, 45, -13, 29])  # differences in 1/256
+    runs = [write_run(tmp_path / name, {f"q{i}": (b + s * x) / 256 for i, (b, x) in enumerate(zip(base, num, strict=True))})
+            for name, s in (("base", 0), ("new", 1))]  # fmt: skip
+    common = [*runs, "--metrics", "ndcg@10", "--seed", "5", "--bootstrap_resamples", "1000"]
+    (c,) = run_compare(None, common)["comparisons"]
+    rng = np.random.default_rng(5)
+    means = num[rng.integers(0, 8, size=(1000, 8))].sum(axis=1) / 2048
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    count = sum(abs(sum(s * x for s, x in zip(signs, num, strict=True))) >= abs(num.sum())
+                for signs in itertools.product((-1, 1), repeat=8))  # fmt: skip
+    assert c["mean_difference"] == 190 / 2048 and c["interval"] == [lo, hi] and lo > 0
+    assert c["p_value"] == float(Fraction(int(count), 256)) and c["exact_p"]
+    assert (c["wins"], c["ties"], c["losses"], c["verdict"]) == (6, 1, 1, "significant gain")
+
+    (c,) = run_compare(None, [*common, "--sign_flips", "100"])["comparisons"]
+    signs = np.random.default_rng(5).integers(0, 2, size=(100, 8)) * 2 - 1
+    assert c["p_value"] == (1 + int((np.abs(signs @ num) >= abs(num.sum())).sum())) / 101 and not c["exact_p"]
+
+
+def test_an_interval_containing_zero_is_never_a_gain(tmp_path, capsys):
+    runs = [write_run(tmp_path / name, {f"q{i}": (8 + s * (4 if i % 2 else -3)) / 16 for i in range(8)})
+            for name, s in (("base", 0), ("new", 1))]  # fmt: skip
+    (c, _) = run_compare(None, runs)["comparisons"]
+    assert c["mean_difference"] > 0 and c["interval"][0] < 0 < c["interval"][1]
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| new | ndcg@10"))
+    assert row.endswith("| no significant difference |") and "gain" not in row
+
+
+def test_grouped_seeds_mean_and_sd_by_hand(tmp_path, capsys):
+    """Per seed the mean over the paired queries (q5 is judged in one seed only), then mean and sd over seeds;
+    the group's per-query value for the test is the mean over its seeds."""
+    base = write_run(tmp_path / "base", {"q1": 0.5, "q2": 0.25, "q3": 1.0, "q4": 0.0})
+    seeds = [{"q1": 0.75, "q2": 0.5, "q3": 1.0, "q4": 0.25},
+             {"q1": 0.5, "q2": 0.5, "q3": 0.75, "q4": 0.5, "q5": 1.0},
+             {"q1": 1.0, "q2": 0.25, "q3": 1.0, "q4": 0.0}]  # fmt: skip
+    folders = [write_run(tmp_path / f"s{i}", s) for i, s in enumerate(seeds)]
+    result = run_compare(None, [base, f"tuned={','.join(folders)}", "--metrics", "ndcg@10"])
+    out = capsys.readouterr().out
+    per_seed = [
+        statistics.mean(s[q] for q in ("q1", "q2", "q3", "q4")) for s in seeds
+    ]  # 0.625, 0.5625, 0.5625
+    group = result["groups"][1]
+    assert result["paired_queries"] == 4 and out.startswith("4 queries paired")
+    assert [s["values"]["ndcg@10"] for s in group["seeds"]] == per_seed
+    assert group["mean"]["ndcg@10"] == pytest.approx(statistics.mean(per_seed), abs=1e-15)
+    assert group["sd"]["ndcg@10"] == pytest.approx(statistics.stdev(per_seed), abs=1e-15)
+    assert f"| tuned | 3 | {statistics.mean(per_seed):.4f} +- {statistics.stdev(per_seed):.4f} |" in out
+    assert all(f"- tuned: `{f}` ndcg@10 {v:.4f}" in out for f, v in zip(folders, per_seed, strict=True))
+    (c,) = result["comparisons"]
+    hand = {"q1": 0.75 - 0.5, "q2": 1.25 / 3 - 0.25, "q3": 2.75 / 3 - 1.0, "q4": 0.25}
+    assert c["differences"] == pytest.approx(hand, abs=1e-15) and (c["wins"], c["losses"]) == (3, 1)
+
+
+def _error(capsys, *args: str) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["compare", *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_one_line_errors(tmp_path, capsys):
+    ok = write_run(tmp_path / "ok", {"q1": 0.5})
+    missing = str(tmp_path / "nope")
+    assert f"'runs': {missing}: no such folder" in _error(capsys, missing, ok)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "metrics.json").write_text("{}")
+    assert "rerun `rir-finetune eval` with this version" in _error(capsys, ok, str(old))
+    write_run(tmp_path / "round" / "eval" / "base" / "query", {"q1": 0.5})
+    assert f"name one, e.g. {tmp_path / 'round' / 'eval' / 'base' / 'query'}" in _error(
+        capsys, ok, str(tmp_path / "round" / "eval" / "base")
+    )
+    assert "at least two runs" in _error(capsys, ok)
+    assert f"config key 'metrics': {ok}/per_query.json: no 'ndcg@7'" in _error(
+        capsys, ok, f"x={ok}", "--metrics", "ndcg@7"
+    )
+    other = write_run(tmp_path / "other", {"q9": 0.5})
+    assert "no query is judged in every run" in _error(capsys, ok, other)
+    assert "two runs are named 'x'" in _error(capsys, f"x={ok}", f"x={other}")
