@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on a fresh machine (`make main-job`): one Reinforced-IR round on SciFact, configs/round_scifact.yaml:
-# SciFact's 809 train queries -> SmolLM2-135M answers (transformers, bf16 where native) -> MiniLM-mined hard negatives -> one epoch of
+# SciFact's 809 train queries (100 held out as dev queries) -> SmolLM2-135M answers (transformers, bf16 where native) -> MiniLM-mined hard negatives -> one epoch of
 # all-MiniLM-L6-v2 with L_qp + L_qa -> SciFact test answers -> evaluation of the base and the trained model
-# in query, answer and fused modes -> WORK/report.md. Usage:
+# in query, answer and fused modes (alpha chosen on the dev queries) -> WORK/report.md. Usage:
 #   bash scripts/main_job.sh [DATA_DIR] [WORK_DIR] [round options...]
 #   bash scripts/main_job.sh ../shared/data/scifact work/round_scifact --max_train_queries 100 --train.max_steps 4
 # DATA_DIR defaults to ../shared/data/scifact; without it, pass a BEIR folder (e.g. one from

@@ -82,7 +82,7 @@ def test_main_job_runs_the_round_on_a_scifact_slice(tmp_path):
         pytest.skip("../shared/data/scifact is missing")
     data = scifact_slice(tmp_path / "data")
     work = tmp_path / "work"
-    small = ["--llm.max_new_tokens", "24", "--mine.negatives", "3", "--mine.range_for_sampling", "2-30",
+    small = ["--dev_queries", "2", "--llm.max_new_tokens", "24", "--mine.negatives", "3", "--mine.range_for_sampling", "2-30",
              "--train.per_device_train_batch_size", "4", "--train.max_steps", "2", "--train.save_steps", "1"]  # fmt: skip
     proc = run_script(str(data), str(work), *small)
     assert proc.returncode == 0, proc.stderr[-3000:]

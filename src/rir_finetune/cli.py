@@ -26,7 +26,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Fine-tune bi-encoder retrievers with the Reinforced-IR objective. `rir-finetune CMD --help` lists CMD's keys.",
 )
-data_app = typer.Typer(no_args_is_help=True, help="Build training data: `data from-beir`, `data get`.")
+data_app = typer.Typer(
+    no_args_is_help=True, help="Build training data: `data from-beir`, `data split`, `data get`."
+)
 app.add_typer(data_app, name="data")
 
 # --help is ours (the key table), so typer passes it through with the other --key tokens

@@ -149,6 +149,13 @@ COMMANDS: dict[str, Command] = {
             "rir-finetune data from-beir DATA_DIR --split train --out train.jsonl",
         ),
         Command(
+            "data split",
+            "Hold out dev queries from training records, with a BEIR folder eval can score them in.",
+            "rir_finetune.prep.split:SplitConfig",
+            "rir_finetune.prep.split:run_split",
+            "rir-finetune data split train.jsonl --dev_queries 100 --corpus DATA_DIR --out_dir OUT",
+        ),
+        Command(
             "data get",
             "Download a BEIR dataset by name.",
             "rir_finetune.prep.beir:GetConfig",

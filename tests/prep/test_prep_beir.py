@@ -241,3 +241,31 @@ def test_resumable_drops_a_torn_last_line(tmp_path):
         f.write('{"i": 2, "ans')  # killed in the middle of a write
     assert ResumableJsonl(tmp_path / "o.jsonl").done() == [{"i": 0}, {"i": 1}]
     assert writer.partial.read_text().endswith("}\n")
+
+
+def test_data_split_holds_out_seeded_records_and_writes_a_dev_beir_folder(tmp_path):
+    import random
+
+    from rir_finetune.cli import main
+
+    records = [{"query": f"q{i}", "pos": [f"p{i}", f"p{i}"], "pos_ids": [f"d{i}", f"d{i}"], "qid": f"Q{i}", "answer": f"a{i}"}
+               for i in range(10)]  # fmt: skip
+    src = tmp_path / "train.jsonl"
+    write_jsonl(src, records)
+    corpus = tmp_path / "beir"
+    corpus.mkdir()
+    (corpus / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "p{i}"}}\n' for i in range(10)))
+    main(["data", "split", str(src), "--dev_queries", "3", "--seed", "7", "--corpus", str(corpus), "--out_dir",
+          str(tmp_path / "out")])  # fmt: skip
+    held = sorted(random.Random("7-dev").sample(range(10), 3))  # the rule, written again
+    out = tmp_path / "out"
+    dev = [json.loads(x) for x in (out / "dev.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
+    assert [d["qid"] for d in dev] == [f"Q{i}" for i in held] and dev[0]["answer"] == f"a{held[0]}"
+    assert [t["qid"] for t in train] == [f"Q{i}" for i in range(10) if i not in held]
+    qrels = (out / "dev_beir" / "qrels" / "dev.tsv").read_text().splitlines()
+    assert qrels == ["query-id\tcorpus-id\tscore", *(f"Q{i}\td{i}\t1" for i in held)]  # a doc judged once
+    assert (out / "dev_beir" / "corpus.jsonl").resolve() == (corpus / "corpus.jsonl").resolve()
+    from rir_finetune.retrieval.data import load_beir
+
+    assert sorted(load_beir(out / "dev_beir", "dev").queries) == sorted(f"Q{i}" for i in held)

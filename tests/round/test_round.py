@@ -194,3 +194,47 @@ def test_bad_stage_keys_are_refused_before_any_stage_is_cleared(tmp_path, tiny_b
             assert r.returncode == 2 and r.stderr.startswith("error: command line (--"), r.stderr[-2000:]
             assert "Traceback" not in r.stderr
             assert (train.stage.folder / "model.bin").read_text() == "weights"
+
+
+def test_the_fused_weight_is_chosen_on_held_out_training_queries(tmp_path, tiny_bert_dir, tiny_causal_lm_dir):
+    """dev_queries: the dev stage holds out training records (never trained on); eval picks alpha on them and reports
+    the test split at that alpha (fused_dev); the sweep on test is never quoted as the best mode."""
+    path = str(round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out"))
+    steps = plan(load_round_config(path, ["--dev_queries", "3"]))
+    assert [s.stage.name for s in steps] == [
+        "queries",
+        "augment",
+        "dev",
+        "mine",
+        "train",
+        "test_answers",
+        "eval",
+    ]
+    by = {s.stage.name: s.stage for s in steps}
+    assert by["mine"].settings["input"] == str(tmp_path / "out" / "dev" / "train.jsonl")
+    r = run_cli(["--config", path, "--dev_queries", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "out"
+    held = [json.loads(x) for x in (out / "dev" / "dev.jsonl").read_text().splitlines()]
+    trained_on = [json.loads(x) for x in (out / "dev" / "train.jsonl").read_text().splitlines()]
+    assert len(held) == 3 and len(trained_on) == 5 and all(x["answer"] for x in held)
+    assert not {x["query"] for x in held} & {x["query"] for x in trained_on}
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    for model in ("base", "trained"):
+        on_dev = {
+            float(a): v
+            for a, v in json.loads((out / "eval" / "dev" / model / "alphas.json").read_text()).items()
+        }
+        alpha = max(on_dev, key=lambda a: (on_dev[a], a))
+        chosen = summary[f"{model}/fused_dev"]
+        assert chosen["alpha"] == alpha and chosen["dev_ndcg@10"] == on_dev[alpha]
+        label = "query" if alpha == 1.0 else f"fused_{alpha:g}"
+        assert (
+            chosen["ndcg@10"] == summary[f"{model}/{label}"]["ndcg@10"]
+        )  # the test split at the dev's alpha
+        assert (out / "eval" / model / "fused_dev" / "per_query.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "chosen on the dev queries held out from training" in report
+    for line in report.splitlines():
+        if line.startswith("- best mode of"):
+            assert "fused_0" not in line, line  # a point of the test sweep is never a result

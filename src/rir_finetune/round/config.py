@@ -65,6 +65,12 @@ class RoundConfig:
     final_generator: bool | None = option(
         None, "reward + train_generator after the last round too; None: only as rounds: 1 asks"
     )
+    dev_queries: int = option(
+        0,
+        "training records held out (not trained on) to choose the fused weight alpha, reported on the test split at "
+        "that alpha; 0: no dev split (the fused rows are then a sweep on test, not a result)",
+        range=">=0",
+    )
     remine: bool = option(
         False,
         "round r >= 2 mines its hard negatives with round r-1's trained retriever (ANCE-style), not 'retriever'",

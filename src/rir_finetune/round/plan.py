@@ -113,6 +113,8 @@ def default_stages(cfg: RoundConfig) -> list[str]:
     uses_llm = bool(cfg.llm) or "augment" in cfg.sections
     if uses_llm:
         names.append("augment")
+        if cfg.dev_queries:
+            names.append("dev")
     names.append("mine")
     if "score" in cfg.sections:
         names.append("score")

@@ -26,7 +26,7 @@ def _read_json(path: Path) -> Any:
 def _alpha(label: str) -> float | None:
     if label == "query":
         return 1.0
-    if label.startswith("fused_"):
+    if label.startswith("fused_") and label != "fused_dev":  # fused_dev is one of the sweep's points, again
         return float(label[len("fused_") :])
     return None
 
@@ -44,6 +44,15 @@ def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
         cells = [f"{metrics[m]:.4f}" if m in metrics else "-" for m in METRICS]
         lines.append(f"| {model} | {label} | " + " | ".join(cells) + " |")
     lines.append("")
+    dev = {k.split("/")[0]: v for k, v in summary.items() if k.endswith("/fused_dev")}
+    if dev:
+        chosen = ", ".join(f"{m} {v['alpha']:g}" for m, v in dev.items() if "alpha" in v) or "see eval/dev/"
+        lines.append(f"- fused_dev: the fused weight alpha chosen on the dev queries held out from training ({chosen}),"
+                     " scored here; the fused_<alpha> rows are the sweep on this split, for the plot only")  # fmt: skip
+    elif any("/fused_" in k for k in summary):
+        lines.append(
+            "- no dev split (dev_queries 0): the fused_<alpha> rows are a sweep on this split, not a result"
+        )
     for model, (label, value) in _best(summary).items():
         lines.append(f"- best mode of the {model} model: {label} (nDCG@10 {value:.4f})")
     paired = paired_comparisons(ev.folder, summary)
@@ -63,8 +72,11 @@ def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
 def paired_comparisons(folder: Path, summary: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict]:
     """Trained vs base, query by query (``rir-finetune compare`` with its defaults), in query mode and in the
     trained model's best other mode: ``{(mode, metric): stats}``; modes without per_query.json are left out."""
-    others = [k.split("/", 1)[1] for k in summary if k.startswith("trained/") and k != "trained/query"]
-    best = max(others, key=lambda m: summary[f"trained/{m}"].get("ndcg@10", -1), default=None)
+    others = [
+        k.split("/", 1)[1] for k in summary if k.startswith("trained/") and _is_result(k.split("/", 1)[1])
+    ]
+    others = [m for m in others if m != "query"]
+    best = "fused_dev" if "fused_dev" in others else ("answer" if "answer" in others else None)
     out: dict[tuple[str, str], dict] = {}
     for mode in ("query", best):
         if mode is None or f"base/{mode}" not in summary or f"trained/{mode}" not in summary:
@@ -98,10 +110,17 @@ def _paired_lines(folder: Path, summary: dict[str, dict[str, float]], paired: di
     return [*lines, ""]
 
 
+def _is_result(label: str) -> bool:
+    """A mode whose score may be reported: not one point of the alpha sweep on the split it is scored on."""
+    return not label.startswith("fused_") or label == "fused_dev"
+
+
 def _best(summary: dict[str, dict[str, float]]) -> dict[str, tuple[str, float]]:
     best: dict[str, tuple[str, float]] = {}
     for key, metrics in summary.items():
         model, label = key.split("/", 1)
+        if not _is_result(label):
+            continue
         if model not in best or metrics.get("ndcg@10", -1) > best[model][1]:
             best[model] = (label, metrics.get("ndcg@10", -1))
     return best

@@ -86,6 +86,14 @@ def _augment(r: Round, sec: dict[str, Any], f: Path) -> Stage:
                   note=r.note)  # fmt: skip
 
 
+def _dev(r: Round, sec: dict[str, Any], f: Path) -> Stage:
+    records = r.need_records("dev")
+    settings = {"dev_queries": r.cfg.dev_queries, "seed": r.cfg.seed, **sec, "input": str(records[1]),
+                "corpus": r.need("data", "the corpus the dev queries are judged in"), "out_dir": str(f)}  # fmt: skip
+    return r.make("dev", f, [f / "train.jsonl", f / "dev.jsonl", f / "dev_beir" / "qrels" / "dev.tsv"], settings,
+                  [records[0]], {"corpus": file_stamp(Path(settings["corpus"]) / "corpus.jsonl")})  # fmt: skip
+
+
 def _mine(r: Round, sec: dict[str, Any], f: Path) -> Stage:
     records = r.need_records("mine")
     settings = {"model": r.cfg.retriever, "corpus": r.cfg.data, "seed": r.cfg.seed, **sec}
@@ -161,9 +169,12 @@ def _eval(r: Round, sec: dict[str, Any], f: Path) -> Stage:
     externals = {"data": data_stamp(data, [settings["split"]])}
     if "base" in models:
         externals["base"] = model_stamp(models["base"])
-    return r.make("eval", f, [f / "summary.json"], settings, [s.key for s in (trained, answers) if s is not None],
-                  externals, extra={"models": models, "modes": modes,
-                                    "answers": str(answers.outputs[0]) if answers else None})  # fmt: skip
+    dev = r.get("dev") if answers is not None else None
+    extra = {"models": models, "modes": modes, "answers": str(answers.outputs[0]) if answers else None}
+    if dev is not None:  # the fused weight is chosen on held-out training queries, never on the test split
+        extra["dev"] = {"data": str(dev.folder / "dev_beir"), "answers": str(dev.outputs[1])}
+    return r.make("eval", f, [f / "summary.json"], settings,
+                  [s.key for s in (trained, answers, dev) if s is not None], externals, extra=extra)  # fmt: skip
 
 
 def _reward(r: Round, sec: dict[str, Any], f: Path) -> Stage:
@@ -325,9 +336,38 @@ def run_eval(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
             print(f"round eval: {model_name} model, {label} mode", file=sys.stderr, flush=True)
             metrics = evaluate_folder(load_config(EvalArguments, None, keys))
             summary[f"{model_name}/{label}"] = {k: float(v) for k, v in metrics.items()}
+        if stage.extra.get("dev"):
+            summary[f"{model_name}/fused_dev"] = _fused_at_dev_alpha(stage, model_dir, model_name, summary)
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(stage.outputs[0], lambda f: f.write(text))
     return {"summary": summary}
+
+
+def _fused_at_dev_alpha(stage: Stage, model_dir: str, model_name: str, summary: dict) -> dict[str, float]:
+    """The fused weight with the best dev nDCG@10 (alpha 1: the query alone; ties go to the larger alpha), and the
+    test metrics at it; the dev sweep is written to ``dev/<model>/alphas.json``."""
+    from rir_finetune.config import load_config
+    from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
+
+    dev = stage.extra["dev"]
+    alphas = sorted({1.0, *(a for _, mode, a in stage.extra["modes"] if mode == "fused")})
+    on_dev: dict[float, float] = {}
+    for alpha in alphas:
+        keys = {**stage.settings, "model": model_dir, "data": dev["data"], "split": "dev", "max_queries": None,
+                "mode": "fused", "alpha": alpha, "answers": dev["answers"],
+                "output_dir": str(stage.folder / "dev" / model_name / f"fused_{alpha:g}")}  # fmt: skip
+        print(f"round eval: {model_name} model, dev queries, alpha {alpha:g}", file=sys.stderr, flush=True)
+        on_dev[alpha] = float(evaluate_folder(load_config(EvalArguments, None, keys))["ndcg@10"])
+    best = max(alphas, key=lambda a: (on_dev[a], a))
+    text = json.dumps({f"{a:g}": v for a, v in on_dev.items()}, indent=2) + "\n"
+    atomic_write(stage.folder / "dev" / model_name / "alphas.json", lambda f: f.write(text))
+    label = "query" if best == 1.0 else f"fused_{best:g}"
+    link = (
+        stage.folder / model_name / "fused_dev"
+    )  # the chosen test run, for `compare` and the report's paired rows
+    link.unlink(missing_ok=True)
+    link.symlink_to(label)
+    return {**summary[f"{model_name}/{label}"], "alpha": best, "dev_ndcg@10": on_dev[best]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -358,6 +398,7 @@ KINDS: dict[str, StageKind] = {
         StageKind("generate", "generate", _generate, records=True, origin=True, llm=True),
         StageKind("queries", "data from-beir", _queries, run_queries, records=True, origin=True),
         StageKind("augment", "augment", _augment, records=True, llm=True),
+        StageKind("dev", "data split", _dev, records=True),
         StageKind("mine", "mine", _mine, records=True),
         StageKind("score", "score", _score, records=True),
         StageKind("train", "train", _train, run_train),
