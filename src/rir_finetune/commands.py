@@ -137,9 +137,9 @@ COMMANDS: dict[str, Command] = {
             "[--section.key value]",
             "Options: --dry-run prints the plan (what runs, what is skipped, why) after validating everything; "
             "--from STAGE starts there (earlier stages must be up to date); --until STAGE stops after it.\n"
-            "Sections: one per stage (generate, queries, augment, mine, score, train, test_answers, eval, reward, "
-            "train_generator), each holding the keys of the command it runs (rir-finetune CMD --help); "
-            "--section.key value sets one from the command line.",
+            "Sections: one per stage, named as the plan (--dry-run) names them (queries, augment, mine, train, eval, "
+            "...), each holding the keys of the command it runs (rir-finetune CMD --help); --section.key value sets "
+            "one from the command line.",
         ),
         Command(
             "data from-beir",
