@@ -89,7 +89,7 @@ def test_cache_is_keyed_by_content_not_folder_name(model_dir, data, tmp_path):
     # a changed encoder setting is a new key
     run_cli("--model", model, "--output_dir", tmp_path / "o5", *common, "--max_length", "4")
     assert _cache_record(tmp_path / "o5")["hit"] is False
-    assert len(list((tmp_path / "cache").glob("*.npy"))) == 3
+    assert len(list((tmp_path / "cache").glob("*/manifest.json"))) == 3  # one store per key
     # bf16 embeddings are not fp32's: their own key, never a hit on the fp32 entry
     run_cli("--model", model, "--output_dir", tmp_path / "o6", *common, "--dtype", "bf16")
     assert _cache_record(tmp_path / "o6")["hit"] is False

@@ -221,3 +221,89 @@ def test_dense_mining_on_the_whole_scifact_corpus(minilm_dir, scifact_dir, scifa
     assert "cache hit (5183 passages)" in capsys.readouterr().err
     check_negatives(read_out(tmp_path / "mined.jsonl"), 15)
     assert counts["false_negatives"] > 0 and counts["short"] == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dense over the sharded embedding store (a tiny random BERT): a streamed corpus, several shards, an ivf index
+
+
+def test_collect_compares_passages_by_key_without_their_texts():
+    """A streamed pool holds text keys, not texts: the skips and the window are those of the in-memory pool."""
+    texts = ["p", "a", "b", "q", "c", "c", "d", "e"]
+    in_memory = Pool(texts=texts, ids=[f"d{i}" for i in range(8)], source="test")
+    streamed = Pool(None, in_memory.ids, "test", keys=in_memory.keys, row_of_text={}, row_of_id={})
+    record = {"query": "q", "pos": ["p"], "pos_ids": ["d0"]}
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0])  # as in the first test of this file
+    a, b = (
+        collect(record, scores, np.arange(8), pool, set(), 6.75, (0, 5), 3) for pool in (in_memory, streamed)
+    )
+    assert a == b  # the positive found by its text, the false negatives, both copies, the window and the fill
+    assert (a.positives, a.false_negatives, a.copies, a.window, a.below) == (
+        1,
+        2,
+        2,
+        [(4, 4)],
+        [(6, 6), (7, 7)],
+    )
+
+
+def synthetic_corpus(folder: Path, n_docs: int = 300, n_records: int = 25) -> Path:
+    """A BEIR corpus in the tiny BERT's words, and training records whose positive is one of its passages."""
+    import random
+
+    from conftest import WORDS
+
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) for _ in range(n_docs)]
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(docs))
+    )
+    recs = [
+        {"query": " ".join(docs[i].split()[:3]), "pos": [docs[i]], "pos_ids": [f"d{i}"]}
+        for i in range(0, 250, 10)
+    ]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs[:n_records]))
+    return folder
+
+
+def test_dense_mining_over_shards_equals_one_shard(tiny_bert_dir, tmp_path, capsys):
+    """The same vectors in a 6-shard store and in a 1-shard store (copied over) give the same negatives; a gzip
+    corpus file gives the same store (the same texts) and the same negatives."""
+    import gzip
+
+    from rir_finetune.retrieval.corpus import CorpusFile
+    from rir_finetune.retrieval.store import EmbeddingStore, fill_shards
+
+    data = synthetic_corpus(tmp_path / "data")
+    common = ["--input", str(data / "train.jsonl"), "--model", str(tiny_bert_dir), "--negatives", "5",
+              "--range_for_sampling", "3-40", "--negative_threshold", "0.999", "--batch_size", "8"]  # fmt: skip
+    counts = run_mine(None, [*common, "--corpus", str(data), "--shard_size", "50", "--cache_dir",
+                             str(tmp_path / "c6"), "--output", str(tmp_path / "six.jsonl")])  # fmt: skip
+    assert counts["texts_encoded"] == 300 and counts["false_negatives"] > 0 and counts["positives"] > 0
+    (store_dir,) = [p.parent for p in (tmp_path / "c6").glob("*/manifest.json")]
+    six = EmbeddingStore.read(store_dir)
+    assert len(six.shards) == 6
+    vectors = np.concatenate([v for _, v in six.iter_vectors()])
+    one = EmbeddingStore.open(tmp_path / "c1" / store_dir.name, six.identity, six.count, shard_size=six.count)
+    fill_shards(one, CorpusFile(data), [0], lambda texts: vectors)
+    gz = tmp_path / "corpus.jsonl.gz"
+    gz.write_bytes(gzip.compress((data / "corpus.jsonl").read_bytes()))
+    capsys.readouterr()
+    counts = run_mine(None, [*common, "--corpus", str(gz), "--cache_dir", str(tmp_path / "c1"),
+                             "--output", str(tmp_path / "one.jsonl")])  # fmt: skip
+    assert "corpus embeddings: cache hit (300 passages)" in capsys.readouterr().err
+    assert counts["texts_encoded"] == 0
+    assert (tmp_path / "six.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()
+    check_negatives(read_out(tmp_path / "six.jsonl"), 5)
+
+
+def test_dense_mining_with_an_approximate_index_reports_its_recall(tiny_bert_dir, tmp_path, capsys):
+    data = synthetic_corpus(tmp_path / "data")
+    run_mine(None, ["--input", str(data / "train.jsonl"), "--model", str(tiny_bert_dir), "--corpus", str(data),
+                    "--negatives", "5", "--range_for_sampling", "3-40", "--negative_threshold", "none",
+                    "--index", "hnsw", "--cache_dir", str(tmp_path / "c"), "--output", str(tmp_path / "o.jsonl")])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "index hnsw (ef_search " in printed and "tuned to 0.99): recall@" in printed
+    assert "of exact search on 25 sampled queries" in printed
+    check_negatives(read_out(tmp_path / "o.jsonl"), 5)

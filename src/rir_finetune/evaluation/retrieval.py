@@ -10,7 +10,7 @@ Example (a trainer's in-memory model)::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -20,21 +20,28 @@ from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, RetrievalDat
 from rir_finetune.retrieval.search import build_run, exact_search
 
 EncodeFn = Callable[[list[str]], np.ndarray]  # texts -> (n, H) float32 embeddings, in input order
+# (query reps (Q, H), k) -> (scores, corpus rows), both (Q, k), best first: a searcher over a stored corpus
+SearchFn = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
 
 
 def retrieve(
     query_reps: np.ndarray,
-    corpus_reps: np.ndarray,
+    corpus_reps: np.ndarray | None,
     query_ids: list[str],
-    doc_ids: list[str],
+    doc_ids: Sequence[str],
     *,
     top_k: int = 1000,
     ignore_identical_ids: bool = True,
     search_backend: str = "auto",
+    search: SearchFn | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Exact search of query_reps (Q, H) against corpus_reps (N, H): ``{query id: {doc id: score}}``, top_k each."""
+    """Search query_reps (Q, H): ``{query id: {doc id: score}}``, top_k each. Exact search against corpus_reps
+    (N, H), or ``search`` (e.g. :meth:`CorpusSearcher.search` over the embedding store; corpus_reps unused)."""
     extra = 1 if ignore_identical_ids else 0  # one hit may be the query itself
-    scores, indices = exact_search(query_reps, corpus_reps, top_k + extra, backend=search_backend)
+    if search is not None:
+        scores, indices = search(query_reps, top_k + extra)
+    else:
+        scores, indices = exact_search(query_reps, corpus_reps, top_k + extra, backend=search_backend)
     return build_run(query_ids, doc_ids, scores, indices, top_k, ignore_identical_ids)
 
 
@@ -54,14 +61,16 @@ def run_retrieval(
     answer_prefix: str = ANSWER_PREFIX,
     renormalize: bool = False,
     answers_source: str = "answers",
+    search: SearchFn | None = None,
+    doc_ids: Sequence[str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Encode the judged queries (sorted by id) and the corpus, search, and return the run.
 
     ``encode_corpus`` also encodes answers (``mode`` answer or fused): answers are passages. ``corpus_reps``
-    (N, H), in ``dataset.corpus`` order, skips encoding the corpus (e.g. from the cache).
+    (N, H), in ``dataset.corpus`` order, skips encoding the corpus (e.g. from the cache). ``search`` with
+    ``doc_ids`` (the id of each row it returns) searches a stored corpus instead: ``dataset.corpus`` is not read.
     """
     query_ids = sorted(dataset.queries)
-    doc_ids, doc_texts = dataset.corpus_texts(corpus_text_format)
     q_reps = query_side_reps(
         query_ids,
         [dataset.queries[q] for q in query_ids],
@@ -74,8 +83,11 @@ def run_retrieval(
         renormalize=renormalize,
         answers_source=answers_source,
     )  # (Q, H)
-    if corpus_reps is None:
-        corpus_reps = np.asarray(encode_corpus(doc_texts), dtype=np.float32)  # (N, H)
+    if search is None:
+        doc_ids, doc_texts = dataset.corpus_texts(corpus_text_format)
+        if corpus_reps is None:
+            corpus_reps = np.asarray(encode_corpus(doc_texts), dtype=np.float32)  # (N, H)
+    assert doc_ids is not None, "search needs doc_ids"
     return retrieve(
         q_reps,
         corpus_reps,
@@ -84,6 +96,7 @@ def run_retrieval(
         top_k=top_k,
         ignore_identical_ids=ignore_identical_ids,
         search_backend=search_backend,
+        search=search,
     )
 
 

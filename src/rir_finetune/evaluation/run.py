@@ -32,14 +32,15 @@ from rir_finetune.evaluation.outputs import (
 )
 from rir_finetune.evaluation.retrieval import run_retrieval
 from rir_finetune.precision import DEVICE_HELP
-from rir_finetune.retrieval.cache import cache_key, cached_corpus_encode, corpus_hash, default_cache_dir
+from rir_finetune.retrieval.corpus import CorpusFile
 from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
-from rir_finetune.retrieval.model_folder import POOLING_METHODS, model_fingerprint, read_settings
+from rir_finetune.retrieval.index import CorpusIndexKeys
+from rir_finetune.retrieval.model_folder import POOLING_METHODS, read_settings
 from rir_finetune.retrieval.search import BACKENDS
 
 
 @dataclass
-class EvalArguments:
+class EvalArguments(CorpusIndexKeys):
     model: str | None = option(
         None, "model folder: ours, any sentence-transformers folder, or a plain transformers one (required)"
     )
@@ -135,6 +136,7 @@ class EvalArguments:
             ) from None
         if self.mode != "query" and not self.answers:
             raise UserError(f"config key 'answers': mode {self.mode!r} needs --answers FILE")
+        super().__post_init__()  # the corpus store and index keys
 
 
 def run_eval(config_file: str | None, overrides: list[str]) -> dict[str, float]:
@@ -162,7 +164,8 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         query_instruction=args.query_instruction,
         passage_instruction=args.passage_instruction,
     )
-    dataset = load_beir(args.data, args.split).limit_queries(args.max_queries)
+    # the corpus is streamed into the embedding store, never held in memory as a whole
+    dataset = load_beir(args.data, args.split, read_corpus=False).limit_queries(args.max_queries)
     answers = None
     if args.mode != "query":
         answers = load_answers(args.answers)
@@ -171,43 +174,57 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
 
     # transformers is slow to import: only once the inputs are known to be valid
     from rir_finetune.retrieval.encoder import Encoder
+    from rir_finetune.retrieval.index import CorpusSearcher
+    from rir_finetune.retrieval.sharded import encode_corpus
 
-    encoder = Encoder(
-        settings,
-        batch_size=args.batch_size,
-        device=args.device,
-        show_progress=args.show_progress,
-        trust_remote_code=args.trust_remote_code,
-        dtype=args.dtype,
+    def make_encoder() -> Encoder:
+        return Encoder(
+            settings,
+            batch_size=args.batch_size,
+            device=args.device,
+            show_progress=args.show_progress,
+            trust_remote_code=args.trust_remote_code,
+            dtype=args.dtype,
+        )
+
+    encoded = encode_corpus(
+        CorpusFile(dataset.corpus_file, args.corpus_text_format),
+        make_encoder,
+        model_dir=args.model,
+        settings=settings,
+        store_dtype=args.store_dtype,
+        shard_size=args.shard_size,
+        cache_dir=args.cache_dir,
+        use_cache=args.use_cache,
+        watch_ids=dataset.judged_lines,
+        check=lambda scan: dataset.check_judged_documents(scan.rows_of_ids),
     )
-    doc_ids, doc_texts = dataset.corpus_texts(args.corpus_text_format)
-    key, described = cache_key(
-        model_fingerprint(args.model), settings, corpus_hash(doc_ids, doc_texts), encoder.dtype
-    )
-    cache_dir = (Path(args.cache_dir) if args.cache_dir else default_cache_dir()) if args.use_cache else None
-    cache_dir, store = files.check_cache_dir(cache_dir)
-    corpus_reps, hit = cached_corpus_encode(
-        cache_dir, key, described, doc_texts, encoder.encode_passages, store=store
-    )
-    print(
-        f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(doc_ids)} documents)", file=sys.stderr
-    )
-    run = run_retrieval(
-        encoder.encode_queries,
-        encoder.encode_passages,
-        dataset,
-        top_k=args.top_k,
-        ignore_identical_ids=args.ignore_identical_ids,
-        search_backend=args.search_backend,
-        corpus_text_format=args.corpus_text_format,
-        corpus_reps=corpus_reps,
-        mode=args.mode,
-        answers=answers,
-        alpha=args.alpha,
-        answer_prefix=args.answer_prefix,
-        renormalize=args.renormalize,
-        answers_source=str(args.answers),
-    )
+    if encoded is None:  # another rank of torchrun: its shards are stored; rank 0 searches and writes
+        return {}
+    print(encoded.note, file=sys.stderr)
+    encoder = encoded.encoder
+    try:
+        searcher = CorpusSearcher(encoded.store, args, backend=args.search_backend)
+        run = run_retrieval(
+            encoder.encode_queries,
+            encoder.encode_passages,
+            dataset,
+            top_k=args.top_k,
+            ignore_identical_ids=args.ignore_identical_ids,
+            search_backend=args.search_backend,
+            corpus_text_format=args.corpus_text_format,
+            mode=args.mode,
+            answers=answers,
+            alpha=args.alpha,
+            answer_prefix=args.answer_prefix,
+            renormalize=args.renormalize,
+            answers_source=str(args.answers),
+            search=searcher.search,
+            doc_ids=encoded.store.ids(),
+        )
+    finally:
+        encoded.close()
+    print(searcher.summary(), file=sys.stderr)
     per_query = per_query_metrics(dataset.qrels, run, args.k_values)
     metrics = mean_metrics(per_query)
     title = f"{Path(args.model).name} on {dataset.name} ({args.split}, mode {args.mode})"
@@ -219,8 +236,13 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
         "arguments": to_dict(args),
         "encoder": asdict(settings),
         "queries": len(dataset.queries),
-        "documents": len(doc_ids),
-        "cache": {"dir": str(cache_dir) if cache_dir else None, "key": key, "hit": hit},
+        "documents": encoded.scan.count,
+        "cache": {
+            "dir": str(encoded.cache_dir) if encoded.cache_dir else None,
+            "key": encoded.key,
+            "hit": encoded.hit,
+        },
+        "search": searcher.report(),
         "seconds": round(time.perf_counter() - start, 2),
     }
     atomic_write(out / "eval_config.json", lambda f: f.write(json.dumps(record, indent=2) + "\n"))

@@ -4,8 +4,11 @@
         --model all-MiniLM-L6-v2/ --corpus data/scifact --negatives 15 --range_for_sampling 10-210
 
 Every query is searched against the candidate pool (a BEIR ``corpus.jsonl`` with ``--corpus``, else every passage
-of the records, pos and neg): a dense model by exact inner product (faiss ``IndexFlatIP``; the corpus embeddings are
-cached on disk by the evaluation stack), or BM25 (``--model bm25``, bm25s). Candidates come from the ranks
+of the records, pos and neg): a dense model through the embedding store and faiss (``--index flat``, exact inner
+product, or an approximate ``ivf`` / ``hnsw``, see :mod:`rir_finetune.retrieval.index`), or BM25 (``--model bm25``,
+bm25s). A dense ``--corpus`` is streamed: its texts are never all in memory, only their embeddings (on disk,
+sharded, resumable; ``torchrun --nproc_per_node N -m rir_finetune mine ...`` encodes it with N processes) and an
+8-byte key per passage, with which candidates are compared. Candidates come from the ranks
 ``range_for_sampling`` = ``START-END`` (0-based, END excluded, as FlagEmbedding's ``hn_mine``). Skipped: every judged
 positive of the query (by id when the record has ``pos_ids`` and the pool has ids, and always by text), copies of the
 query or of an earlier candidate, and candidates scoring above ``negative_threshold`` x the best positive's score
@@ -21,7 +24,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,24 +35,26 @@ from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
 from rir_finetune.precision import DEVICE_HELP
-from rir_finetune.prep.beir import load_corpus
 from rir_finetune.prep.common import min_mean_max, report
 from rir_finetune.prep.io import Record, read_records
 from rir_finetune.retrieval import model_folder
+from rir_finetune.retrieval.corpus import CORPUS_NAMES, CorpusFile, InMemoryCorpus, text_key
+from rir_finetune.retrieval.index import CorpusIndexKeys
 
 BM25 = "bm25"
 STALE_FIELDS = ("pos_scores", "neg_scores", "teacher")  # teacher scores of the old negatives
 
 
 @dataclass
-class MineConfig:
+class MineConfig(CorpusIndexKeys):
     input: str | None = option(None, "JSONL records: query, pos (and pos_ids / qid from `data from-beir`)")
     output: str | None = option(None, "JSONL to write: the records with mined 'neg'")
     model: str | None = option(
         None, 'a dense model folder (sentence-transformers or transformers), or "bm25"'
     )
     corpus: str | None = option(
-        None, "BEIR folder whose corpus.jsonl is the candidate pool; None: the records' passages"
+        None,
+        "candidate pool: a BEIR folder (corpus.jsonl[.gz]) or a JSONL[.gz] file; None: the records' passages",
     )
     negatives: int = option(15, "negatives per record (upstream negative_number)", range=">=1")
     range_for_sampling: str = option(
@@ -89,6 +94,7 @@ class MineConfig:
             raise UserError(
                 f"config key 'search_backend': {self.search_backend!r} is not one of 'auto', 'faiss', 'torch'"
             )
+        super().__post_init__()  # the corpus store and index keys
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,21 +103,45 @@ class MineConfig:
 
 @dataclass
 class Pool:
-    texts: list[str]  # passage texts, one per row of the index
-    ids: list[str] | None  # doc ids (BEIR corpus) or None (the records' own passages: text is the identity)
+    """The candidate passages, one per row of the index. Passages are compared by :func:`text_key` (equal texts,
+    equal keys), so a streamed corpus needs no texts in memory: they are fetched for the chosen negatives only."""
+
+    texts: list[str] | None  # passage texts, or None: a streamed corpus (``fetch``)
+    ids: Sequence[str] | None  # doc ids (a corpus) or None (the records' own passages: text is the identity)
     source: str  # for the summary
+    keys: np.ndarray | None = None  # (N,) uint64 text keys; computed from texts when not given
+    row_of_text: dict[str, int] | None = None  # (positive) text -> first row; from texts when not given
+    row_of_id: dict[str, int] | None = None  # (positive) id -> row; from ids when not given
+    fetch: Callable[[Collection[int]], dict[int, str]] | None = None  # rows -> texts, for a streamed corpus
 
     def __post_init__(self):
-        self.row_of_text = {}
-        for row, text in enumerate(self.texts):
-            self.row_of_text.setdefault(text, row)
-        self.row_of_id = {d: row for row, d in enumerate(self.ids)} if self.ids is not None else {}
+        if self.texts is not None:
+            if self.keys is None:
+                self.keys = np.array([text_key(t) for t in self.texts], dtype=np.uint64)
+            if self.row_of_text is None:
+                self.row_of_text = {}
+                for row, text in enumerate(self.texts):
+                    self.row_of_text.setdefault(text, row)
+        if self.row_of_id is None:
+            self.row_of_id = {d: row for row, d in enumerate(self.ids)} if self.ids is not None else {}
+
+    @property
+    def n(self) -> int:
+        return len(self.keys)
+
+    def texts_of(self, rows: Collection[int]) -> dict[int, str]:
+        if self.texts is not None:
+            return {row: self.texts[row] for row in rows}
+        return self.fetch(rows)
 
 
 def build_pool(cfg: MineConfig, records: list[Record]) -> Pool:
+    """The pool in memory (BM25, and a dense model over the records' passages)."""
     if cfg.corpus:
-        ids, texts = load_corpus(cfg.corpus)
-        return Pool(texts, ids, f"{cfg.corpus}/corpus.jsonl")
+        corpus = CorpusFile(cfg.corpus)
+        corpus.scan()  # every row well-formed, ids unique, before they are held
+        rows = list(corpus.rows([(0, sys.maxsize)]))
+        return Pool([t for _, _, t in rows], [d for _, d, _ in rows], corpus.source)
     texts = list(dict.fromkeys(t for r in records for t in [*r["pos"], *(r.get("neg") or [])]))
     return Pool(texts, None, "the records' passages (pos + neg)")
 
@@ -153,17 +183,15 @@ class Bm25Ranker:
 
 
 class DenseRanker:
-    """A dense encoder (the evaluation stack's, with its corpus cache) and exact inner-product search."""
+    """A dense encoder over the embedding store (sharded, resumable, shared with ``eval``) and a faiss index.
 
-    def __init__(self, cfg: MineConfig, pool: Pool, queries: list[str]):
-        from rir_finetune.retrieval.cache import (
-            cache_key,
-            cached_corpus_encode,
-            corpus_hash,
-            default_cache_dir,
-        )
+    Under torchrun every rank encodes its shards; ``pool`` is None on ranks other than 0, which stop there."""
+
+    def __init__(self, cfg: MineConfig, records: list[Record], queries: list[str]):
         from rir_finetune.retrieval.encoder import Encoder
-        from rir_finetune.retrieval.model_folder import model_fingerprint, read_settings
+        from rir_finetune.retrieval.index import CorpusSearcher
+        from rir_finetune.retrieval.model_folder import read_settings
+        from rir_finetune.retrieval.sharded import encode_corpus
 
         settings = read_settings(
             cfg.model,
@@ -171,28 +199,33 @@ class DenseRanker:
             query_instruction=cfg.query_instruction,
             passage_instruction=cfg.passage_instruction,
         )
-        encoder = Encoder(settings, batch_size=cfg.batch_size, device=cfg.device)
-        ids = pool.ids if pool.ids is not None else [str(i) for i in range(len(pool.texts))]
-        key, described = cache_key(model_fingerprint(cfg.model), settings, corpus_hash(ids, pool.texts))
-        cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
-        cache_dir, store = files.check_cache_dir(cache_dir)
-        self.corpus_reps, hit = cached_corpus_encode(
-            cache_dir, key, described, pool.texts, encoder.encode_passages, store=store
-        )  # (N, H)
-        self.cache_note = (
-            f"corpus embeddings: {'cache hit' if hit else 'encoded'} ({len(pool.texts)} passages)"
-        )
+        memory = None if cfg.corpus else build_pool(cfg, records)
+        corpus = CorpusFile(cfg.corpus) if cfg.corpus else InMemoryCorpus(
+            [str(i) for i in range(len(memory.texts))], memory.texts, memory.source
+        )  # fmt: skip
+        self.encoded = encode_corpus(
+            corpus, lambda: Encoder(settings, batch_size=cfg.batch_size, device=cfg.device),
+            model_dir=cfg.model, settings=settings, store_dtype=cfg.store_dtype, shard_size=cfg.shard_size,
+            cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
+            watch_ids={str(d) for r in records for d in r.get("pos_ids") or []},
+            watch_texts={t for r in records for t in r["pos"]},
+        )  # fmt: skip
+        self.pool: Pool | None = None
+        if self.encoded is None:
+            return
+        scan, store = self.encoded.scan, self.encoded.store
+        self.pool = memory or Pool(None, store.ids(), corpus.source, scan.text_keys, scan.rows_of_texts,
+                                   scan.rows_of_ids, corpus.texts_of)  # fmt: skip
+        self.cache_note = self.encoded.note
         print(self.cache_note, file=sys.stderr)
-        self.query_reps = encoder.encode_queries(queries)  # (Q, H)
-        self.backend = cfg.search_backend
+        self.query_reps = self.encoded.encoder.encode_queries(queries)  # (Q, H)
+        self.searcher = CorpusSearcher(store, cfg, backend=cfg.search_backend)
 
     def rank(self, rows: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-        from rir_finetune.retrieval.search import exact_search
-
-        return exact_search(self.query_reps[rows], self.corpus_reps, k, backend=self.backend)
+        return self.searcher.search(self.query_reps[rows], k)
 
     def score(self, row: int, doc_rows: list[int]) -> list[float]:
-        return (self.corpus_reps[doc_rows] @ self.query_reps[row]).tolist()
+        return (self.encoded.store.rows(doc_rows) @ self.query_reps[row]).tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,25 +261,24 @@ def collect(
 ) -> Candidates:
     """Walk one query's ranking (scores, rows: (k,)) and sort candidates into window / below / skipped."""
     start, end = sample_range
-    positive_texts = set(record["pos"])
+    positive_keys = {text_key(t) for t in record["pos"]}
     out = Candidates([], [])
-    taken: set[str] = {record["query"]}
-    for rank, (score, row) in enumerate(zip(scores.tolist(), rows.tolist(), strict=True)):
-        if row < 0:  # faiss pads missing hits with -1
-            break
+    taken: set[int] = {text_key(record["query"])}
+    rows = rows[: np.argmax(rows < 0)] if (rows < 0).any() else rows  # faiss pads missing hits with -1
+    keys = pool.keys[rows].tolist()
+    for rank, (score, row, key) in enumerate(zip(scores.tolist(), rows.tolist(), keys, strict=False)):
         if rank >= end and len(out.window) + len(out.below) >= need:
             break
         if rank < start:
             continue
-        text = pool.texts[row]
-        if row in positive_rows or text in positive_texts:
+        if row in positive_rows or key in positive_keys:
             out.positives += 1
-        elif text in taken:
+        elif key in taken:
             out.copies += 1
         elif limit is not None and score > limit:
             out.false_negatives += 1
         else:
-            taken.add(text)
+            taken.add(key)
             (out.window if rank < end else out.below).append((rank, row))
     return out
 
@@ -258,7 +290,7 @@ def mine(cfg: MineConfig) -> dict[str, float]:
             raise UserError(
                 f"config key {key!r} is required: rir-finetune mine --input IN --output OUT --model DIR|bm25"
             )
-    corpus_files = (Path(cfg.corpus) / "corpus.jsonl", Path(cfg.corpus)) if cfg.corpus else ()
+    corpus_files = (*(Path(cfg.corpus) / n for n in CORPUS_NAMES), Path(cfg.corpus)) if cfg.corpus else ()
     dense = cfg.model != BM25
     # before any work: the output is none of the inputs (records, corpus folder, model folder)
     out = files.check_output_file(
@@ -271,10 +303,16 @@ def mine(cfg: MineConfig) -> dict[str, float]:
         precision.check_device(cfg.device)
     records = read_records(cfg.input)
     start_time = time.time()
-    pool = build_pool(cfg, records)
     queries = [r["query"] for r in records]
-    ranker = Bm25Ranker(pool, queries) if cfg.model == BM25 else DenseRanker(cfg, pool, queries)
-    n = len(pool.texts)
+    if dense:
+        ranker = DenseRanker(cfg, records, queries)
+        if ranker.pool is None:  # another rank of torchrun: its shards are stored; rank 0 mines and writes
+            return {}
+        pool = ranker.pool
+    else:
+        pool = build_pool(cfg, records)
+        ranker = Bm25Ranker(pool, queries)
+    n = pool.n
 
     positive_rows = [judged_rows(r, pool) for r in records]
     limits: list[float | None] = []
@@ -319,9 +357,8 @@ def mine(cfg: MineConfig) -> dict[str, float]:
 
     rng = random.Random(cfg.seed)
     counts = {"false_negatives": 0, "positives": 0, "copies": 0, "filled": 0, "short": 0}
-    per_record: list[int] = []
-    results = []
-    for i, record in enumerate(records):
+    chosen_rows: list[list[int]] = []
+    for i in range(len(records)):
         c = found[i]
         if len(c.window) >= need:
             chosen = sorted(rng.sample(c.window, need))  # rank order
@@ -331,16 +368,22 @@ def mine(cfg: MineConfig) -> dict[str, float]:
             counts["short"] += len(chosen) < need
         for key in ("false_negatives", "positives", "copies"):
             counts[key] += getattr(c, key)
+        chosen_rows.append([row for _, row in chosen])
+    per_record = [len(rows) for rows in chosen_rows]
+    texts = pool.texts_of({row for rows in chosen_rows for row in rows})  # one pass over a streamed corpus
+    results = []
+    for record, rows in zip(records, chosen_rows, strict=True):
         result = {k: v for k, v in record.items() if k not in STALE_FIELDS and k != "neg_ids"}
-        result["neg"] = [pool.texts[row] for _, row in chosen]
+        result["neg"] = [texts[row] for row in rows]
         if pool.ids is not None:
-            result["neg_ids"] = [pool.ids[row] for _, row in chosen]
+            result["neg_ids"] = [pool.ids[row] for row in rows]
         results.append(files.json_line(result, str(out)))
-        per_record.append(len(chosen))
     if not any(per_record):  # a result without a single negative cannot be right: nothing is written
         raise _NoNegatives(counts, len(records))
     with files.atomic_jsonl(out) as f:
         f.writelines(results)
+    if dense:
+        ranker.encoded.close()  # a temporary store (use_cache false) goes; a cached one stays
     stale = sum(any(k in r for k in STALE_FIELDS) for r in records)
     seconds = time.time() - start_time
     threshold = f"score > {cfg.negative_threshold} x positive" if cfg.negative_threshold else "threshold off"
@@ -360,6 +403,8 @@ def mine(cfg: MineConfig) -> dict[str, float]:
         lines.append(
             f"{stale} records had teacher scores for their old negatives: removed (run `score` again)"
         )
+    if dense:
+        lines.append(ranker.searcher.summary())
     lines.append(f"wrote {out} ({seconds:.1f} s)")
     report("mine", lines)
     if counts["short"]:
@@ -370,7 +415,8 @@ def mine(cfg: MineConfig) -> dict[str, float]:
         )
     return {"records": len(records), "seconds": seconds, **counts,
             "min_negatives": min(per_record), "max_negatives": max(per_record),
-            "mean_negatives": sum(per_record) / len(per_record)}  # fmt: skip
+            "mean_negatives": sum(per_record) / len(per_record),
+            **({"texts_encoded": ranker.encoded.texts_encoded} if dense else {})}  # fmt: skip
 
 
 class _NoNegatives(UserError):

@@ -1,88 +1,42 @@
-"""Corpus embeddings cached on disk, keyed by what produced them, never by a folder name.
+"""The whole-array form of the embedding store (:mod:`.store`), for callers that hold their passages in memory.
 
-The key hashes the model's content (:func:`model_fingerprint`: weights, configs, tokenizer files), every encoder
-setting (pooling, normalisation, max length, passage instruction) and the corpus (ids and the exact texts that were
-encoded). Retraining into the same folder, or two models with the same folder name, therefore never reuses stale
-vectors. Default location: ``$RIR_FINETUNE_CACHE`` if set, else ``$XDG_CACHE_HOME/rir_finetune/embeddings``, else
-``~/.cache/rir_finetune/embeddings``. Each entry is ``<key>.npy`` (float32, one row per document) plus
-``<key>.json`` (what went into the key, for people reading the folder). Files are written atomically.
+``cached_corpus_encode(cache_dir, key, described, texts, encode)`` returns the (N, H) float32 array of ``texts``,
+read from the store ``<cache_dir>/<key>/`` or encoded and stored there (one shard). ``key`` and ``described`` come
+from :func:`cache_key`, which hashes the model's content, the encoder settings, the corpus and the dtype, never a
+folder name: retraining into the same folder, or two models with the same folder name, never reuses stale vectors.
+``eval`` and ``mine`` use the sharded form directly (:mod:`.sharded`); the stores are the same.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from rir_finetune.files import atomic_write
-from rir_finetune.lifecycle import settings_fingerprint
+from rir_finetune.retrieval.corpus import InMemoryCorpus
 from rir_finetune.retrieval.model_folder import EncoderSettings
+from rir_finetune.retrieval.store import (
+    MANIFEST,
+    EmbeddingStore,
+    corpus_hash,
+    default_cache_dir,
+    fill_shards,
+    store_identity,
+    store_key,
+)
 
-CACHE_VERSION = 1  # bump when the encoder's numerics change
-
-
-def default_cache_dir() -> Path:
-    """Where corpus embeddings go unless ``cache_dir`` is configured."""
-    if os.environ.get("RIR_FINETUNE_CACHE"):
-        return Path(os.environ["RIR_FINETUNE_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "rir_finetune" / "embeddings"
-
-
-def corpus_hash(doc_ids: list[str], texts: list[str]) -> str:
-    """SHA-256 over every (id, text) pair in order."""
-    h = hashlib.sha256()
-    for doc_id, text in zip(doc_ids, texts, strict=True):
-        h.update(doc_id.encode() + b"\0" + text.encode() + b"\0")
-    return h.hexdigest()
+__all__ = ["cache_key", "cached_corpus_encode", "corpus_hash", "default_cache_dir"]
 
 
 def cache_key(
     model_fingerprint: str, settings: EncoderSettings, corpus_digest: str, dtype: str = "float32"
 ) -> tuple[str, dict]:
-    """The cache key and the description it hashes. The model's path is not part of it, only its content.
-
-    ``dtype``: what the encoder computed in (``Encoder.dtype``); fp32 keys are those of earlier versions."""
-    fields = dataclasses.asdict(settings)
-    fields.pop("transformer_dir")
-    fields.pop("query_instruction")  # queries are never cached
-    described = {
-        "version": CACHE_VERSION,
-        "model": model_fingerprint,
-        "settings": fields,
-        "corpus": corpus_digest,
-    }
-    if dtype != "float32":
-        described["dtype"] = dtype
-    key = settings_fingerprint(described, length=32)
-    return key, described
-
-
-def load_cached(cache_dir: str | Path, key: str, n_docs: int) -> np.ndarray | None:
-    """The cached (n_docs, H) array, or ``None`` when absent or unreadable (then it is recomputed)."""
-    path = Path(cache_dir) / f"{key}.npy"
-    if not path.is_file():
-        return None
-    try:
-        reps = np.load(path, allow_pickle=False)
-    except (OSError, ValueError):
-        return None
-    return reps if reps.ndim == 2 and reps.shape[0] == n_docs and reps.dtype == np.float32 else None
-
-
-def save_cached(cache_dir: str | Path, key: str, reps: np.ndarray, described: dict) -> None:
-    """Store ``reps`` (n_docs, H) float32 under ``key``."""
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-
-    array = np.ascontiguousarray(reps, dtype=np.float32)
-    atomic_write(cache_dir / f"{key}.npy", lambda f: np.save(f, array, allow_pickle=False), binary=True)
-    atomic_write(cache_dir / f"{key}.json", lambda f: f.write(json.dumps(described, indent=2) + "\n"))
+    """The store's key and the identity it hashes (float32 vectors on disk). These stores record row numbers as
+    ids (the caller passes only texts), so their identity says so: a sharded store of the same corpus, which
+    holds the real ids, never serves them or is served by them."""
+    identity = {**store_identity(model_fingerprint, settings, corpus_digest, dtype), "ids": "row numbers"}
+    return store_key(identity), identity
 
 
 def cached_corpus_encode(
@@ -93,14 +47,16 @@ def cached_corpus_encode(
     encode: Callable[[list[str]], np.ndarray],
     store: bool = True,
 ) -> tuple[np.ndarray, bool]:
-    """``(reps, hit)``: the cached array for ``key`` or ``encode(texts)`` stored under it. ``cache_dir=None``: no cache.
-
-    ``store=False`` reads hits but writes nothing (a read-only cache, see ``files.check_cache_dir``)."""
-    if cache_dir is not None:
-        reps = load_cached(cache_dir, key, len(texts))
-        if reps is not None:
-            return reps, True
-    reps = np.asarray(encode(texts), dtype=np.float32)
-    if cache_dir is not None and store:
-        save_cached(cache_dir, key, reps, described)
-    return reps, False
+    """``(reps, hit)``: the stored (N, H) array for ``key`` or ``encode(texts)`` stored under it. ``cache_dir=None``:
+    no cache. ``store=False`` reads hits but writes nothing (a read-only cache, see ``files.check_cache_dir``)."""
+    folder = Path(cache_dir) / key if cache_dir is not None else None
+    if folder is not None and (folder / MANIFEST).is_file():
+        found = EmbeddingStore.open(folder, described, len(texts), len(texts), create=False)
+        if not found.pending():
+            return np.concatenate([v for _, v in found.iter_vectors()]), True
+    if folder is None or not store:
+        return np.asarray(encode(texts), dtype=np.float32), False
+    made = EmbeddingStore.open(folder, described, len(texts), max(1, len(texts)))
+    corpus = InMemoryCorpus([str(i) for i in range(len(texts))], texts)
+    fill_shards(made, corpus, made.pending(), encode)
+    return np.concatenate([v for _, v in made.iter_vectors()]), False

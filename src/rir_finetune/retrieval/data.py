@@ -16,15 +16,15 @@ with a warning giving the count.
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rir_finetune.errors import UserError, located
 from rir_finetune.files import iter_jsonl, iter_lines
+from rir_finetune.retrieval.corpus import CORPUS_NAMES, DEFAULT_CORPUS_TEXT_FORMAT, CorpusFile, field_of
 
-DEFAULT_CORPUS_TEXT_FORMAT = "{title} {text}"
 # upstream Reinforced-IR encodes an answer as a passage after this prefix (its 'new_query'), in training, evaluation
 # and the generator's reward alike
 ANSWER_PREFIX = "Generate the topic about this passage: "
@@ -46,6 +46,11 @@ class RetrievalDataset:
     qrels: dict[str, dict[str, int]]  # query id -> {doc id: graded relevance}
     name: str = ""
     split: str = "test"
+    # read without the corpus (load_beir(read_corpus=False)): where it is, and which qrels line judges each document,
+    # for :meth:`check_judged_documents` once a scan of the corpus has found them
+    corpus_file: Path | None = None
+    qrels_file: Path | None = None
+    judged_lines: dict[str, int] = field(default_factory=dict)
 
     def corpus_texts(self, text_format: str = DEFAULT_CORPUS_TEXT_FORMAT) -> tuple[list[str], list[str]]:
         """Doc ids and their texts, ``text_format.format(title=..., text=...).strip()``, in corpus order."""
@@ -64,24 +69,39 @@ class RetrievalDataset:
             {q: self.qrels[q] for q in keep},
             self.name,
             self.split,
+            self.corpus_file,
+            self.qrels_file,
+            self.judged_lines,
         )
 
+    def check_judged_documents(self, found: Collection[str]) -> None:
+        """Every judged document is among ``found`` (the corpus ids a scan watched for), else the first qrels line
+        naming a missing one is the error."""
+        missing = [(line, d) for d, line in self.judged_lines.items() if d not in found]
+        if missing:
+            line, doc_id = min(missing)
+            raise located(self.qrels_file, line, f"document {doc_id!r} is not in {self.corpus_file}")
 
-def _field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> Any:
-    for name in names:
-        if name in obj and obj[name] is not None:
-            return obj[name]
-    raise located(path, lineno, f"missing field {' or '.join(repr(n) for n in names)}")
+
+_field = field_of
 
 
-def _read_id_texts(path: Path, with_title: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _read_id_texts(path: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
     for lineno, obj in iter_jsonl(path):
         key = str(_field(obj, ("_id", "id"), path, lineno))
         if key in out:
             raise located(path, lineno, f"duplicate id {key!r}")
-        text = str(_field(obj, ("text",), path, lineno))
-        out[key] = {"title": str(obj.get("title") or ""), "text": text} if with_title else text
+        out[key] = str(_field(obj, ("text",), path, lineno))
+    return out
+
+
+def _read_corpus(path: Path) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for lineno, doc_id, title, text in CorpusFile(path).documents():
+        if doc_id in out:
+            raise located(path, lineno, f"duplicate id {doc_id!r}")
+        out[doc_id] = {"title": title, "text": text}
     return out
 
 
@@ -126,16 +146,22 @@ def _read_qrels_jsonl(path: Path) -> Iterator[tuple[int, str, str, int]]:
 
 
 def layout_files(data_dir: Path, split: str) -> tuple[Path, Path, Path]:
-    """``(corpus, queries, qrels)`` paths of ``data_dir`` in BEIR or FlagEmbedding's custom layout."""
-    corpus = data_dir / "corpus.jsonl"
+    """``(corpus, queries, qrels)`` paths of ``data_dir`` in BEIR or FlagEmbedding's custom layout (the corpus
+    may be gzip-compressed, ``corpus.jsonl.gz``)."""
+    corpus = next(
+        (data_dir / n for n in CORPUS_NAMES if (data_dir / n).is_file()), data_dir / CORPUS_NAMES[0]
+    )
     custom_queries, custom_qrels = data_dir / f"{split}_queries.jsonl", data_dir / f"{split}_qrels.jsonl"
     if custom_queries.is_file() and not (data_dir / "queries.jsonl").is_file():
         return corpus, custom_queries, custom_qrels
     return corpus, data_dir / "queries.jsonl", data_dir / "qrels" / f"{split}.tsv"
 
 
-def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
-    """Load and check ``data_dir`` (BEIR or FlagEmbedding custom layout) for ``split``."""
+def load_beir(data_dir: str | Path, split: str = "test", read_corpus: bool = True) -> RetrievalDataset:
+    """Load and check ``data_dir`` (BEIR or FlagEmbedding custom layout) for ``split``.
+
+    ``read_corpus=False`` leaves ``corpus`` empty (a corpus too large for memory is streamed instead): the judged
+    documents are then checked by :meth:`RetrievalDataset.check_judged_documents` after a scan."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: data folder not found")
@@ -147,17 +173,19 @@ def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
             )
     if not qrels_path.is_file():
         raise located(qrels_path, None, f"qrels file of split {split!r} not found")
-    corpus = _read_id_texts(corpus_path, with_title=True)
-    if not corpus:
+    corpus = _read_corpus(corpus_path) if read_corpus else {}
+    if read_corpus and not corpus:
         raise located(corpus_path, None, "the corpus is empty")
-    all_queries = _read_id_texts(queries_path, with_title=False)
+    all_queries = _read_id_texts(queries_path)
     rows = _read_qrels_jsonl(qrels_path) if qrels_path.suffix == ".jsonl" else _read_qrels_tsv(qrels_path)
     qrels: dict[str, dict[str, int]] = {}
     first_line: dict[tuple[str, str], int] = {}
+    judged_lines: dict[str, int] = {}
     repeated = 0
     for lineno, qid, docid, rel in rows:
-        if docid not in corpus:
+        if read_corpus and docid not in corpus:
             raise located(qrels_path, lineno, f"document {docid!r} is not in {corpus_path}")
+        judged_lines.setdefault(docid, lineno)
         if qid not in all_queries:
             raise located(qrels_path, lineno, f"query {qid!r} is not in {queries_path}")
         if (qid, docid) in first_line:  # the same judgement twice: harmless; two different grades: which one?
@@ -180,4 +208,13 @@ def load_beir(data_dir: str | Path, split: str = "test") -> RetrievalDataset:
     if not qrels:
         raise located(qrels_path, None, "no relevance judgements")
     queries = {qid: all_queries[qid] for qid in qrels}
-    return RetrievalDataset(corpus, queries, qrels, name=data_dir.name, split=split)
+    return RetrievalDataset(
+        corpus,
+        queries,
+        qrels,
+        data_dir.name,
+        split,
+        corpus_path,
+        qrels_path,
+        {} if read_corpus else judged_lines,
+    )
