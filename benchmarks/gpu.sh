@@ -1,73 +1,109 @@
 #!/usr/bin/env bash
-# GPU readiness (issue 19): step speed with MFU, peak memory, and a 2-process NCCL equality check, in one script,
-# under 10 minutes on one node. Results in $OUT (default work/gpu): step.json, memory.json, ddp.json, summary.txt.
+# The GPU check in one run of under 8 minutes on a lent GPU; results in $OUT (default work/gpu), at most 7 files:
+# summary.txt, step.json, encode.json, generate.json, round.json, round_report.md (and ddp.json with 2+ GPUs).
 #
-#   bash benchmarks/gpu.sh                 # needs the project's venv with a CUDA torch, and a GPU
-#   OUT=work/gpu PEAK_TFLOPS=989 bash benchmarks/gpu.sh
+#   bash ../shared/gpu/prepare.sh                        # here, once: the .gpu/ payload (wheels, MiniLM, SmolLM2 shape)
+#   source .gpu/env.sh && bash benchmarks/gpu.sh         # on the GPU machine (device tool: carry [".gpu"])
+#   SMOKE=1 bash benchmarks/gpu.sh                       # toy sizes on any machine (a CPU too): that every part runs
+#   BUDGET=420 PEAK_TFLOPS=989 bash benchmarks/gpu.sh    # seconds for the four parts (default 450); bf16 dense peak
 #
-# 1. benchmarks/gpu_check.py step: MiniLM and a BERT-base-shaped model (random init), 16 and 64 queries x 4
-#    passages, query 64 / passage 256 tokens, bf16 autocast, SDPA: bare forward+backward vs ours (plain and with the
-#    gradient cache), median s/step, queries/s, MFU.
-# 2. benchmarks/gpu_check.py memory: peak CUDA memory at 16 / 64 / 256 queries x 4, gradient cache on and off.
-# 3. NCCL equality: `rir-finetune train`, one SGD step of a no-dropout BERT, cross-device negatives, fp32 (TF32 off):
-#    torchrun --nproc_per_node 2 with 8 queries per process against one process with the global batch of 16; the
-#    saved weights must agree to 1e-5 (and the step must move them). NCCL needs one GPU per process: with fewer
-#    than 2 GPUs the check runs the same comparison with gloo on the CPU and says so.
+# 1. step: all-MiniLM-L6-v2 and a BERT-base-shaped random model, 16 / 64 / 256 queries x 4 passages (query 64 /
+#    passage 256 tokens, bf16): bare transformers vs ours plain (packed on CUDA) vs ours plain padded vs ours with the
+#    gradient cache forced on; s/step, queries/s, MFU over the real tokens, peak memory, what `gradient_cache: auto`
+#    chooses (benchmarks/gpu_check.py step).
+# 2. encode: SciFact's 5,183 passages with MiniLM, packed and padded, passages/s.
+# 3. generate: SmolLM2-135M's shape (random weights: speed only) on 809 SciFact claims, 128 new tokens, at the batch
+#    the transformers backend sizes from free memory; tokens/s.
+# 4. the main job's round (configs/round_scifact.yaml with that generator, sampling at temperature 1: greedy random
+#    weights write empty answers) end to end: wall per stage, the report.
+# 5. with 2+ GPUs: NCCL equality, one SGD step of 2 processes x 8 queries against 1 x 16 (weights to 1e-5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
+if [ -z "${PY:-}" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
 OUT=${OUT:-work/gpu}
+SMOKE=${SMOKE:-0}
+BUDGET=${BUDGET:-450}
 mkdir -p "$OUT"
-log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
 : > "$OUT/summary.txt"
-"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
-  || { echo "error: no CUDA device visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)'))" >&2; exit 2; }
-NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
-log "GPUs: $NGPU x $("$PY" -c 'import torch; print(torch.cuda.get_device_name())'); load $(cut -d' ' -f1-3 /proc/loadavg)"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/summary.txt"; }
+SCALE=1
+[ "$SMOKE" = 1 ] && SCALE=4  # a CPU is slow even at toy sizes
+left() { local c=$(($1 * SCALE)) l=$((BUDGET - SECONDS)); [ "$l" -lt "$c" ] && echo "$((l > 10 ? l : 10))" || echo "$c"; }
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+S=()
+if [ "$SMOKE" = 1 ]; then
+  S=(--smoke)
+  log "SMOKE run on $("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")'): toy sizes, no figures"
+else
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" \
+    || { echo "error: no CUDA device visible to $PY (SMOKE=1 runs the toy sizes anywhere)" >&2; exit 2; }
+  log "GPUs: $("$PY" -c 'import torch; print(torch.cuda.device_count(), "x", torch.cuda.get_device_name())'); $("$PY" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"
+fi
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 PEAK=()
 [ -n "${PEAK_TFLOPS:-}" ] && PEAK=(--peak_tflops "$PEAK_TFLOPS")
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+ok=1
 
-log "1/3 step benchmark"
-timeout 300 "$PY" benchmarks/gpu_check.py step --out "$OUT/step.json" "${PEAK[@]}" | grep "^{'model'" | tee -a "$OUT/summary.txt"
+log "1/4 training step (bare / ours plain / ours padded / ours gradient cache)"
+timeout "$(left 170)" "$PY" benchmarks/gpu_check.py step --out "$OUT/step.json" "${S[@]}" "${PEAK[@]}" \
+  | tee -a "$OUT/summary.txt" || { log "step: failed or timed out"; ok=0; }
 
-log "2/3 memory benchmark"
-timeout 120 "$PY" benchmarks/gpu_check.py memory --out "$OUT/memory.json" | grep "^{'queries'" | tee -a "$OUT/summary.txt"
+log "2/4 encoding SciFact's corpus (packed vs padded)"
+timeout "$(left 60)" "$PY" benchmarks/gpu_check.py encode --out "$OUT/encode.json" "${S[@]}" \
+  | tee -a "$OUT/summary.txt" || { log "encode: failed or timed out"; ok=0; }
 
-log "3/3 two processes vs one (one SGD step, global batch 16)"
-DDP="$OUT/ddp"
-rm -rf "$DDP" && mkdir -p "$DDP"
-"$PY" benchmarks/gpu_check.py tiny-model "$DDP/model"
-"$PY" -c "
+LM=/tmp/smol_random
+if [ "$SMOKE" = 1 ]; then LM=/tmp/rir_tiny_lm; [ -f "$LM/config.json" ] || "$PY" benchmarks/gpu_check.py tiny-lm "$LM"; fi
+log "3/4 generation at the auto batch ($LM)"
+timeout "$(left 90)" "$PY" benchmarks/gpu_check.py generate --model "$LM" --out "$OUT/generate.json" "${S[@]}" \
+  2> >(grep -E "batches of up to" | tee -a "$OUT/summary.txt" >&2) | tee -a "$OUT/summary.txt" \
+  || { log "generate: failed or timed out"; ok=0; }
+
+ROUND=/tmp/rir_gpu_round
+DATA=../shared/data/scifact
+# random weights decode greedily into the same whitespace token, and empty answers are refused by training: sample
+EXTRA=(--llm.temperature 1.0)
+if [ "$SMOKE" = 1 ]; then
+  DATA=/tmp/rir_mini_scifact
+  rm -rf "$DATA" && "$PY" benchmarks/gpu_check.py mini-beir ../shared/data/scifact "$DATA"
+  EXTRA+=(--llm.max_new_tokens 8 --train.max_steps 2 --dev_queries 8)
+fi
+rm -rf "$ROUND"
+log "4/4 the main job's round (configs/round_scifact.yaml, generator $LM)"
+if timeout "$(left 400)" "$PY" -m rir_finetune round --config configs/round_scifact.yaml --output_dir "$ROUND" \
+    --data "$DATA" --llm.model "$LM" "${EXTRA[@]}" > "$ROUND.log" 2>&1; then
+  log "round: done"
+else
+  log "round: failed or timed out (last lines below)"; tail -5 "$ROUND.log" | tee -a "$OUT/summary.txt"; ok=0
+fi
+grep -E "^round: |gradient_cache|batches of up to|pack_sequences" "$ROUND.log" | tee -a "$OUT/summary.txt" || true
+"$PY" benchmarks/gpu_check.py walls "$ROUND" --out "$OUT/round.json"
+tee -a "$OUT/summary.txt" < "$OUT/round.json"
+[ -f "$ROUND/report.md" ] && cp "$ROUND/report.md" "$OUT/round_report.md"
+
+if [ "$NGPU" -ge 2 ] && [ "$SMOKE" != 1 ]; then
+  log "5: two processes vs one over NCCL (one SGD step, global batch 16)"
+  DDP=/tmp/rir_gpu_ddp
+  rm -rf "$DDP" && mkdir -p "$DDP"
+  "$PY" benchmarks/gpu_check.py tiny-model "$DDP/model"
+  "$PY" -c "
 import sys; sys.path.insert(0, 'benchmarks')
 from pathlib import Path
 from common import scifact_hn_records, write_records
-try:
-    recs = scifact_hn_records()[:64]
-except OSError:
-    recs = [{'query': f'query {i} about cells', 'pos': [f'passage {i} on cells and genes'],
-             'neg': [f'other passage {i} {j}' for j in range(4)]} for i in range(64)]
-write_records(Path('$DDP/train.jsonl'), recs)"
-COMMON=(--model_name_or_path "$DDP/model" --train_data "$DDP/train.jsonl" --max_steps 1 --train_group_size 4
-        --query_max_len 64 --passage_max_len 256 --optim sgd --learning_rate 0.5 --save_strategy no
-        --negatives_cross_device true --training_type retrieval --dataloader_drop_last true --report_to none
-        --sentence_pooling_method mean --normalize_embeddings true --temperature 0.02 --seed 7
-        --dataloader_num_workers 0 --tf32 false)
-if [ "$NGPU" -ge 2 ]; then
-  BACKEND=(--ddp_backend nccl); ONE=(); WHERE="NCCL, GPUs 0 and 1"
+write_records(Path('$DDP/train.jsonl'), scifact_hn_records()[:64])"
+  COMMON=(--model_name_or_path "$DDP/model" --train_data "$DDP/train.jsonl" --max_steps 1 --train_group_size 4
+          --query_max_len 64 --passage_max_len 256 --optim sgd --learning_rate 0.5 --save_strategy no
+          --negatives_cross_device true --training_type retrieval --dataloader_drop_last true --report_to none
+          --sentence_pooling_method mean --normalize_embeddings true --temperature 0.02 --seed 7
+          --dataloader_num_workers 0 --tf32 false --bf16 false --pack_sequences false)
+  timeout "$(left 120)" "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m rir_finetune train \
+    "${COMMON[@]}" --per_device_train_batch_size 8 --output_dir "$DDP/two" --ddp_backend nccl > "$DDP/two.log" 2>&1 \
+    && CUDA_VISIBLE_DEVICES=0 timeout "$(left 60)" "$PY" -m rir_finetune train "${COMMON[@]}" \
+      --per_device_train_batch_size 16 --output_dir "$DDP/one" > "$DDP/one.log" 2>&1 \
+    && "$PY" benchmarks/gpu_check.py compare "$DDP/one" "$DDP/two" "$DDP/model" --out "$OUT/ddp.json" \
+      | tee -a "$OUT/summary.txt" || { log "NCCL equality: failed"; tail -5 "$DDP"/*.log; ok=0; }
 else
-  BACKEND=(--ddp_backend gloo --use_cpu true); ONE=(--use_cpu true)
-  WHERE="gloo on the CPU: NCCL needs one GPU per process and this machine has $NGPU"
+  log "5: NCCL equality skipped ($NGPU GPU(s); NCCL needs one per process; gloo on the CPU: benchmarks/README.md)"
 fi
-log "backend: $WHERE"
-timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m rir_finetune train "${COMMON[@]}" \
-  --per_device_train_batch_size 8 --output_dir "$DDP/two" "${BACKEND[@]}" > "$DDP/two.log" 2>&1 \
-  || { tail -20 "$DDP/two.log" >&2; exit 1; }
-CUDA_VISIBLE_DEVICES=0 timeout 120 "$PY" -m rir_finetune train "${COMMON[@]}" --per_device_train_batch_size 16 \
-  --output_dir "$DDP/one" "${ONE[@]}" > "$DDP/one.log" 2>&1 || { tail -20 "$DDP/one.log" >&2; exit 1; }
-if "$PY" benchmarks/gpu_check.py compare "$DDP/one" "$DDP/two" "$DDP/model" --out "$OUT/ddp.json" > /dev/null; then
-  log "2 processes == 1 process ($WHERE): $(cat "$OUT/ddp.json" | tr -d '\n ')"
-else
-  log "MISMATCH between 2 processes and 1 ($WHERE): $(cat "$OUT/ddp.json" | tr -d '\n ')"; exit 1
-fi
-log "done: $OUT"
+log "done in ${SECONDS} s: $OUT"
+[ "$ok" = 1 ]

@@ -1,24 +1,28 @@
-"""GPU figures for benchmarks/gpu.sh (issue 19): step speed with MFU, peak memory, and a saved no-dropout model.
+"""GPU figures for benchmarks/gpu.sh: the training step with MFU, encoding and generation speed, the round's walls.
 
-    python benchmarks/gpu_check.py step   --out step.json     # MiniLM + a BERT-base-shaped model (random init)
-    python benchmarks/gpu_check.py memory --out memory.json   # peak CUDA memory, gradient cache on / off
-    python benchmarks/gpu_check.py tiny-model DIR             # a no-dropout BERT for the NCCL equality check
+    python benchmarks/gpu_check.py step     --out step.json       # MiniLM + a BERT-base-shaped model (random init)
+    python benchmarks/gpu_check.py encode   --out encode.json     # SciFact's corpus, packed and padded
+    python benchmarks/gpu_check.py generate --out gen.json --model /tmp/smol_random   # tokens/s at the auto batch
+    python benchmarks/gpu_check.py walls ROUND_DIR --out round.json                   # per-stage wall of a round
+    python benchmarks/gpu_check.py tiny-model DIR | tiny-lm DIR | mini-beir SRC DST   # small inputs for smoke runs
+    python benchmarks/gpu_check.py compare A B BASE                                   # two saved models' weights
 
-`step`: 16 queries x 4 passages (query 64 / passage 256 tokens, SciFact texts when ../shared/data is there, else
-  random ids of the same shape) and a 4x larger batch, bf16 autocast, SDPA attention (``rir_sdpa`` hands CUDA to
-  ``scaled_dot_product_attention``). Rows: the bare transformers forward + backward; ours (BiEncoder +
-  objectives + backward, plain); ours with the gradient cache (default chunk and memory budget). Median of --steps
-  after --warmup, CUDA-synchronised. MFU = model FLOPs of a plain step (3 x forward: 2 x non-embedding parameters
-  per token plus attention 4 x L x hidden per token and layer, over padded tokens) / time / peak, the peak from
-  --peak_tflops (default: 989 for H100/H200 bf16 dense, 312 for A100; else required). The gradient cache's second
-  forward is not counted as useful FLOPs.
-`memory`: one step each, torch.cuda.max_memory_allocated, batches 16 / 64 / 256 queries x 4 at query 64 / passage
-  256 tokens, gradient cache on (default budget) and off.
+`step`: Q queries x 4 passages (Q in --sizes, default 16 64 256; query 64 / passage 256 tokens, SciFact texts when
+  ../shared/data is there, else words of the same shape), bf16 autocast. Rows: the bare transformers forward +
+  backward on the padded batch (mean pooling, sdpa); ours plain as it trains (pack_sequences auto: packed on CUDA);
+  ours plain padded (pack_sequences false); ours with the gradient cache forced on (chunk and kept graphs as
+  ``gradient_cache: true`` plans them from the device's budget, training/memory_plan.py). Median of --steps after
+  --warmup, synchronised; peak memory per row; what ``gradient_cache: auto`` would choose. MFU = model FLOPs of the
+  batch's real tokens (3 x forward: 2 x non-embedding matrix parameters per token, plus 4 x len x hidden per token
+  and layer for attention) / time / peak (--peak_tflops; default 989 for H100/H200 bf16 dense, 312 for A100). The
+  padded rows compute more than that (their padding) and the cache's second forward is not counted as useful.
+`--smoke`: the same code on whatever device there is, at toy sizes (benchmarks/gpu.sh SMOKE=1), to know it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -30,11 +34,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 PEAKS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
 
-def _peak(args) -> float:
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _peak(args, device) -> float:
     import torch
 
     if args.peak_tflops:
         return args.peak_tflops
+    if device.type != "cuda":
+        return 1.0  # a CPU smoke run: MFU is not meaningful, the column stays
     name = torch.cuda.get_device_name()
     for key, value in PEAKS.items():
         if key in name:
@@ -42,80 +54,102 @@ def _peak(args) -> float:
     raise SystemExit(f"unknown GPU {name!r}: pass --peak_tflops (bf16 dense)")
 
 
-def _models():
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _models(smoke: bool):
     from common import minilm_path
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     yield "all-MiniLM-L6-v2", minilm_path()
-    cfg = BertConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
-    folder = Path("/tmp/rir_bert_base_random")
+    shape = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512) if smoke else \
+        dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)  # fmt: skip
+    folder = Path(f"/tmp/rir_bert_base_random{'_smoke' if smoke else ''}")
     if not (folder / "config.json").is_file():
-        BertModel(cfg).save_pretrained(folder)
-        from transformers import AutoTokenizer
-
+        BertModel(BertConfig(**shape), add_pooling_layer=False).save_pretrained(folder)
         AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)  # same vocabulary size (30522)
-    yield "BERT-base shape (random init)", str(folder)
+    yield "BERT-base shape (random init)" + (" [smoke: 2 x 128]" if smoke else ""), str(folder)
 
 
-def _batch(tok, b: int, g: int):
-    from rir_finetune.training.collator import RIRCollator
-
+def _records(n: int) -> list[dict]:
     try:
         from common import scifact_hn_records
 
         recs = scifact_hn_records()
     except OSError:
-        recs = [{"query": "word " * 20, "pos": ["word " * 300], "neg": ["word " * 300] * 3}] * b
-    recs = (recs * (b // len(recs) + 1))[:b]
+        recs = [{"query": "word " * 20, "pos": ["word " * 300], "neg": ["word " * 300] * 3}]
+    return (recs * (n // len(recs) + 1))[:n]
+
+
+def _batch(tok, b: int, g: int, device):
+    from rir_finetune.training.collator import RIRCollator
+
     items = [{"query": r["query"], "passages": [r["pos"][0], *r["neg"][: g - 1]], "answer": None,
-              "answer_candidates": None, "teacher_scores": None, "no_in_batch_neg": False} for r in recs]  # fmt: skip
-    return RIRCollator(tok, 64, 256, 64)(items)
-
-
-def _to(batch, device):
+              "answer_candidates": None, "teacher_scores": None, "no_in_batch_neg": False}
+             for r in _records(b)]  # fmt: skip
+    batch = RIRCollator(tok, 64, 256, 64, pad_to_multiple_of=16)(items)
     return {
         k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v)
         for k, v in batch.items()
     }
 
 
-def _flops(config, batch) -> float:
-    """Model FLOPs of one training step (3 x forward) over the padded tokens of queries and passages."""
+def _flops(config, batch) -> tuple[float, float]:
+    """(model FLOPs of one step over the real tokens, the real share of the padded tokens)."""
     h, n, i = config.hidden_size, config.num_hidden_layers, config.intermediate_size
     per_token_layer = 2 * (4 * h * h + 2 * h * i)  # q, k, v, o and the two FFN matrices
-    total = 0.0
+    total, real, padded = 0.0, 0, 0
     for part in ("queries", "passages"):
-        rows, length = batch[part]["input_ids"].shape
-        total += rows * length * n * (per_token_layer + 4 * length * h)
-    return 3 * total
+        lengths = batch[part]["attention_mask"].sum(1).tolist()
+        total += sum(n * (length * per_token_layer + 4 * length * length * h) for length in lengths)
+        real += sum(lengths)
+        padded += batch[part]["attention_mask"].numel()
+    return 3 * total, real / padded
 
 
-def _steps(fn, warmup: int, steps: int) -> list[float]:
-    import torch
-
+def _steps(fn, warmup: int, steps: int, device) -> list[float]:
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    _sync(device)
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
 
-def _step_fns(model, batch, cfg, defaults):
+def _plan(model, batch, device, forced):
+    from rir_finetune.training import memory_plan as mp
+
+    shape = mp.ModelShape.of(model.backbone.config, sum(p.numel() for p in model.parameters()))
+    parts = [
+        mp.Part(batch[k]["input_ids"].size(0), batch[k]["input_ids"].size(1)) for k in ("queries", "passages")
+    ]
+    attention = "kernel" if device.type == "cuda" else "keep_mask"
+    activations, per_text = mp.activation_estimate(shape, parts, 2, attention)
+    budget, _ = mp.device_budget(device)
+    return mp.decide(activations, per_text, budget - shape.params * mp.STATE_BYTES_PER_PARAM,
+                     mp.PEAK_FACTOR[device.type], max(p.texts for p in parts), forced)  # fmt: skip
+
+
+def _step_fns(model, batch, cfg, plan, device):
     import torch
 
     from rir_finetune.training.gradcache import cached_step
     from rir_finetune.training.objectives import compute_objectives
 
     backbone = model.backbone
+    amp = dict(device_type=device.type, dtype=torch.bfloat16)
 
     def bare():
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(**amp):
             total = 0
             for feats in (batch["queries"], batch["passages"]):
                 hs = backbone(**feats).last_hidden_state
@@ -123,113 +157,185 @@ def _step_fns(model, batch, cfg, defaults):
                 total = total + ((hs * m).sum(1) / m.sum(1)).float().sum()
         total.backward()
 
-    def ours():
-        model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            reps = model(**batch)
-            loss = compute_objectives(reps.q_reps, reps.p_reps, cfg).loss
-        loss.backward()
+    def ours(pack):
+        def fn():
+            model.pack_sequences = pack
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(**amp):
+                reps = model(**batch)
+                loss = compute_objectives(reps.q_reps, reps.p_reps, cfg).loss
+            loss.backward()
+
+        return fn
 
     def ours_cached():
+        model.pack_sequences = "auto"
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            cached_step(lambda f: model(features=f), batch, defaults.gradient_cache_chunk_size,
-                        lambda r: compute_objectives(r.q_reps, r.p_reps, cfg),
-                        keep_bytes=defaults.gradient_cache_memory_mb << 20,
-                        params=list(model.parameters()))  # fmt: skip
+        with torch.autocast(**amp):
+            cached_step(lambda f: model(features=f), batch, plan.chunk_size,
+                        lambda r: compute_objectives(r.q_reps, r.p_reps, cfg), keep_bytes=plan.keep_bytes,
+                        params=list(model.parameters()), pad_to_multiple_of=16)  # fmt: skip
 
-    return bare, ours, ours_cached
+    pack = "auto" if device.type == "cuda" else True  # a CPU smoke run packs too: that path must run
+    return {"bare transformers forward+backward (padded, sdpa)": bare, "ours, plain (pack_sequences auto)": ours(pack),
+            "ours, plain, padded (pack_sequences false)": ours(False),
+            "ours, gradient cache forced on": ours_cached}  # fmt: skip
 
 
 def step(args) -> dict:
     import torch
 
-    from rir_finetune.training.arguments import ModelArguments, ObjectiveArguments
+    from rir_finetune.training.arguments import ObjectiveArguments
     from rir_finetune.training.model import BiEncoder, load_tokenizer
 
+    device = _device()
     torch.backends.cuda.matmul.allow_tf32 = True
-    dev = torch.device("cuda")
-    peak = _peak(args) * 1e12
-    defaults = ModelArguments()
+    peak = _peak(args, device) * 1e12
     cfg = ObjectiveArguments(training_type="retrieval", temperature=0.02)
-    out: dict = {"device": torch.cuda.get_device_name(), "peak_tflops": peak / 1e12, "torch": torch.__version__,
-                 "rows": []}  # fmt: skip
-    for label, path in _models():
+    out: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                 "peak_tflops": peak / 1e12, "torch": torch.__version__, "rows": []}  # fmt: skip
+    for label, path in _models(args.smoke):
         tok = load_tokenizer(path)
-        model = BiEncoder.from_pretrained(path, pooling="mean", normalize=True).to(dev).train()
-        backbone = model.backbone
-        for b in (16, 64):
-            batch = _to(_batch(tok, b, 4), dev)
-            flops = _flops(backbone.config, batch)
-
-            bare, ours, ours_cached = _step_fns(model, batch, cfg, defaults)
-
-            for name, fn in (("bare forward+backward", bare), ("ours, plain step", ours),
-                             ("ours, gradient cache (default budget)", ours_cached)):  # fmt: skip
-                times = _steps(fn, args.warmup, args.steps)
-                med = statistics.median(times)
-                row = {"model": label, "queries": b, "group": 4, "step": name, "median_s": round(med, 4),
-                       "queries_per_s": round(b / med, 1), "mfu": round(flops / med / peak, 4),
-                       "attn": backbone.config._attn_implementation}  # fmt: skip
+        model = BiEncoder.from_pretrained(path, pooling="mean", normalize=True).to(device).train()
+        for b in args.sizes:
+            batch = _batch(tok, b, 4, device)
+            flops, real_share = _flops(model.backbone.config, batch)
+            auto = _plan(model, batch, device, None)
+            fns = _step_fns(model, batch, cfg, _plan(model, batch, device, True), device)
+            for name, fn in fns.items():
+                row = {"model": label, "queries": b, "group": 4, "step": name, "real_token_share": round(real_share, 3),
+                       "auto_chooses": "cache" if auto.gradient_cache else "plain"}  # fmt: skip
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    med = statistics.median(_steps(fn, args.warmup, args.steps, device))
+                    row.update(
+                        median_s=round(med, 4),
+                        queries_per_s=round(b / med, 1),
+                        mfu=round(flops / med / peak, 4),
+                    )
+                except torch.OutOfMemoryError:
+                    row["oom"] = True
+                model.zero_grad(set_to_none=True)
+                gc.collect()
+                if device.type == "cuda":
+                    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 print(row, flush=True)
                 out["rows"].append(row)
         del model
-        torch.cuda.empty_cache()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return out
 
 
-def memory(args) -> dict:
-    import torch
-    from common import minilm_path
+def encode(args) -> dict:
+    from common import SHARED, minilm_path
 
-    from rir_finetune.training.arguments import ModelArguments, ObjectiveArguments
-    from rir_finetune.training.gradcache import cached_step
-    from rir_finetune.training.model import BiEncoder, load_tokenizer
-    from rir_finetune.training.objectives import compute_objectives
+    from rir_finetune.retrieval.encoder import Encoder
+    from rir_finetune.retrieval.model_folder import read_settings
 
-    dev = torch.device("cuda")
-    defaults = ModelArguments()
-    cfg = ObjectiveArguments(training_type="retrieval", temperature=0.02)
-    path = minilm_path()
-    tok = load_tokenizer(path)
-    model = BiEncoder.from_pretrained(path, pooling="mean", normalize=True).to(dev).train()
+    path = SHARED / "scifact" / "corpus.jsonl"
+    docs = [(d.get("title", "") + " " + d.get("text", "")).strip() for d in map(json.loads, path.open())]
+    docs = docs[: 64 if args.smoke else None]
     rows = []
-    for cached in (True, False):
-        for b in (16, 64, 256):
-            batch = _to(_batch(tok, b, 4), dev)
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                if cached:
-                    cached_step(lambda f: model(features=f), batch, defaults.gradient_cache_chunk_size,
-                                lambda r: compute_objectives(r.q_reps, r.p_reps, cfg),
-                                keep_bytes=defaults.gradient_cache_memory_mb << 20,
-                                params=list(model.parameters()))  # fmt: skip
-                else:
-                    reps = model(**batch)
-                    compute_objectives(reps.q_reps, reps.p_reps, cfg).loss.backward()
-            torch.cuda.synchronize()
-            row = {"queries": b, "group": 4, "gradient_cache": cached,
-                   "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
-                   "before_step_gib": round(base / 2**30, 3)}  # fmt: skip
-            print(row, flush=True)
-            rows.append(row)
-    return {"device": torch.cuda.get_device_name(), "model": "all-MiniLM-L6-v2", "rows": rows}
+    for pack in (True if args.smoke else "auto", False):  # a CPU smoke run packs too: that path must run
+        enc = Encoder(read_settings(minilm_path()), batch_size=256, show_progress=False, dtype="auto",
+                      pack_sequences=pack)  # fmt: skip
+        enc.encode_passages(docs[:256])  # warm-up
+        _sync(enc.device)
+        t0 = time.perf_counter()
+        enc.encode_passages(docs)
+        _sync(enc.device)
+        s = time.perf_counter() - t0
+        row = {"passages": len(docs), "dtype": enc.dtype, "pack_sequences": pack,
+               "packed": bool(enc.packing and enc.packing.ok), "seconds": round(s, 2),
+               "passages_per_s": round(len(docs) / s, 1)}  # fmt: skip
+        print(row, flush=True)
+        rows.append(row)
+    return {"model": "all-MiniLM-L6-v2", "max_length": 256, "rows": rows}
+
+
+def generate(args) -> dict:
+    from rir_finetune.llm.common import BackendSettings, Sampling
+    from rir_finetune.llm.hf_backend import TransformersBackend
+
+    queries = [r["query"] for r in _records(8 if args.smoke else 809)]
+    prompts = [
+        f"Please write a scientific paper passage to support/refute the claim.\nClaim: {q}\nPassage:"
+        for q in queries
+    ]
+    backend = TransformersBackend(BackendSettings(model=args.model, device="auto", dtype="auto", progress=False,
+                                                  batch_size=64))  # fmt: skip
+    new = 8 if args.smoke else 128
+    t0 = time.perf_counter()
+    backend.generate(prompts, Sampling(max_new_tokens=new))
+    s = time.perf_counter() - t0
+    c = backend.last_counts
+    row = {"model": args.model, "device": str(backend.device), "dtype": backend.dtype, "prompts": len(prompts),
+           "max_new_tokens": new, "tokens": c.tokens, "seconds": round(s, 2), "tokens_per_s": round(c.tokens / s, 1),
+           "first_batch_rows": backend._rows(max(len(backend.prompt_ids(p)) for p in prompts), new, 1, 64, len(prompts))}  # fmt: skip
+    print(row, flush=True)
+    return row
+
+
+def walls(folder: Path) -> dict:
+    """Each stage's wall time from its marker (``stage.json``), and the report's headline if it was written."""
+    out = {}
+    for marker in sorted(folder.glob("**/stage.json")):
+        mark = json.loads(marker.read_text())
+        out[str(marker.parent.relative_to(folder))] = mark.get("wall_s", mark.get("status"))
+    total = sum(v for v in out.values() if isinstance(v, (int, float)))
+    return {"stages": out, "total_s": round(total, 1), "report": (folder / "report.md").is_file()}
 
 
 def tiny_model(folder: Path) -> None:
     """A 4-layer BERT (hidden 256) without dropout, so 1 and 2 processes see the same function."""
     from common import minilm_path
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
     cfg = BertConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     BertModel(cfg).save_pretrained(folder)
-    from transformers import AutoTokenizer
-
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+
+
+def tiny_lm(folder: Path) -> None:
+    """SmolLM2's tokenizer and chat template on a 2-layer random Llama (the CPU smoke run's generator)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(".gpu/smolcfg")
+    cfg = AutoConfig.from_pretrained(src)
+    cfg.update(dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16))  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(src).save_pretrained(folder)
+
+
+def mini_beir(src: Path, dst: Path, queries: dict | None = None, docs: int = 400) -> None:
+    """A BEIR folder with the first train and test queries (``queries``: how many of each), their judged documents and
+    the first ``docs`` others: the round's stages at toy size (the dev split takes 8 of the 40 train queries)."""
+    import csv
+
+    (dst / "qrels").mkdir(parents=True, exist_ok=True)
+    keep_q, keep_d = set(), set()
+    for split, count in (queries or {"train": 40, "test": 16}).items():
+        rows = list(csv.reader((src / "qrels" / f"{split}.tsv").open(), delimiter="\t"))
+        qids = list(dict.fromkeys(r[0] for r in rows[1:]))[:count]
+        kept = [r for r in rows[1:] if r[0] in qids]
+        keep_q |= set(qids)
+        keep_d |= {r[1] for r in kept}
+        with (dst / "qrels" / f"{split}.tsv").open("w", newline="") as f:
+            csv.writer(f, delimiter="\t").writerows([rows[0], *kept])
+    with (src / "corpus.jsonl").open() as f, (dst / "corpus.jsonl").open("w") as g:
+        for i, line in enumerate(f):
+            if i < docs or json.loads(line)["_id"] in keep_d:
+                g.write(line)
+    with (src / "queries.jsonl").open() as f, (dst / "queries.jsonl").open("w") as g:
+        g.writelines(line for line in f if json.loads(line)["_id"] in keep_q)
 
 
 def compare(a: Path, b: Path, base: Path) -> dict:
@@ -246,34 +352,46 @@ def compare(a: Path, b: Path, base: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("step", "memory"):
+    for name in ("step", "encode", "generate"):
         s = sub.add_parser(name)
         s.add_argument("--out", type=Path)
-        s.add_argument("--steps", type=int, default=10)
-        s.add_argument("--warmup", type=int, default=3)
+        s.add_argument("--smoke", action="store_true", help="toy sizes on any device: does it run")
+        s.add_argument("--steps", type=int, default=5)
+        s.add_argument("--warmup", type=int, default=2)
+        s.add_argument("--sizes", type=int, nargs="+", default=[16, 64, 256])
         s.add_argument("--peak_tflops", type=float, default=None)
-    t = sub.add_parser("tiny-model")
-    t.add_argument("folder", type=Path)
+        s.add_argument("--model", default="/tmp/smol_random")
+    w = sub.add_parser("walls")
+    w.add_argument("folder", type=Path)
+    w.add_argument("--out", type=Path)
+    for name in ("tiny-model", "tiny-lm"):
+        sub.add_parser(name).add_argument("folder", type=Path)
+    m = sub.add_parser("mini-beir")
+    m.add_argument("src", type=Path)
+    m.add_argument("dst", type=Path)
     c = sub.add_parser("compare")
-    c.add_argument("a", type=Path)
-    c.add_argument("b", type=Path)
-    c.add_argument("base", type=Path)
+    for name in ("a", "b", "base"):
+        c.add_argument(name, type=Path)
     c.add_argument("--out", type=Path)
     args = p.parse_args()
-    if args.cmd == "tiny-model":
-        tiny_model(args.folder)
+    import logging
+
+    logging.basicConfig(format="%(name)s: %(message)s", level=logging.INFO)  # the backend's batch-size line
+    if args.cmd in ("tiny-model", "tiny-lm", "mini-beir"):
+        {"tiny-model": lambda: tiny_model(args.folder), "tiny-lm": lambda: tiny_lm(args.folder),
+         "mini-beir": lambda: mini_beir(args.src, args.dst)}[args.cmd]()  # fmt: skip
         return
-    res = (
-        {"step": step, "memory": memory}[args.cmd](args)
-        if args.cmd != "compare"
-        else compare(args.a, args.b, args.base)
-    )
+    if args.cmd in ("step", "encode", "generate") and args.smoke:
+        args.sizes, args.steps, args.warmup = [2], 1, 0
+    res = {"step": step, "encode": encode, "generate": generate, "walls": lambda a: walls(a.folder),
+           "compare": lambda a: compare(a.a, a.b, a.base)}[args.cmd](args)  # fmt: skip
     text = json.dumps(res, indent=1)
-    print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    if args.cmd == "compare" and not res["equal"]:
-        sys.exit(1)
+    if args.cmd == "compare":
+        print(text)
+        if not res["equal"]:
+            sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,9 @@ def test_a_copied_round_skips_every_finished_stage_and_a_changed_key_says_what(t
     assert r.returncode == 0, r.stderr[-3000:]
     written = [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != ".rir_finetune.lock"]
     private = sorted(str(p) for p in written if p.stat().st_mode & 0o044 != 0o044)
-    assert not private, private  # report.md, report.png, stage.json, weights: readable by others, as umask says
+    assert not private, (
+        private
+    )  # report.md, report.png, stage.json, weights: readable by others, as umask says
     assert {"report.md", "report.png", "stage.json", "model.safetensors"} <= {p.name for p in written}
     copy = tmp_path / "elsewhere" / "copied"
     shutil.copytree(tmp_path / "out", copy, symlinks=True)

@@ -157,3 +157,19 @@ def test_bf16_batches_pad_to_a_multiple_of_16_within_max_length(plain_dir, dtype
     else:
         assert seen == [widths] * 3
     np.testing.assert_allclose(out, exact.encode_passages(TEXTS), atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bf16"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last_token"])
+@pytest.mark.parametrize("which", ["tiny_bert_dir", "minilm_dir"])
+def test_packed_encoding_equals_padded(request, which, pooling, dtype):
+    """pack_sequences (the default on CUDA) forced on a CPU: the same embeddings as the padded batches, in input
+    order; fp32 to rounding, bf16 within its precision."""
+    settings = read_settings(request.getfixturevalue(which), pooling=pooling)
+    padded = Encoder(settings, batch_size=3, show_progress=False, dtype=dtype, pack_sequences="auto")
+    packed = Encoder(settings, batch_size=3, show_progress=False, dtype=dtype, pack_sequences=True)
+    assert padded.packing is None and packed.packing.ok  # auto is padded on a CPU
+    texts = TEXTS + ["cells and genes of the heart " * 6, "virus dose"]
+    a, b = padded.encode(texts), packed.encode(texts)
+    np.testing.assert_allclose(b, a, atol=2e-2 if dtype == "bf16" else 1e-5)
+    assert not np.allclose(b[0], b[1], atol=1e-3)

@@ -158,11 +158,12 @@ def test_trainer_with_gradient_cache_matches_chunked_plain_run(tmp_path, tiny_be
 
     from rir_finetune.training.train import run_train
 
+    # fp32 (bf16 is the default where native): the two runs agree to 1e-6
     common = {"model_name_or_path": str(tiny_bert_dir), "train_data": [str(train_file)], "max_steps": 2,
               "per_device_train_batch_size": 4, "train_group_size": 3, "query_max_len": 16, "passage_max_len": 24,
               "learning_rate": 1e-3, "use_cpu": True, "save_strategy": "no", "disable_tqdm": True, "seed": 5,
               "training_type": "retrieval_answer_passage", "knowledge_distillation": True,
-              "kd_loss_type": "m3_kd_loss", "report_to": "none"}  # fmt: skip
+              "kd_loss_type": "m3_kd_loss", "report_to": "none", "bf16": False}  # fmt: skip
     a = run_train(None, {**common, "output_dir": str(tmp_path / "plain"), "sub_batch_size": CHUNK})
     b = run_train(None, {**common, "output_dir": str(tmp_path / "gc"), "gradient_cache": True,
                          "gradient_cache_chunk_size": CHUNK})  # fmt: skip
@@ -227,7 +228,7 @@ def test_trainer_gradient_cache_under_ddp_matches_chunked_plain(tmp_path, tiny_b
               "--passage_max_len", "24", "--learning_rate", "1e-3", "--use_cpu", "true", "--save_strategy", "no",
               "--report_to", "none", "--training_type", "retrieval_answer_passage", "--knowledge_distillation", "true",
               "--kd_loss_type", "m3_kd_loss", "--negatives_cross_device", "true", "--dataloader_drop_last", "true",
-              "--seed", "5"]  # fmt: skip
+              "--seed", "5", "--bf16", "false"]  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
               "rir_finetune", "train", "--ddp_backend", "gloo"]  # fmt: skip
     runs = {"plain": ["--sub_batch_size", str(CHUNK)],

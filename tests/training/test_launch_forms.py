@@ -48,6 +48,7 @@ def setup(tmp_path_factory):
         "knowledge_distillation": True, "kd_loss_type": "m3_kd_loss", "training_type": "retrieval_answer",
         "dataloader_drop_last": True, "report_to": "none", "sentence_pooling_method": "mean",
         "normalize_embeddings": False, "dataloader_num_workers": 0, "disable_tqdm": True,
+        "bf16": False,  # the forms are compared in fp32 (bf16 is the default where native)
     }))  # fmt: skip
     r = subprocess.run([str(BIN / "rir-finetune"), "train", "--config", str(cfg), "--output_dir", str(root / "one"),
                         "--per_device_train_batch_size", "4"], capture_output=True, text=True, timeout=300)  # fmt: skip

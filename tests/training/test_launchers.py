@@ -51,10 +51,11 @@ def test_accelerate_launch_two_processes_sgd_step_equals_one_process(tmp_path):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent))
     model = _write_no_dropout_bert(tmp_path / "m")
     data = write_jsonl(tmp_path / "t.jsonl", make_records(8))
+    # fp32 (bf16 is the default where native): the two runs agree to 1e-6
     common = ["--model_name_or_path", str(model), "--train_data", str(data), "--max_steps", "1", "--train_group_size",
               "3", "--optim", "sgd", "--learning_rate", "0.5", "--use_cpu", "true", "--save_strategy", "no",
               "--negatives_cross_device", "true", "--training_type", "retrieval_answer", "--dataloader_drop_last",
-              "true", "--report_to", "none", "--sentence_pooling_method", "mean"]  # fmt: skip
+              "true", "--report_to", "none", "--sentence_pooling_method", "mean", "--bf16", "false"]  # fmt: skip
     two = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
            "no", "--dynamo_backend", "no", "-m", "rir_finetune", "train", *common, "--output_dir",
            str(tmp_path / "two"), "--per_device_train_batch_size", "2", "--ddp_backend", "gloo"]  # fmt: skip
@@ -83,12 +84,13 @@ def test_deepspeed_zero_two_processes_equal_ddp(tmp_path, config):
 
     model = _write_no_dropout_bert(tmp_path / "m")
     data = write_jsonl(tmp_path / "t.jsonl", make_records(8))
+    # fp32 (bf16 is the default where native): DeepSpeed's bf16 engine keeps bf16 weights, DDP's autocast fp32 ones
     common = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
               "rir_finetune", "train", "--model_name_or_path", str(model), "--train_data", str(data), "--max_steps",
               "3", "--train_group_size", "3", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
               "--negatives_cross_device", "true", "--training_type", "retrieval_answer", "--save_strategy", "no",
               "--dataloader_drop_last", "true", "--report_to", "none", "--use_cpu", "true", "--ddp_backend", "gloo",
-              "--sentence_pooling_method", "mean"]  # fmt: skip
+              "--sentence_pooling_method", "mean", "--bf16", "false"]  # fmt: skip
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     runs = {

@@ -3,6 +3,7 @@ prompt and seed helpers, the progress bar and counts. The entry point is :mod:`r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -329,6 +330,23 @@ def threads_setting(n_threads: int | None) -> int:
         except OSError:
             busy = 0.0
     return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads lowered to ``n`` (never raised) inside the block, and the previous count restored after
+    it: the count is process-wide, and the stages that follow an LLM call in the same process (a round's mining,
+    training, evaluation) must get the threads that suit them, not the busy-core count of a moment ago."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n < before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def _cpu_times(cpus: set[int], stat: str) -> dict[int, tuple[int, int]]:

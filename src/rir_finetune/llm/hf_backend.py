@@ -13,6 +13,7 @@ batch.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +32,10 @@ from rir_finetune.llm.common import (
     model_file,
     order_by_length,
     sample_seed,
+    torch_threads,
 )
+
+logger = logging.getLogger("rir_finetune")
 
 
 @contextlib.contextmanager
@@ -50,6 +54,39 @@ def _quiet_gguf_dtype_advice():
         yield
     finally:
         log.removeFilter(keep)
+
+
+# share of the free CUDA memory a batch may fill: the allocator rounds blocks up, and the decode step's temporaries
+# (logits, sampling) come on top of the estimate
+GENERATION_MEMORY_SHARE = 0.8
+
+
+def kv_bytes_per_token(config, dtype_bytes: int) -> int:
+    """Bytes of the KV cache per token: keys and values of every layer's key-value heads."""
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * dtype_bytes
+
+
+def row_bytes(config, dtype_bytes: int, prompt_tokens: int, new_tokens: int, logits_kept: int = 1) -> float:
+    """Memory one row of a batch needs: its KV cache over prompt + new tokens, the prefill's largest layer
+    temporaries per prompt token (hidden states, the MLP's two intermediate products) and the causal mask, and the
+    fp32 logits (with their log-softmax) at the kept positions."""
+    text = getattr(config, "text_config", None) or config
+    h, inter = text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    kv = kv_bytes_per_token(config, dtype_bytes) * (prompt_tokens + new_tokens)
+    prefill = dtype_bytes * (4 * h + 2 * inter) * prompt_tokens + prompt_tokens * (prompt_tokens + new_tokens)
+    logits = logits_kept * text.vocab_size * (dtype_bytes + 8)
+    return float(kv + prefill + logits)
+
+
+def rows_that_fit(
+    free_bytes: float, per_row: float, rows_left: int, share: float = GENERATION_MEMORY_SHARE
+) -> int:
+    """How many rows of ``per_row`` bytes fit ``share`` of ``free_bytes``: at least 1, at most ``rows_left``."""
+    return max(1, min(rows_left, int(share * free_bytes // max(per_row, 1.0))))
 
 
 class TransformersBackend:
@@ -77,14 +114,14 @@ class TransformersBackend:
         from rir_finetune.llm.common import threads_setting
         from rir_finetune.precision import resolve_device
 
-        threads = threads_setting(settings.n_threads)
-        if threads < torch.get_num_threads():  # fewer threads on busy cores (threads_setting); never more
-            torch.set_num_threads(threads)
+        # fewer threads on busy cores (threads_setting), for this backend's own work only: torch_threads restores the
+        # process's count after each call
+        self.threads = threads_setting(settings.n_threads)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), **extra)
             self.device = resolve_device(settings.device)
             self.dtype = settings.resolved_dtype()
-            with _quiet_gguf_dtype_advice():
+            with torch_threads(self.threads), _quiet_gguf_dtype_advice():
                 self.model = (
                     AutoModelForCausalLM.from_pretrained(
                         str(folder), dtype=getattr(torch, self.dtype), **extra
@@ -111,6 +148,30 @@ class TransformersBackend:
         self.use_chat = settings.use_chat_template and bool(getattr(self.tokenizer, "chat_template", None))
         positions = getattr(self.model.config, "max_position_embeddings", None) or settings.n_ctx
         self.n_ctx = min(settings.n_ctx, positions)
+        self._logged_rows = False
+
+    # -- batch size ----------------------------------------------------------------------------------------------
+
+    def _rows(self, longest: int, new_tokens: int, logits_kept: int, configured: int, left: int) -> int:
+        """Rows per batch: the configured count on a CPU; on CUDA as many as the free memory holds (:func:`row_bytes`,
+        :func:`rows_that_fit`); the first size is logged."""
+        import torch
+
+        if torch.device(self.device).type != "cuda":
+            return configured
+        free, _ = torch.cuda.mem_get_info(self.device)
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        per_row = row_bytes(
+            self.model.config, getattr(torch, self.dtype).itemsize, longest, new_tokens, logits_kept
+        )
+        rows = rows_that_fit(free, per_row, left)
+        if not self._logged_rows:
+            self._logged_rows = True
+            logger.info(
+                "%s: batches of up to %d rows on %s (%.1f GiB free, %.1f MiB per row of %d + %d tokens)",
+                self.name, rows, self.device, free / 2**30, per_row / 2**20, longest, new_tokens,
+            )  # fmt: skip
+        return rows
 
     # -- prompts -------------------------------------------------------------------------------------------------
 
@@ -144,6 +205,12 @@ class TransformersBackend:
     def generate(
         self, prompts: Sequence[Prompt], sampling: Sampling, on_result: OnResult | None = None
     ) -> list[list[Completion]]:
+        with torch_threads(self.threads):
+            return self._generate(prompts, sampling, on_result)
+
+    def _generate(
+        self, prompts: Sequence[Prompt], sampling: Sampling, on_result: OnResult | None = None
+    ) -> list[list[Completion]]:
         ids = self._tokenize_all(prompts, sampling)
         rows = [(i, j) for i in order_by_length([len(t) for t in ids]) for j in range(sampling.n)]
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
@@ -151,8 +218,10 @@ class TransformersBackend:
         progress = Progress(len(prompts), self.settings.progress, on_result)
         try:
             step = self.settings.batch_size * sampling.n if sampling.n > 1 else self.settings.batch_size
-            for lo in range(0, len(rows), step):
-                batch = rows[lo : lo + step]
+            lo = 0  # longest prompts first: on CUDA each batch as large as its longest row allows
+            while lo < len(rows):
+                size = self._rows(len(ids[rows[lo][0]]), sampling.max_new_tokens, 1, step, len(rows) - lo)
+                batch, lo = rows[lo : lo + size], lo + size
                 seeds = [sample_seed(sampling.seed, prompts[i], j) for i, j in batch]
                 for (i, j), completion in zip(
                     batch, self._decode([ids[i] for i, _ in batch], seeds, sampling), strict=True
@@ -285,6 +354,10 @@ class TransformersBackend:
 
     def score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
         """Per-token log-probabilities of each continuation after its plain-text prompt (no chat template)."""
+        with torch_threads(self.threads):
+            return self._score(prompts, continuations)
+
+    def _score(self, prompts: Sequence[str], continuations: Sequence[str]) -> list[list[float]]:
         import torch
 
         if len(prompts) != len(continuations):
@@ -299,8 +372,13 @@ class TransformersBackend:
         out: list[list[float]] = [[] for _ in pairs]
         order = order_by_length([len(h) + len(t) for h, t in pairs])
         bar = ScoreProgress(len(pairs), self.settings.progress)
-        for lo in range(0, len(order), self.settings.batch_size):
-            chunk = order[lo : lo + self.settings.batch_size]
+        most_tail = max((len(t) for _, t in pairs), default=1)
+        lo = 0
+        while lo < len(order):  # longest first
+            longest = len(pairs[order[lo]][0]) + len(pairs[order[lo]][1])
+            kept = max(most_tail, 1) if self._narrow_logits else longest  # logits per row
+            size = self._rows(longest, 0, kept, self.settings.batch_size, len(order) - lo)
+            chunk, lo = order[lo : lo + size], lo + size
             seqs = [pairs[i][0] + pairs[i][1] for i in chunk]
             width = max(len(s) for s in seqs)
             ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)

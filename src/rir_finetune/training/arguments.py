@@ -43,21 +43,28 @@ class ModelArguments:
     lora_alpha: float = option(64.0, "LoRA scaling alpha (with use_lora)", range=">0")
     lora_dropout: float = option(0.1, "dropout on the LoRA path (with use_lora)", range="[0, 1)")
     lora_target_modules: list[str] | None = option(None, "None: peft's defaults for the architecture")
-    gradient_cache: bool | None = option(
-        None,
-        "GradCache with a memory budget (gradcache.py): true bounds memory whatever the batch, at the cost of "
-        "encoding part of it twice; None (auto) and false: the plain step (every activation of the batch kept at "
-        "once: fastest, most memory)",
+    gradient_cache: bool | str | None = option(
+        "auto",
+        "GradCache with a memory budget (gradcache.py): memory bounded whatever the batch, at the cost of encoding "
+        "part of it twice. auto: the plain step when the batch's estimated activations fit the device (free CUDA "
+        "memory, or half the host's available RAM), the cache only when they do not (training/memory_plan.py; one "
+        "log line says which and why); true / false force it",
     )
-    gradient_cache_chunk_size: int = option(16, "texts per chunk under gradient caching", range=">=1")
-    gradient_cache_memory_mb: int = option(
-        1024, "activations kept from the first pass; the rest encoded twice", range=">=0"
+    gradient_cache_chunk_size: int | None = option(
+        None, "texts per chunk under gradient caching; None: as many as fit half the budget", range=">=1"
+    )
+    gradient_cache_memory_mb: int | None = option(
+        None,
+        "activations kept from the first pass, the rest encoded twice; None: half the budget; 1: almost nothing "
+        "kept (classic GradCache)",
+        range=">=1",
     )
     attn_implementation: str | None = option(
         "auto", "auto: rir_sdpa (training/attention.py) if supported; sdpa, ..."
     )
 
     def __post_init__(self):
+        _true_false_or_auto(self, "gradient_cache")
         if self.sentence_pooling_method not in POOLING_METHODS:
             raise UserError(
                 f"config key 'sentence_pooling_method': {self.sentence_pooling_method!r} is not one of "
@@ -195,11 +202,18 @@ class RIRTrainingArguments(TrainingArguments):
         None, "upstream name; becomes warmup_steps (a float < 1 is a ratio in transformers 5)", range="[0, 1)"
     )
     bf16: bool | str = option(
-        False,
+        "auto",
         "bf16 mixed precision (autocast; embeddings, scores and losses stay fp32); auto: on where the device computes bf16 natively (CPUs with AVX512-BF16, AMX or Arm BF16; GPUs from Ampere on), off elsewhere and with fp16",
+    )
+    pack_sequences: bool | str | None = option(
+        "auto",
+        "encode each part as one packed row (its real tokens only, positions restarting per text, attention within "
+        "each text: retrieval/encoder.py) instead of padded rows; auto: packed on CUDA, padded on a CPU (its padded "
+        "path is tuned)",
     )
 
     def __post_init__(self):
+        _true_false_or_auto(self, "pack_sequences")
         if self.output_dir is None:
             raise UserError("config key 'output_dir': required (where checkpoints and the final model go)")
         if self.warmup_ratio is not None and not self.warmup_steps:
@@ -255,6 +269,14 @@ class RIRTrainingArguments(TrainingArguments):
             os.environ.setdefault(
                 "DS_ACCELERATOR", "cpu"
             )  # DeepSpeed's CPU accelerator, as on a GPU-less box
+
+
+def _true_false_or_auto(args, key: str) -> None:
+    value = getattr(args, key)
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        setattr(args, key, "auto")
+    elif not isinstance(value, bool):
+        raise UserError(f"config key {key!r}: true, false or auto, got {value!r}")
 
 
 def launched_world_size() -> int:

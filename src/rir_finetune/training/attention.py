@@ -19,6 +19,10 @@ function (``_supports_attention_backend``, e.g. BERT, MiniLM, RoBERTa-style enco
   the fp32 softmax followed by a cast to bf16 was): its backward reads and writes half the bytes
   (benchmarks/README.md has the speed-up). fp16 keeps an fp32 softmax.
 
+- Packed sequences (``pack_sequences``; :mod:`rir_finetune.retrieval.encoder`, shared with encoding): given
+  transformers' ``cu_seq_lens_q`` keyword, attention stays within each text of the packed row; the mask builder
+  returns no mask during a packed forward.
+
 The saved model does not depend on this: the attention implementation is not written to ``config.json``.
 """
 
@@ -28,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from rir_finetune.retrieval.encoder import packing_mask, route_packed
 from rir_finetune.training.dropout import keep_mask
 
 ATTENTION = "rir_sdpa"
@@ -40,10 +45,10 @@ def register() -> str:
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
 
-        AttentionInterface.register(ATTENTION, attention_forward)
-        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+        AttentionInterface.register(ATTENTION, route_packed(attention_forward))
+        AttentionMaskInterface.register(ATTENTION, packing_mask)
         _registered = True
     return ATTENTION
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from rir_finetune.errors import UserError
 from rir_finetune.retrieval.pooling import pool
+
+logger = logging.getLogger("rir_finetune")
 
 
 def trim_padding(features: dict[str, Tensor], multiple: int | None = None) -> dict[str, Tensor]:
@@ -73,6 +76,8 @@ class BiEncoder(nn.Module):
         self.sub_batch_size = sub_batch_size
         self.pad_to_multiple_of = pad_to_multiple_of  # sub-batches keep the collator's length multiple
         self.config = getattr(backbone, "config", None)
+        self.pack_sequences: bool | str = "auto"  # auto: packed on CUDA, padded on a CPU
+        self._packing = None  # retrieval.encoder.Support, found at the first packed forward
 
     @classmethod
     def from_pretrained(
@@ -117,9 +122,27 @@ class BiEncoder(nn.Module):
         )
 
     def _encode_once(self, features: dict[str, Tensor]) -> Tensor:
-        out = self.backbone(**features, return_dict=True)
-        reps = pool(out.last_hidden_state, features["attention_mask"], self.pooling).float()  # (n, D)
+        if self._packs(features):
+            from rir_finetune.retrieval.encoder import packed_hidden
+
+            hidden = packed_hidden(self.backbone, features, self._packing.position_offset)  # (n, L, D)
+        else:
+            hidden = self.backbone(**features, return_dict=True).last_hidden_state  # (n, L, D)
+        reps = pool(hidden, features["attention_mask"], self.pooling).float()  # (n, D)
         return F.normalize(reps, dim=-1) if self.normalize else reps
+
+    def _packs(self, features: dict[str, Tensor]) -> bool:
+        from rir_finetune.retrieval import encoder as packing
+
+        if not packing.pack_wanted(self.pack_sequences, features["input_ids"].device) or not packing.packable(
+            features
+        ):
+            return False
+        if self._packing is None:
+            self._packing = packing.packing_support(self.backbone)
+            if not self._packing.ok:
+                logger.info("pack_sequences: padded batches instead: %s", self._packing.reason)
+        return self._packing.ok
 
     def forward(
         self,

@@ -28,6 +28,7 @@ from rir_finetune.training.arguments import (
     ObjectiveArguments,
     RIRTrainingArguments,
 )
+from rir_finetune.training.memory_plan import resolve_gradient_cache
 
 logger = logging.getLogger("rir_finetune")
 
@@ -130,11 +131,11 @@ def check_resume_settings(parts: list, output_dir: str) -> None:
 def run_train(config_file: str | None, overrides: list[str] | dict) -> Path:
     """Train and save; returns the output folder. Raises :class:`UserError` for bad input."""
     model_args, data_args, obj_args, train_args = load_configs(config_file, overrides)
-    if model_args.gradient_cache is None:  # auto: the plain step, the fastest here (benchmarks/README.md)
-        model_args.gradient_cache = False
     level = logging.INFO if train_args.process_index == 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     logger.setLevel(level)
+    # gradient_cache auto: the plain step where the batch fits the device, else the cache; one log line says which
+    resolve_gradient_cache(model_args, data_args, obj_args, train_args)
 
     from rir_finetune.training.model import check_model_path
 

@@ -147,6 +147,8 @@ class RIRTrainer(Trainer):
     ):
         super().__init__(*args, eval_dataset=retrieval_evaluator, **kwargs)
         check_parallel_mode(self.args)
+        if isinstance(self.model, BiEncoder):
+            self.model.pack_sequences = getattr(self.args, "pack_sequences", "auto")
         self._wrap_checked = False
         self.retrieval_evaluator = retrieval_evaluator
         self.objective_args = objective_args
