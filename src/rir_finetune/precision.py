@@ -95,3 +95,12 @@ def check_device(device: str | None, key: str = "device") -> None:
             raise UserError(f"config key {key!r}: {device!r} is not available (this machine has {have})")
     elif kind == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise UserError(f"config key {key!r}: {device!r} is not available on this machine")
+
+
+def cuda_free_bytes(device) -> float:
+    """Bytes a new allocation on the CUDA ``device`` can take: what the driver reports free plus what torch's caching
+    allocator holds unused."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    return float(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

@@ -6,7 +6,8 @@ import torch
 
 from eval_fixtures import add_st_files, make_tiny_bert
 from rir_finetune.errors import UserError
-from rir_finetune.retrieval.encoder import Encoder, length_sorted_batches, pool
+from rir_finetune.retrieval import encoder as encoder_module
+from rir_finetune.retrieval.encoder import Encoder, batch_tokens, bytes_per_token, length_sorted_batches, pool
 from rir_finetune.retrieval.model_folder import EncoderSettings, read_settings
 
 TEXTS = ["apple", "the banana is a cherry of the apple", "cherry cherry", "a", "banana of apple"]
@@ -102,6 +103,48 @@ def test_length_sorted_batches_cover_every_position_once():
     assert [b.tolist() for b in batches] == [[1, 2], [4, 0], [3]]
     assert sorted(np.concatenate(batches).tolist()) == [0, 1, 2, 3, 4]
     assert length_sorted_batches([], 4) == []
+
+
+def test_token_budget_batches_by_hand():
+    # longest first: 10 (1), 10 (3), 7 (4), 5 (0), 3 (2), 1 (5); 20 tokens: 2 x 10, then 2 x 7 (14), then 3 x 3
+    # would fit 6 but only two texts are left
+    lengths = [5, 10, 3, 10, 7, 1]
+    assert [b.tolist() for b in length_sorted_batches(lengths, 64, 20)] == [[1, 3], [4, 0], [2, 5]]
+    assert [b.tolist() for b in length_sorted_batches(lengths, 1, 20)] == [[1], [3], [4], [0], [2], [5]]
+    # a text longer than the budget still goes, alone
+    assert [b.tolist() for b in length_sorted_batches(lengths, 64, 4)][:2] == [[1], [3]]
+    assert [len(b) for b in length_sorted_batches([2] * 9, 64, 8)] == [4, 4, 1]
+
+
+def test_bytes_per_token_and_budget_by_hand():
+    from transformers import BertConfig
+
+    minilm = BertConfig(hidden_size=384, intermediate_size=1536, num_attention_heads=12)
+    # fp32 packed: 4 x (7 x 384 + 2 x 1536) + 4 x 384 = 24,576
+    assert bytes_per_token(minilm, 4, 256, packed=True) == 24_576
+    # bf16 padded, 256 tokens: 2 x 5,760 + 1,536 + 2 x 12 heads x 256 x 2 bytes = 25,344
+    assert bytes_per_token(minilm, 2, 256, packed=False) == 25_344
+    assert batch_tokens(10 * 2**30, 24_576) == 218_453  # half of 10 GiB
+    assert batch_tokens(100, 24_576) == 1
+
+
+def test_cuda_batches_come_from_free_memory(plain_dir, monkeypatch):
+    """On CUDA the batch is a token budget from free memory, not batch_size (the wiring, without a GPU)."""
+    enc = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False)
+    lengths = [7, 3, 9, 9, 4]
+    assert [len(b) for b in enc._batches(lengths)] == [2, 2, 1]  # the CPU: batch_size
+    per_token = bytes_per_token(enc.model.config, 4, 9, packed=False)
+    monkeypatch.setattr(encoder_module.precision, "cuda_free_bytes", lambda device: 2 * 18 * per_token)
+    enc.device = torch.device("cuda")
+    # 18 tokens: the two 9s, then 7 (2 x 7 = 14 with 4: 3 texts need 21), then 4 and 3
+    assert [b.tolist() for b in enc._batches(lengths)] == [[2, 3], [0, 4], [1]]
+
+
+def test_token_budget_batches_encode_like_fixed_batches(plain_dir, monkeypatch):
+    enc = Encoder(read_settings(plain_dir), batch_size=2, show_progress=False)
+    fixed = enc.encode(TEXTS)
+    monkeypatch.setattr(enc, "_batches", lambda lengths: length_sorted_batches(lengths, 4096, 12))
+    np.testing.assert_allclose(enc.encode(TEXTS), fixed, atol=1e-5)
 
 
 def test_sorted_batches_equal_one_unsorted_padded_batch(plain_dir):

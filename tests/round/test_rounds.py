@@ -310,8 +310,10 @@ def test_remine_rounds_need_no_llm_and_mine_with_the_last_retriever(
         round_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out").read_text()
     )
     base.pop("llm")
-    base.update(rounds=2, remine=True)
+    base.update(rounds=2, remine=True, cache_dir=str(tmp_path / "store"))
     base["train"]["training_type"] = "retrieval"  # no answers without an LLM
+    for section in ("mine", "eval"):  # the round's one store, not the fixture's none
+        base[section].pop("use_cache")
     path = tmp_path / "remine.yaml"
     path.write_text(yaml.safe_dump(base))
     steps = plan(load_round_config(str(path), []))
@@ -333,3 +335,16 @@ def test_remine_rounds_need_no_llm_and_mine_with_the_last_retriever(
         r["neg"] for r in second
     ]  # a trained model ranks other passages first
     assert json.loads((tmp_path / "out" / "round_2" / "eval" / "summary.json").read_text())["trained/query"]
+
+    # the store passes from stage to stage: each model's corpus is encoded once in the whole run
+    def hit(folder: str) -> bool:
+        return json.loads((tmp_path / "out" / folder / "eval_config.json").read_text())["cache"]["hit"]
+
+    assert hit("eval/base/query")  # mine stored the base model's corpus embeddings
+    assert not hit("eval/trained/query")  # round 1's model is new: eval stores it ...
+    assert hit("round_2/eval/base/query")
+    assert not hit("round_2/eval/trained/query")
+    mined = yaml.safe_load((tmp_path / "out" / "round_2" / "mine" / "config.yaml").read_text())
+    assert mined["cache_dir"] == str(tmp_path / "store")
+    # ... and round 2's mine read it: three models (base, round 1, round 2), three stores
+    assert len([p for p in (tmp_path / "store").iterdir() if p.is_dir()]) == 3

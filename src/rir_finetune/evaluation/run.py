@@ -80,7 +80,8 @@ class EvalArguments(CorpusIndexKeys):
     )
     batch_size: int = option(
         64,
-        "texts per forward pass (length-sorted); 64 is ~12% faster than 32 on CPU (benchmarks/)",
+        "texts per forward pass on a CPU (length-sorted; 64 is faster than 32 there, benchmarks/); on CUDA as many as "
+        "half the free memory holds",
         range=">=1",
     )
     k_values: list[int] = option(factory=lambda: list(DEFAULT_K_VALUES), help="metric cut-offs", range=">=1")

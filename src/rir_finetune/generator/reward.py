@@ -122,7 +122,9 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
     samples_output: str | None = option(None, "optional JSONL: every query's K answers with their scores")
     # the judge
     retriever: str | None = option(None, "retriever model folder that judges the answers")
-    retriever_batch_size: int = option(64, "texts per forward pass of the retriever", range=">=1")
+    retriever_batch_size: int = option(
+        64, "texts per forward pass of the retriever on a CPU; on CUDA as many as fit", range=">=1"
+    )
     retriever_device: str = option("auto", f"the judge's device ({DEVICE_HELP})")
     retriever_max_length: int | None = option(
         None, "tokens per text; None: the folder's own limit", range=">=1"

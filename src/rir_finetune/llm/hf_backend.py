@@ -17,6 +17,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from rir_finetune import precision
 from rir_finetune.errors import UserError
 from rir_finetune.llm.common import (
     BackendSettings,
@@ -159,8 +160,7 @@ class TransformersBackend:
 
         if torch.device(self.device).type != "cuda":
             return configured
-        free, _ = torch.cuda.mem_get_info(self.device)
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        free = precision.cuda_free_bytes(self.device)
         per_row = row_bytes(
             self.model.config, getattr(torch, self.dtype).itemsize, longest, new_tokens, logits_kept
         )

@@ -114,7 +114,9 @@ class GenerateConfig(BackendSettings):
     consistency_top_k: int = option(
         3, "keep a pair when its passage ranks within this many for its query", range=">=1"
     )
-    consistency_batch_size: int = option(64, "retriever: texts per forward pass", range=">=1")
+    consistency_batch_size: int = option(
+        64, "retriever: texts per forward pass on a CPU; on CUDA as many as fit", range=">=1"
+    )
     consistency_device: str = option("auto", f"retriever: its device ({DEVICE_HELP})")
     cache_dir: str | None = option(None, "corpus-embedding cache; None: the evaluation default")
     use_cache: bool = option(True, "false: encode the corpus every time, store nothing")

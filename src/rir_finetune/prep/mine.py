@@ -64,7 +64,11 @@ class MineConfig(CorpusIndexKeys):
         0.95, "drop candidates scoring above this x the positive's score; None: off", range=">0"
     )
     seed: int = option(42, "sampling seed; the same input and seed give the same negatives", range=">=0")
-    batch_size: int = option(32, "dense: texts per forward pass", range=">=1")
+    batch_size: int = option(
+        32,
+        "dense: texts per forward pass on a CPU; on CUDA as many as half the free memory holds",
+        range=">=1",
+    )
     max_length: int | None = option(
         None, "dense: tokens per text; None: the model folder's limit", range=">=1"
     )

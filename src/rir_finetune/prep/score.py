@@ -47,7 +47,11 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
     teacher: str | None = option(
         None, "written to every record's 'teacher'; None: PARENT/FOLDER of the model path"
     )
-    batch_size: int = option(32, "pairs (cross-encoder) or texts (bi-encoder) per forward pass", range=">=1")
+    batch_size: int = option(
+        32,
+        "pairs (cross-encoder) or texts (bi-encoder, on a CPU; on CUDA as many as fit) per forward pass",
+        range=">=1",
+    )
     max_length: int | None = option(None, "tokens per pair / text; None: the model's own limit", range=">=1")
     apply_sigmoid: bool = option(
         False, "cross-encoder: squash logits to (0, 1); off keeps raw logits (upstream rerankers)"

@@ -6,8 +6,10 @@ natively (:mod:`rir_finetune.precision`). bf16 changes embeddings in the third d
 documents; the embedding cache keys it separately.
 
 Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
-of ``batch_size``, so each batch pads to nearly its own length (in bf16 to a multiple of 16: fewer kernel shapes);
-the embeddings come back in input order. On CUDA each batch is encoded as one packed row of its real tokens
+of ``batch_size`` on a CPU; on CUDA into batches of as many texts as a token budget holds (:func:`batch_tokens`:
+a share of the free memory over what one token needs in a layer), so a large GPU gets hundreds of texts per forward.
+Each batch pads to nearly its own length (in bf16 to a multiple of 16: fewer kernel shapes); the embeddings come
+back in input order. On CUDA each batch is encoded as one packed row of its real tokens
 (``pack_sequences``, the packed-sequences section below, which training shares: no FLOPs on padding, the same
 embeddings); on a CPU padded (length-sorted batches leave little padding, and its padded path is tuned). Before
 anything is encoded
@@ -42,12 +44,45 @@ BF16_PAD_MULTIPLE = 16  # bf16 batches pad to a multiple of this: CPU bf16 kerne
 TOKENIZE_CHUNK = 32_768  # texts tokenized and sorted together; bounds the memory held by token ids
 
 
-def length_sorted_batches(lengths: list[int], batch_size: int) -> list[np.ndarray]:
-    """Positions of the texts, longest first (ties in input order), cut into batches of ``batch_size``.
+# on CUDA: share of the free memory an encoding batch may fill (the allocator's rounding, the pooled output and
+# whatever else the process allocates meanwhile take the rest), and the most texts a batch holds
+ENCODE_MEMORY_SHARE = 0.5
+GPU_MAX_TEXTS = 4096
+
+
+def length_sorted_batches(
+    lengths: list[int], batch_size: int, max_tokens: int | None = None
+) -> list[np.ndarray]:
+    """Positions of the texts, longest first (ties in input order), cut into batches of at most ``batch_size``
+    texts and, with ``max_tokens``, at most that many padded tokens (texts x the batch's longest; one text at
+    least).
 
     Every position appears exactly once, so writing batch results to ``out[idx]`` restores input order."""
     order = np.argsort([-n for n in lengths], kind="stable")
-    return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    if max_tokens is None:
+        return [order[b : b + batch_size] for b in range(0, len(order), batch_size)]
+    batches, b = [], 0
+    while b < len(order):
+        n = max(1, min(batch_size, max_tokens // max(lengths[order[b]], 1)))  # the first is the longest
+        batches.append(order[b : b + n])
+        b += n
+    return batches
+
+
+def bytes_per_token(config, elem_bytes: int, seq_len: int, packed: bool) -> int:
+    """Memory one token takes in an inference forward, one layer live at a time: the layer's input and output,
+    q, k, v, the attention's context and projection, the FFN's two intermediate products, the fp32 last hidden
+    state; padded (not packed) attention also holds a row of scores and probabilities per head."""
+    h = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0))
+    inter = int(getattr(config, "intermediate_size", None) or 4 * h)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    scores = 0 if packed else 2 * heads * seq_len * elem_bytes
+    return elem_bytes * (7 * h + 2 * inter) + 4 * h + scores
+
+
+def batch_tokens(free_bytes: float, per_token: int, share: float = ENCODE_MEMORY_SHARE) -> int:
+    """Padded tokens per batch that fit ``share`` of ``free_bytes``, at ``per_token`` bytes each (at least 1)."""
+    return max(1, int(share * free_bytes // max(per_token, 1)))
 
 
 class Encoder:
@@ -88,6 +123,7 @@ class Encoder:
         model_folder.check_finite_weights(self.model, path)
         self.model.to(self.device).eval()
         self.packing = packing_support(self.model) if pack else None
+        self._logged_batches = False
         if self.packing is not None and not self.packing.ok:
             logger.info("pack_sequences: padded batches instead: %s", self.packing.reason)
 
@@ -112,7 +148,7 @@ class Encoder:
         for start in range(0, len(texts), TOKENIZE_CHUNK):
             chunk = [instruction + t for t in texts[start : start + TOKENIZE_CHUNK]]
             enc = self.tokenizer(chunk, truncation=True, max_length=self.settings.max_length)
-            for idx in length_sorted_batches([len(ids) for ids in enc["input_ids"]], self.batch_size):
+            for idx in self._batches([len(ids) for ids in enc["input_ids"]]):
                 feats = self.tokenizer.pad(
                     {k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt", **self._padding(enc, idx)
                 )
@@ -126,6 +162,24 @@ class Encoder:
             return np.zeros((0, self.model.config.hidden_size), dtype=np.float32)
         model_folder.check_finite_array(out, f"{self.settings.transformer_dir}: {desc} embeddings")
         return out
+
+    def _batches(self, lengths: list[int]) -> list[np.ndarray]:
+        """``batch_size`` texts per batch on a CPU; on CUDA as many as :func:`batch_tokens` holds (logged once)."""
+        if self.device.type != "cuda" or not lengths:
+            return length_sorted_batches(lengths, self.batch_size)
+        elem = 4 if self.dtype == "float32" else 2
+        packed = self.packing is not None and self.packing.ok
+        per_token = bytes_per_token(self.model.config, elem, max(lengths), packed)
+        free = precision.cuda_free_bytes(self.device)
+        tokens = batch_tokens(free, per_token)
+        batches = length_sorted_batches(lengths, GPU_MAX_TEXTS, tokens)
+        if not self._logged_batches:
+            self._logged_batches = True
+            logger.info(
+                "encoding on %s: batches of up to %d tokens (%.1f GiB free, %d bytes per token), %d texts in the "
+                "first", self.device, tokens, free / 2**30, per_token, len(batches[0]),
+            )  # fmt: skip
+        return batches
 
     def _padding(self, enc, idx) -> dict:
         """fp32: to the batch's longest text. bf16: rounded up to a multiple of 16 (at most ``max_length``), so the

@@ -75,6 +75,12 @@ class RoundConfig:
         False,
         "round r >= 2 mines its hard negatives with round r-1's trained retriever (ANCE-style), not 'retriever'",
     )
+    cache_dir: str | None = option(
+        None,
+        "embedding store of every stage that encodes the corpus (mine, eval, generate's round-trip check): what one "
+        "stage stored, the next with the same model reads (the base model: mine, then eval; remine: the last "
+        "round's trained model: eval, then the next mine); None: each command's default, shared as well",
+    )
     max_reward_queries: int | None = option(
         None, "reward samples for only the first N training records", range=">=1"
     )

@@ -99,6 +99,10 @@ class Round:
             keys.update(backend="transformers", model=str(self.new_generator.outputs[0].parent))
         return keys
 
+    def store(self) -> dict[str, Any]:
+        """The round's ``cache_dir`` for a stage that encodes the corpus (its section may set its own)."""
+        return {"cache_dir": self.cfg.cache_dir} if self.cfg.cache_dir else {}
+
     def llm_stamp(self, settings: dict[str, Any]) -> dict[str, str]:
         """The generator as an outside input (round 1); a later round's comes from a stage it depends on."""
         return {} if self.new_generator is not None else {"llm": model_stamp(settings.get("model"))}

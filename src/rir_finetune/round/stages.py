@@ -65,7 +65,7 @@ def _base(sec: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _generate(r: Round, sec: dict[str, Any], f: Path) -> Stage:
-    settings = {**r.llm(sec), "output": str(f / "train.jsonl"), "seed": r.cfg.seed}
+    settings = {**r.store(), **r.llm(sec), "output": str(f / "train.jsonl"), "seed": r.cfg.seed}
     settings.setdefault("corpus", r.need("data", "the corpus to write queries for"))
     return r.make("generate", f, [f / "train.jsonl"], settings, r.gen_dep,
                   {"corpus": file_stamp(settings["corpus"]), **r.llm_stamp(settings)}, note=r.note)  # fmt: skip
@@ -96,7 +96,7 @@ def _dev(r: Round, sec: dict[str, Any], f: Path) -> Stage:
 
 def _mine(r: Round, sec: dict[str, Any], f: Path) -> Stage:
     records = r.need_records("mine")
-    settings = {"model": r.cfg.retriever, "corpus": r.cfg.data, "seed": r.cfg.seed, **sec}
+    settings = {"model": r.cfg.retriever, "corpus": r.cfg.data, "seed": r.cfg.seed, **r.store(), **sec}
     settings.update(input=str(records[1]), output=str(f / "train.jsonl"))
     last = r.prev.retriever if r.prev is not None else None
     remined = r.cfg.remine and last is not None and "model" not in sec
@@ -165,7 +165,13 @@ def _eval(r: Round, sec: dict[str, Any], f: Path) -> Stage:
     if answers is not None:
         modes.append(("answer", "answer", None))
         modes += [(f"fused_{a:g}", "fused", a) for a in r.cfg.alphas if a < 1.0]
-    settings = {"split": r.cfg.eval_split, "max_queries": r.cfg.max_eval_queries, **sec, "data": data}
+    settings = {
+        "split": r.cfg.eval_split,
+        "max_queries": r.cfg.max_eval_queries,
+        **r.store(),
+        **sec,
+        "data": data,
+    }
     externals = {"data": data_stamp(data, [settings["split"]])}
     if "base" in models:
         externals["base"] = model_stamp(models["base"])

@@ -201,11 +201,10 @@ def available_ram() -> float:
 
 def device_budget(device) -> tuple[float, str]:
     """(bytes a training step may use on ``device``, how that was found)."""
-    import torch
-
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        from rir_finetune.precision import cuda_free_bytes
+
+        free = cuda_free_bytes(device)
         return CUDA_SHARE * free, f"{CUDA_SHARE:g} x {_gib(free)} free on {device}"
     avail = available_ram()
     return CPU_SHARE * avail, f"{CPU_SHARE:g} x {_gib(avail)} of available RAM"
