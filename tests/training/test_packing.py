@@ -1,4 +1,4 @@
-"""Packed sequences (``pack_sequences``, retrieval/encoder.py) equal the padded path: embeddings and gradients, every pooling, fp32 tightly
+"""Packed sequences (``pack_sequences``, retrieval/packing.py) equal the padded path: embeddings and gradients, every pooling, fp32 tightly
 and bf16 loosely, on the tiny BERT and the real all-MiniLM-L6-v2; backbones that cannot take them stay padded."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 
-from rir_finetune.retrieval import encoder as packing
+from rir_finetune.retrieval import packing
 from rir_finetune.training.model import BiEncoder, load_tokenizer
 
 TEXTS = ["cell protein gene", "the blood of mice with high insulin levels in the liver of old men and women",

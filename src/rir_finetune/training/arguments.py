@@ -208,7 +208,7 @@ class RIRTrainingArguments(TrainingArguments):
     pack_sequences: bool | str | None = option(
         "auto",
         "encode each part as one packed row (its real tokens only, positions restarting per text, attention within "
-        "each text: retrieval/encoder.py) instead of padded rows; auto: packed on CUDA, padded on a CPU (its padded "
+        "each text: retrieval/packing.py) instead of padded rows; auto: packed on CUDA, padded on a CPU (its padded "
         "path is tuned)",
     )
 

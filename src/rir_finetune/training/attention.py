@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from rir_finetune.retrieval.encoder import packing_mask, route_packed
+from rir_finetune.retrieval.packing import packing_mask, route_packed
 from rir_finetune.training.dropout import keep_mask
 
 ATTENTION = "rir_sdpa"

@@ -123,7 +123,7 @@ class BiEncoder(nn.Module):
 
     def _encode_once(self, features: dict[str, Tensor]) -> Tensor:
         if self._packs(features):
-            from rir_finetune.retrieval.encoder import packed_hidden
+            from rir_finetune.retrieval.packing import packed_hidden
 
             hidden = packed_hidden(self.backbone, features, self._packing.position_offset)  # (n, L, D)
         else:
@@ -132,7 +132,7 @@ class BiEncoder(nn.Module):
         return F.normalize(reps, dim=-1) if self.normalize else reps
 
     def _packs(self, features: dict[str, Tensor]) -> bool:
-        from rir_finetune.retrieval import encoder as packing
+        from rir_finetune.retrieval import packing
 
         if not packing.pack_wanted(self.pack_sequences, features["input_ids"].device) or not packing.packable(
             features
