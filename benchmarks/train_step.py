@@ -129,6 +129,7 @@ def memory_one(batch: int, cached: bool, g: int = 8, qlen: int = 32, plen: int =
     from rir_finetune.training.arguments import ModelArguments, ObjectiveArguments
     from rir_finetune.training.collator import RIRCollator
     from rir_finetune.training.gradcache import cached_step
+    from rir_finetune.training.memory_plan import FORCED_CHUNK, FORCED_KEEP_MB
     from rir_finetune.training.model import BiEncoder, load_tokenizer
     from rir_finetune.training.objectives import compute_objectives
 
@@ -145,19 +146,22 @@ def memory_one(batch: int, cached: bool, g: int = 8, qlen: int = 32, plen: int =
     base = peak_rss_gib()
     import time
 
+    # the sizes `gradient_cache true` runs with when none are given (the dataclass leaves them to the plan)
+    chunk = defaults.gradient_cache_chunk_size or FORCED_CHUNK
+    keep_mb = defaults.gradient_cache_memory_mb or FORCED_KEEP_MB
     t0 = time.perf_counter()
     if cached:
         cached_step(
-            lambda f: model(features=f), data, defaults.gradient_cache_chunk_size,
+            lambda f: model(features=f), data, chunk,
             lambda r: compute_objectives(r.q_reps, r.p_reps, cfg),
-            keep_bytes=defaults.gradient_cache_memory_mb << 20, params=list(model.parameters()),
+            keep_bytes=keep_mb << 20, params=list(model.parameters()),
         )  # fmt: skip
     else:
         reps = model(**data)
         compute_objectives(reps.q_reps, reps.p_reps, cfg).loss.backward()
     return {"batch": batch, "group": g, "query_len": qlen, "passage_len": plen, "gradient_cache": cached,
-            "chunk": defaults.gradient_cache_chunk_size if cached else None,
-            "keep_mb": defaults.gradient_cache_memory_mb if cached else None,
+            "chunk": chunk if cached else None,
+            "keep_mb": keep_mb if cached else None,
             "attn": model.backbone.config._attn_implementation, "peak_rss_gib": round(peak_rss_gib(), 2),
             "rss_before_step_gib": round(base, 2), "step_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
 

@@ -348,3 +348,15 @@ def test_remine_rounds_need_no_llm_and_mine_with_the_last_retriever(
     assert mined["cache_dir"] == str(tmp_path / "store")
     # ... and round 2's mine read it: three models (base, round 1, round 2), three stores
     assert len([p for p in (tmp_path / "store").iterdir() if p.is_dir()]) == 3
+
+
+def test_the_cache_location_is_not_part_of_a_stage_fingerprint(tmp_path):
+    """Adding or moving the round's cache_dir reruns nothing; any other key does."""
+    from rir_finetune.round.plan import Stage
+    from rir_finetune.round.stamps import fingerprint
+
+    def stage(**settings):
+        return Stage("mine", "rir-finetune mine", tmp_path, [], {"model": "m", **settings}, [])
+
+    assert fingerprint(stage(), {}) == fingerprint(stage(cache_dir=str(tmp_path / "store")), {})
+    assert fingerprint(stage(), {}) != fingerprint(stage(negative_number=7), {})

@@ -44,9 +44,21 @@ def test_forcing_and_the_users_chunk_and_memory_win():
     assert decide(**big, memory_mb=2048).chunk_size == 64
 
 
-def test_a_budget_the_weights_already_exceed_gives_one_text_per_chunk_and_no_kept_graph():
+def test_a_budget_the_weights_already_exceed_gives_the_fixed_sizes_of_the_forced_cache():
     plan = decide(activations=GIB, per_text=0.1 * GIB, budget=-GIB, peak_factor=3.0, max_texts=64)
-    assert (plan.gradient_cache, plan.chunk_size, plan.keep_bytes) == (True, 1, 0)
+    assert (plan.gradient_cache, plan.chunk_size, plan.keep_bytes) == (True, 16, 1024 << 20)
+    assert "leave no budget" in plan.reason
+    # a tiny budget still records a whole megabyte kept (the key's range is >= 1)
+    plan = decide(activations=GIB, per_text=0.1 * GIB, budget=2**20, peak_factor=3.0, max_texts=64)
+    assert plan.keep_bytes == 1 << 20 and plan.chunk_size == 1
+
+
+def test_a_forced_plain_step_records_sizes_that_do_not_depend_on_free_memory():
+    """A resumed run compares its keys with the first run's: with ``gradient_cache false`` they must not move with
+    the memory free at each start."""
+    plans = [decide(activations=GIB, per_text=0.01 * GIB, budget=b * GIB, peak_factor=3.0, max_texts=64,
+                    forced=False) for b in (8, 9)]  # fmt: skip
+    assert plans[0] == plans[1] and (plans[0].chunk_size, plans[0].keep_bytes) == (16, 1024 << 20)
 
 
 def test_parts_of_a_batch():
@@ -131,3 +143,13 @@ def test_a_resumed_run_keeps_the_recorded_choice(tmp_path, tiny_bert_dir, train_
     again = yaml.safe_load((tmp_path / "o" / RESOLVED_CONFIG).read_text())
     keys = ("gradient_cache", "gradient_cache_chunk_size", "gradient_cache_memory_mb")
     assert {k: again[k] for k in keys} == {k: first[k] for k in keys}
+
+
+def test_eager_attention_is_estimated_with_its_score_matrices_on_every_device():
+    from rir_finetune.training.memory_plan import ModelShape, _attention_kind
+
+    shape = ModelShape(layers=2, hidden=32, heads=2, intermediate=64, attention_dropout=0.0)
+    assert (
+        _attention_kind(shape, "cuda", "eager") == "math" and _attention_kind(shape, "cpu", "eager") == "math"
+    )
+    assert _attention_kind(shape, "cuda", "sdpa") == "kernel"

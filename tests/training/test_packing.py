@@ -164,3 +164,25 @@ def test_gradient_cache_over_packed_chunks_equals_the_packed_chunked_step(tiny_b
     for (name, p1), (_, p2) in zip(plain.named_parameters(), cached.named_parameters(), strict=True):
         if p1.grad is not None:
             assert (p2.grad - p1.grad).abs().max() <= 1e-5 * p1.grad.abs().max() + 1e-8, name
+
+
+def test_sliding_window_layers_stay_padded(tmp_path):
+    """ModernBERT's local layers get their window from the mask builder, which a packed forward bypasses: refused by
+    the config (a probe of short texts, all inside the window, would pass), so texts longer than the window keep the
+    padded path's embeddings."""
+    from transformers import ModernBertConfig, ModernBertModel
+
+    cfg = ModernBertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                           intermediate_size=48, max_position_embeddings=128, local_attention=8, pad_token_id=0,
+                           global_attn_every_n_layers=3)  # fmt: skip
+    torch.manual_seed(0)
+    ModernBertModel(cfg).save_pretrained(tmp_path / "m")
+    model = BiEncoder(packing_backbone(tmp_path / "m"), pooling="mean").eval()
+    ids = torch.randint(3, 120, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, 30:] = 0
+    feats = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask}
+    ref = model.encode(feats)
+    model.pack_sequences = True
+    torch.testing.assert_close(model.encode(feats), ref, atol=0, rtol=0)
+    assert not model._packing.ok and "sliding-window" in model._packing.reason

@@ -100,7 +100,11 @@ class BackendSettings:
     n_threads: int | None = option(
         None, "CPU threads (llama_cpp, torch); None: the cores idle now", range=">=1"
     )
-    batch_size: int = option(8, "sequences decoded together (transformers, llama_cpp)", range=">=1")
+    batch_size: int = option(
+        8,
+        "sequences decoded together (llama_cpp; transformers on a CPU: on CUDA its batch comes from free memory)",
+        range=">=1",
+    )
     use_chat_template: bool = option(True, "wrap a plain prompt in the model's chat template when it has one")
     system_prompt: str | None = option(None, "system message sent before a plain prompt (chat models)")
     api_base: str | None = option(None, "openai: endpoint, e.g. http://localhost:8000/v1")

@@ -251,7 +251,7 @@ class TransformersBackend:
         if not sampling.greedy:
             gens = []
             for s in seeds:
-                g = torch.Generator(device="cpu")
+                g = torch.Generator(device=self.device)  # multinomial draws on the device the logits are on
                 g.manual_seed(s)
                 gens.append(g)
         dev = self.device
@@ -393,10 +393,14 @@ class TransformersBackend:
             positions = torch.tensor([w + w[-1:] * (keep - len(w)) for w in wanted], dtype=torch.long)
             with torch.inference_mode():
                 logits = self._continuation_logits(ids, mask, positions)
-            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            # each continuation token's log-probability picked where the logits are: only (rows, K) leave the device
+            tails = torch.tensor(
+                [t + [0] * (keep - len(t)) for t in (pairs[i][1] for i in chunk)], dtype=torch.long
+            )
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            picked = logp.gather(-1, tails.to(logp.device)[..., None]).squeeze(-1).cpu()  # (rows, K)
             for r, i in enumerate(chunk):
-                tail = pairs[i][1]
-                out[i] = [float(logp[r, k, tok]) for k, tok in enumerate(tail)]
+                out[i] = picked[r, : len(pairs[i][1])].tolist()
             bar.update(len(chunk), sum(len(s) for s in seqs))
         bar.close()
         return out

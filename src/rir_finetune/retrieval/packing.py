@@ -44,7 +44,9 @@ logger = logging.getLogger("rir_finetune")
 PACKED_SDPA = "rir_packed_sdpa"  # transformers' SDPA, plus packed rows: the encoder's attention
 PACKABLE_ATTENTION = ("rir_sdpa", PACKED_SDPA, "flash_attention_2", "flash_attention_3")
 _ACTIVE: ContextVar[bool] = ContextVar("rir_finetune_packed_forward", default=False)
-_varlen_failed = False
+_varlen_failed: set[tuple[str, torch.dtype]] = (
+    set()
+)  # (device, dtype) whose kernel failed: padded there from then on
 
 
 def packing_active() -> bool:
@@ -105,7 +107,7 @@ def packable(features: dict[str, Tensor]) -> bool:
 
 def _varlen_usable(query: Tensor, dropout: float) -> bool:
     if (
-        _varlen_failed
+        (str(query.device), query.dtype) in _varlen_failed
         or not query.is_cuda
         or dropout > 0
         or query.dtype not in (torch.float16, torch.bfloat16)
@@ -126,7 +128,6 @@ def packed_attention(
 
     ``padded_attention``: the attention function for padded (n, H, L, d) inputs with a mask, called when no
     variable-length kernel applies."""
-    global _varlen_failed
     if _varlen_usable(query, dropout):
         from torch.nn.attention.varlen import varlen_attn
 
@@ -134,11 +135,13 @@ def packed_attention(
         try:
             out = varlen_attn(q, k, v, cu, cu, width, width, scale=scaling, enable_gqa=k.size(1) != q.size(1))
             return out[None], None
+        except torch.OutOfMemoryError:  # the batch, not the kernel: the padded layout would need more
+            raise
         except (
             RuntimeError,
             NotImplementedError,
         ) as e:  # a kernel this GPU or build lacks: padded from now on
-            _varlen_failed = True
+            _varlen_failed.add((str(query.device), query.dtype))
             logger.info(
                 "packed attention: the variable-length kernel is unavailable (%s); padded per layer", e
             )
@@ -212,6 +215,11 @@ def packing_support(backbone: nn.Module) -> Support:
     """Whether ``backbone`` computes the same packed as padded: its attention takes packed sequences, and a forward of
     three texts of different lengths agrees (positions from 0, or from ``pad_token_id + 1``)."""
     config = backbone.config
+    layer_types = getattr(config, "layer_types", None) or ()
+    if getattr(config, "sliding_window", None) or "sliding_attention" in layer_types:
+        # a local window comes from the mask builder, which a packed forward bypasses: every layer would attend to
+        # the whole text (ModernBERT's local layers). Short probe texts would not show it: refuse by the config
+        return Support(False, reason="sliding-window attention layers take no packed sequences here")
     impl = getattr(config, "_attn_implementation", None)
     if impl not in PACKABLE_ATTENTION:
         return Support(

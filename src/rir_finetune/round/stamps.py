@@ -63,13 +63,17 @@ def data_stamp(data_dir: str, splits: list[str]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
+RESULT_NEUTRAL = ("cache_dir",)  # keys that say where a stage keeps things, not what it computes
+
+
 def stage_inputs(stage: Any, upstream: dict[str, str], root: str | None) -> dict[str, Any]:
     """What a stage's result depends on: its keys and wiring, its outside inputs' stamps, its upstream stages'
     fingerprints. Paths inside the round's folder ``root`` are written relative to it (``$OUT/...``), so a round
     folder that is copied or moved keeps every fingerprint."""
     body = {
         "stage": stage.name,
-        "settings": stage.settings,
+        # where embeddings are cached changes no result: moving the cache reruns nothing
+        "settings": {k: v for k, v in stage.settings.items() if k not in RESULT_NEUTRAL},
         "extra": stage.extra,
         "externals": stage.externals,
         "upstream": {d: upstream.get(d, "") for d in stage.depends},

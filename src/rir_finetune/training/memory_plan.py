@@ -156,11 +156,14 @@ def decide(
     when set), chunks of as many texts as fit the rest (``chunk_size`` when set; at least 1, at most
     ``max_texts``). ``forced`` True asks for a small footprint whatever the device holds: unless set, chunks of
     :data:`FORCED_CHUNK` texts and :data:`FORCED_KEEP_MB` kept."""
-    if forced:
+    if forced is not None or budget <= 0:
+        # forced, or nothing left to size from: fixed sizes. A forced plain step records them too, so that a resumed
+        # run's keys equal the first run's whatever memory is free at the time
         chunk_size = chunk_size or FORCED_CHUNK
         memory_mb = FORCED_KEEP_MB if memory_mb is None else memory_mb
     peak = activations * peak_factor
-    keep = (memory_mb << 20) if memory_mb is not None else max(0, int(budget / 2 / peak_factor))
+    # at least 1 MiB kept: the resolved config records whole megabytes (``gradient_cache_memory_mb`` >= 1)
+    keep = (memory_mb << 20) if memory_mb is not None else max(1 << 20, int(budget / 2 / peak_factor))
     room = budget - keep * peak_factor
     chunk = chunk_size or int(min(max(room // max(per_text * peak_factor, 1.0), 1), max(max_texts, 1)))
     fit = f"estimated peak {_gib(peak)} ({_gib(activations)} of activations x {peak_factor:g})"
@@ -173,11 +176,13 @@ def decide(
             keep,
             f"gradient_cache auto -> the plain step: {fit} fits the budget of {_gib(budget)}",
         )
-    why = (
-        "gradient_cache true"
-        if forced
-        else f"gradient_cache auto -> the cache: {fit} exceeds the budget of {_gib(budget)}"
-    )
+    if forced:
+        why = "gradient_cache true"
+    elif budget <= 0:
+        why = (f"gradient_cache auto -> the cache: the weights and optimizer state alone leave no budget "
+               f"({_gib(budget)}); the fixed sizes of gradient_cache true")  # fmt: skip
+    else:
+        why = f"gradient_cache auto -> the cache: {fit} exceeds the budget of {_gib(budget)}"
     return CachePlan(True, chunk, keep, f"{why}; chunks of {chunk} texts, graphs kept up to {_gib(keep)}")
 
 
@@ -225,6 +230,8 @@ def count_params(config, trust_remote_code: bool = False) -> int:
 
 
 def _attention_kind(shape: ModelShape, device_type: str, attn_implementation: str | None) -> str:
+    if attn_implementation == "eager":  # the (L, L) scores and probabilities kept, on any device
+        return "math"
     if device_type == "cuda" or shape.attention_dropout == 0:
         return "kernel"
     return "keep_mask" if attn_implementation in ("auto", "rir_sdpa") else "math"
@@ -281,7 +288,8 @@ def plan_for_run(model_args, data_args, obj_args, train_args) -> CachePlan:
         shape, parts, 2 if half else 4, attention, bool(train_args.gradient_checkpointing)
     )
     budget, where = device_budget(device)
-    state = params * STATE_BYTES_PER_PARAM
+    # LoRA: the frozen weights only (4 bytes each; the adapters' gradients and moments are a rounding error)
+    state = params * (4 if model_args.use_lora else STATE_BYTES_PER_PARAM)
     budget = _least_across_ranks(budget - state)
     plan = decide(activations, per_text, budget, PEAK_FACTOR.get(device.type, PEAK_FACTOR["cuda"]),
                   max(p.texts for p in parts), forced, chunk, mem)  # fmt: skip
