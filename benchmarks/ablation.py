@@ -320,16 +320,29 @@ def _table(results: Path, tmp: Path) -> str:
             mean, interval, p = fmt_diff(diffs[f"g{i}"])
             cells = f"{mean} | {interval} | {p} | {diffs[f'g{i}']['verdict']}"
         lines.append(f"| {row} | {label} | {n} | {statistics.mean(values):.4f}{sd} | {each} | {cells} |")
-    if TWO_EPOCHS in runs and REMINED in runs:  # issue 32 item 2: fresh negatives against more of the same
-        pair = [f"g{i}=" + ",".join(r["query"]["eval"] for _, r in sorted(runs[row].items()))
-                for i, row in enumerate((TWO_EPOCHS, REMINED))]  # fmt: skip
+
+    def versus(a: tuple[str, str], b: tuple[str, str]) -> str:
+        """``b`` against ``a`` ((row, mode) each), nDCG@10: mean difference, interval, p and verdict."""
+        pair = [f"g{i}=" + ",".join(r[mode]["eval"] for _, r in sorted(runs[row].items()))
+                for i, (row, mode) in enumerate((a, b))]  # fmt: skip
         (c,) = compare(CompareConfig(runs=pair, metrics=["ndcg@10"]))["comparisons"]
         mean, interval, p = fmt_diff(c)
-        lines += ["", f"{REMINED} against {TWO_EPOCHS}, query mode, nDCG@10: mean difference {mean}, 95 % interval "
-                  f"{interval}, p {p}: {c['verdict']}."]  # fmt: skip
+        return f"mean difference {mean}, 95 % interval {interval}, p {p}: {c['verdict']}"
+
+    if TWO_EPOCHS in runs and REMINED in runs:  # issue 32 item 2: fresh negatives against more of the same
+        lines += ["", f"{REMINED} against {TWO_EPOCHS}, query mode, nDCG@10: "
+                  f"{versus((TWO_EPOCHS, 'query'), (REMINED, 'query'))}."]  # fmt: skip
+    # what fusion buys each model: against its own query mode
+    own = [row for row in FUSED_ROWS if row in runs]
+    if own:
+        lines += ["", f"Fused (alpha {ALPHA}) against the same row's query mode, nDCG@10:", ""]
+        lines += [f"- {row}: {versus((row, 'query'), (row, fused))}" for row in own]
     lines += ["", f"{result['paired_queries']} SciFact test queries paired; a row's per-query value is the mean over "
               f"its seeds; interval: paired bootstrap, {result['bootstrap_resamples']} resamples, percentile method; "
-              f"p: two-sided sign-flip test, {result['sign_flips']} resamples; seed {result['seed']}."]  # fmt: skip
+              f"p: two-sided sign-flip test, {result['sign_flips']} resamples, (1 + extreme) / (1 + resamples), so "
+              f"never below {1 / (1 + result['sign_flips']):.1e}; seed {result['seed']}. A gain needs the interval to "
+              "exclude 0, p < 0.05 and a difference larger than the seed sd of either row (\"within seed spread\" "
+              "otherwise)."]  # fmt: skip
     return "\n".join(lines)
 
 

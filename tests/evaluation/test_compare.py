@@ -93,7 +93,7 @@ def test_a_run_against_itself(eval_runs, tmp_path, monkeypatch, capsys):
         for c in result["comparisons"]:
             assert (c["mean_difference"], c["interval"], c["p_value"]) == (0.0, [0.0, 0.0], 1.0)
             assert (c["exact_p"], c["ties"], c["verdict"]) == (exact, 8, "no significant difference")
-    assert "gain" not in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+    assert "significant gain" not in capsys.readouterr().out and list(tmp_path.iterdir()) == []
 
 
 def test_statistics_equal_an_independent_computation(tmp_path):
@@ -132,6 +132,39 @@ def test_an_interval_containing_zero_is_never_a_gain(tmp_path, capsys):
     assert row.endswith("| no significant difference |") and "gain" not in row
 
 
+def test_no_gain_from_too_few_queries_or_inside_the_seed_spread(tmp_path):
+    """One query: interval [d, d] but p = 1; two: p = 1/2 (exact): neither is a gain. Seeds: every query gains
+    exactly 0.02 (interval [0.02, 0.02], exact p = 2/256) while a reseed moves the reference by sd 0.05: "within seed
+    spread"; the same shift of 0.0625 > 0.05 is a gain, and a single-seed pair has no spread to exceed."""
+    one = [write_run(tmp_path / f"one{s}", {"q1": 0.5 + s / 8}) for s in (0, 1)]
+    (c,) = run_compare(None, [*one, "--metrics", "ndcg@10"])["comparisons"]
+    assert (c["interval"], c["p_value"], c["verdict"]) == ([0.125, 0.125], 1.0, "no significant difference")
+    two = [write_run(tmp_path / f"two{s}", {"q1": 0.5 + s / 8, "q2": 0.25 + s / 8}) for s in (0, 1)]
+    (c,) = run_compare(None, [*two, "--metrics", "ndcg@10"])["comparisons"]
+    assert (c["interval"], c["p_value"], c["verdict"]) == ([0.125, 0.125], 0.5, "no significant difference")
+
+    base = [0.5, 0.25, 0.75, 0.375, 0.625, 0.125, 0.5, 0.25]
+    offsets = (-0.05, 0.0, 0.05)  # sd over seeds exactly 0.05 in both groups
+
+    def group(name: str, shift: float) -> str:
+        folders = [write_run(tmp_path / f"{name}{k}", {f"q{i}": b + o + shift for i, b in enumerate(base)})
+                   for k, o in enumerate(offsets)]  # fmt: skip
+        return f"{name}={','.join(folders)}"
+
+    ref = group("ref", 0.0)
+    for shift, expected in ((0.02, "within seed spread"), (0.0625, "significant gain")):
+        result = run_compare(None, [ref, group(f"s{shift}", shift), "--metrics", "ndcg@10"])
+        (c,) = result["comparisons"]
+        assert c["seed_spread"] == pytest.approx(0.05, abs=1e-12) and c["p_value"] == 2 / 256
+        assert c["interval"] == pytest.approx([shift, shift], abs=1e-12) and c["verdict"] == expected
+    single = [
+        write_run(tmp_path / f"single{s}", {f"q{i}": b + s * 0.02 for i, b in enumerate(base)})
+        for s in (0, 1)
+    ]
+    (c,) = run_compare(None, [*single, "--metrics", "ndcg@10"])["comparisons"]
+    assert (c["seed_spread"], c["verdict"]) == (None, "significant gain")
+
+
 def test_grouped_seeds_mean_and_sd_by_hand(tmp_path, capsys):
     """Per seed the mean over the paired queries (q5 is judged in one seed only), then mean and sd over seeds;
     the group's per-query value for the test is the mean over its seeds."""
@@ -157,6 +190,28 @@ def test_grouped_seeds_mean_and_sd_by_hand(tmp_path, capsys):
     assert c["differences"] == pytest.approx(hand, abs=1e-15) and (c["wins"], c["losses"]) == (3, 1)
 
 
+def test_round_folders_are_base_against_trained_over_the_rounds_given(tmp_path):
+    """Each round folder's last round's eval (round_2/eval over eval), base and trained grouped over the folders."""
+    values = {}
+    for seed, last in ((42, "eval"), (43, "round_2/eval")):
+        root = tmp_path / f"round_s{seed}"
+        root.mkdir()
+        (root / "round.json").write_text("{}")
+        for model, shift in (("base", 0.0), ("trained", 0.125)):
+            for where in {"eval", last}:  # round 1's eval of the two-round folder must not be read
+                v = {"q1": 0.5 + shift + (where == last) / 16, "q2": 0.25 + shift}
+                write_run(root / where / model / "query", v)
+            values[(model, seed)] = v
+    runs = [str(tmp_path / "round_s42"), str(tmp_path / "round_s43")]
+    result = run_compare(None, [*runs, "--metrics", "ndcg@10"])
+    assert [(g["name"], [s["folder"] for s in g["seeds"]]) for g in result["groups"]] == [
+        (m, [str(tmp_path / "round_s42" / "eval" / m / "query"), str(tmp_path / "round_s43" / "round_2" / "eval" / m / "query")])
+        for m in ("base", "trained")
+    ]  # fmt: skip
+    (c,) = result["comparisons"]
+    assert c["differences"] == pytest.approx({"q1": 0.125, "q2": 0.125}, abs=1e-15)
+
+
 def _error(capsys, *args: str) -> str:
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -180,6 +235,12 @@ def test_one_line_errors(tmp_path, capsys):
         capsys, ok, str(tmp_path / "round" / "eval" / "base")
     )
     assert "at least two runs" in _error(capsys, ok)
+    (tmp_path / "round").mkdir(exist_ok=True)
+    (tmp_path / "round" / "round.json").write_text("{}")
+    assert f"'runs': {ok!r} is not a round folder like" in _error(capsys, str(tmp_path / "round"), ok)
+    assert f"'runs': {tmp_path / 'round' / 'eval' / 'base' / 'answer'}: no such folder" in _error(
+        capsys, str(tmp_path / "round"), "--mode", "answer"
+    )
     assert f"config key 'metrics': {ok}/per_query.json: no 'ndcg@7'" in _error(
         capsys, ok, f"x={ok}", "--metrics", "ndcg@7"
     )

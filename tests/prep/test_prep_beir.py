@@ -244,7 +244,7 @@ def test_resumable_drops_a_torn_last_line(tmp_path):
 
 
 def test_data_split_holds_out_seeded_records_and_writes_a_dev_beir_folder(tmp_path):
-    import random
+    import hashlib
 
     from rir_finetune.cli import main
 
@@ -257,7 +257,8 @@ def test_data_split_holds_out_seeded_records_and_writes_a_dev_beir_folder(tmp_pa
     (corpus / "corpus.jsonl").write_text("".join(f'{{"_id": "d{i}", "text": "p{i}"}}\n' for i in range(10)))
     main(["data", "split", str(src), "--dev_queries", "3", "--seed", "7", "--corpus", str(corpus), "--out_dir",
           str(tmp_path / "out")])  # fmt: skip
-    held = sorted(random.Random("7-dev").sample(range(10), 3))  # the rule, written again
+    # the rule, written again: the 3 qids whose seeded sha256 is lowest
+    held = sorted(sorted(range(10), key=lambda i: hashlib.sha256(f"7-dev-Q{i}".encode()).hexdigest())[:3])
     out = tmp_path / "out"
     dev = [json.loads(x) for x in (out / "dev.jsonl").read_text().splitlines()]
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
@@ -269,3 +270,25 @@ def test_data_split_holds_out_seeded_records_and_writes_a_dev_beir_folder(tmp_pa
     from rir_finetune.retrieval.data import load_beir
 
     assert sorted(load_beir(out / "dev_beir", "dev").queries) == sorted(f"Q{i}" for i in held)
+
+    # the same records reordered, with others around them (a later round's regenerated file): the same held out
+    extra = [{**records[0], "qid": f"X{i}", "query": f"x{i}"} for i in range(6)]
+    mixed = [r for r in [*extra, *reversed(records)]
+             if r["qid"][0] == "Q" or hashlib.sha256(f"7-dev-{r['qid']}".encode()).hexdigest() > max(
+                 hashlib.sha256(f"7-dev-Q{i}".encode()).hexdigest() for i in held)]  # fmt: skip
+    write_jsonl(tmp_path / "mixed.jsonl", mixed)
+    main(["data", "split", str(tmp_path / "mixed.jsonl"), "--dev_queries", "3", "--seed", "7", "--out_dir",
+          str(tmp_path / "out2")])  # fmt: skip
+    dev2 = [json.loads(x)["qid"] for x in (tmp_path / "out2" / "dev.jsonl").read_text().splitlines()]
+    assert sorted(dev2) == sorted(f"Q{i}" for i in held)
+    # without qids: keyed by the query and its positives' ids, so also independent of position
+    bare = [{k: v for k, v in r.items() if k != "qid"} for r in records]
+    for name, order in (("bare", bare), ("bare_reversed", bare[::-1])):
+        write_jsonl(tmp_path / f"{name}.jsonl", order)
+        main(["data", "split", str(tmp_path / f"{name}.jsonl"), "--dev_queries", "3", "--out_dir",
+              str(tmp_path / name)])  # fmt: skip
+    held_queries = [
+        sorted(json.loads(x)["query"] for x in (tmp_path / name / "dev.jsonl").read_text().splitlines())
+        for name in ("bare", "bare_reversed")
+    ]
+    assert len(held_queries[0]) == 3 and held_queries[0] == held_queries[1]

@@ -238,3 +238,10 @@ def test_the_fused_weight_is_chosen_on_held_out_training_queries(tmp_path, tiny_
     for line in report.splitlines():
         if line.startswith("- best mode of"):
             assert "fused_0" not in line, line  # a point of the test sweep is never a result
+    # compare on the round's folder: base vs trained at the dev-chosen alpha, the same as naming the eval folders
+    from rir_finetune.evaluation.compare import run_compare
+
+    by_round = run_compare(None, [str(out), "--mode", "fused_dev"])
+    by_folders = run_compare(None, [f"{m}={out / 'eval' / m / 'fused_dev'}" for m in ("base", "trained")])
+    assert [g["name"] for g in by_round["groups"]] == ["base", "trained"]
+    assert by_round["comparisons"] == by_folders["comparisons"]

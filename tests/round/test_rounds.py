@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import write_jsonl
 from rir_finetune.errors import UserError
 from rir_finetune.round.config import load_round_config
 from rir_finetune.round.plan import Stage, build_stages
@@ -261,6 +262,33 @@ def test_reward_subset_and_inherited_keys(tmp_path, tiny_bert_dir, tiny_causal_l
     assert reward.settings["input"] == str(tmp_path / "out" / "reward" / "records.jsonl")
     assert reward.extra == {"source": str(tmp_path / "out" / "queries" / "train.jsonl"), "limit": 3}
     assert "temperature" not in reward.settings  # reward samples at its own (upstream's) temperature
+
+
+def test_reward_never_samples_for_the_dev_queries(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, monkeypatch):
+    """With a dev split the generator learns from the training records only (the dev queries choose alpha, in this
+    round and, answered by the DPO generator, in the next): reward's records are the dev stage's train.jsonl in the
+    source's order, then the first max_reward_queries."""
+    from rir_finetune.prep.split import SplitConfig, split
+    from rir_finetune.round import stages
+
+    path = str(rounds_config(tmp_path, tiny_bert_dir, tiny_causal_lm_dir, tmp_path / "out", dev_queries=3,
+                             max_reward_queries=4))  # fmt: skip
+    by = {s.stage.label: s.stage for s in plan(load_round_config(path, []))}
+    reward, dev = by["1.reward"], by["1.dev"]
+    assert reward.extra["train_records"] == str(dev.outputs[0]) and dev.key in reward.depends
+    source = Path(reward.extra["source"])
+    source.parent.mkdir(parents=True)
+    write_jsonl(
+        source, [{"query": f"q{i}", "pos": [f"p{i}"], "pos_ids": [f"d{i}"], "qid": f"Q{i}"} for i in range(8)]
+    )
+    split(SplitConfig(input=str(source), dev_queries=3, out_dir=str(dev.folder)))
+    held = {r["qid"] for r in _read_jsonl(dev.outputs[1])}
+    monkeypatch.setattr(
+        stages, "run_command", lambda command, config: {}
+    )  # the reward command is not under test
+    stages.run_reward(reward, dev.folder / "unused.yaml", resume=False)
+    sampled = [r["qid"] for r in _read_jsonl(Path(reward.settings["input"]))]
+    assert len(held) == 3 and sampled == [f"Q{i}" for i in range(8) if f"Q{i}" not in held][:4]
 
 
 def test_no_pairs_stops_with_one_line(tmp_path):

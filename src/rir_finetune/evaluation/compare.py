@@ -2,10 +2,13 @@
 
     rir-finetune compare runs/base/eval runs/x/eval
     rir-finetune compare base=runs/base/eval retrieval=runs/s1/eval,runs/s2/eval --output_dir runs/compare
+    rir-finetune compare work/round_s42 work/round_s43 --mode fused_dev    # rounds: base vs trained over seeds
 
 Each argument is a group: ``NAME=DIR,DIR,...`` (several seeds of one setting) or a plain ``DIR`` (a group of one,
 named by its folder). A DIR is an ``eval`` output folder (a round's ``OUT/eval/<model>/<mode>/`` is one) holding
-``per_query.json``. The first group is the reference; only queries judged in every run are paired. A group's
+``per_query.json``. Round folders (``rir-finetune round``'s output_dir, holding round.json) instead give two groups,
+base and trained, each over the rounds named, from each one's last round's eval in ``mode``. The first group is the
+reference; only queries judged in every run are paired. A group's
 per-query value is the mean over its seeds; on the n paired differences d (group - reference), per metric:
 
 - the mean difference and wins / ties / losses (d > 0, d = 0, d < 0);
@@ -16,7 +19,11 @@ per-query value is the mean over its seeds; on the n paired differences d (group
   is enumerated and p = #{|mean(s d)| >= |mean(d)|} / 2^n (exact; the identity is one of them), otherwise
   ``sign_flips`` random vectors from ``default_rng(seed)`` and p = (1 + #{...}) / (1 + sign_flips), so p is never 0.
 
-A difference whose interval contains 0 is "no significant difference", never a gain.
+The verdict: a "significant gain" (or loss) needs all three of an interval that excludes 0, p below 1 -
+``confidence`` (one query gives [d, d] but p = 1), and, when a group has several seeds, a mean difference larger than
+the seed spread (the larger sd over seeds of the two groups): the bootstrap resamples queries, not seeds, so a
+difference smaller than what a reseed moves is "within seed spread", never a gain. Otherwise: "no significant
+difference".
 """
 
 from __future__ import annotations
@@ -46,7 +53,11 @@ class CompareConfig:
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("runs",)
     runs: list[str] = option(
-        factory=list, help="eval output folders or NAME=DIR,DIR,...; the first is the base"
+        factory=list,
+        help="eval output folders or NAME=DIR,DIR,...; the first is the base; or round folders: base vs trained",
+    )
+    mode: str = option(
+        "query", "round folders: the eval mode compared (query, answer, fused_dev, fused_0.8, ...)"
     )
     metrics: list[str] = option(factory=lambda: list(DEFAULT_METRICS), help="metrics compared")
     bootstrap_resamples: int = option(10_000, "bootstrap resamples of the queries", range=">=1")
@@ -58,7 +69,7 @@ class CompareConfig:
     output_dir: str | None = option(None, "write compare.md, .json and .png here; None: print only")
 
     def __post_init__(self):
-        if len(self.runs) < 2:
+        if not self.runs:
             raise UserError("config key 'runs': give at least two runs (rir-finetune compare BASE OTHER ...)")
         for m in self.metrics:
             if "@" not in m:
@@ -94,9 +105,34 @@ def read_per_query(folder: str | Path, metrics: tuple[str, ...] | list[str]) -> 
     return out
 
 
-def parse_groups(runs: list[str]) -> list[tuple[str, list[str]]]:
+def round_eval(folder: Path) -> Path:
+    """A round folder's last evaluation: ``round_<N>/eval`` of its highest N that has one, else ``eval``."""
+    later = sorted((int(d.name.split("_")[1]), d / "eval") for d in folder.glob("round_*")
+                   if d.name.split("_")[1].isdigit() and (d / "eval").is_dir())  # fmt: skip
+    return later[-1][1] if later else folder / "eval"
+
+
+def round_groups(runs: list[str], mode: str) -> list[tuple[str, list[str]]] | None:
+    """Round folders as ``[("base", [...]), ("trained", [...])]`` in ``mode``; None when no argument is one."""
+    rounds = [Path(r) for r in runs if (Path(r) / "round.json").is_file()]
+    if not rounds:
+        return None
+    if len(rounds) < len(runs):
+        other = next(r for r in runs if not (Path(r) / "round.json").is_file())
+        raise UserError(f"config key 'runs': {other!r} is not a round folder like {rounds[0]}: compare round folders "
+                        "with each other, or name eval folders (ROUND/eval/trained/query)")  # fmt: skip
+    return [(model, [str(round_eval(r) / model / mode) for r in rounds]) for model in ("base", "trained")]
+
+
+def parse_groups(runs: list[str], mode: str = "query") -> list[tuple[str, list[str]]]:
     """``NAME=DIR,DIR`` and plain ``DIR`` arguments as ``(name, folders)``; a plain folder is named by its last
-    component, or by its whole path when another run has that name (``runs/a/eval`` vs ``runs/b/eval``)."""
+    component, or by its whole path when another run has that name (``runs/a/eval`` vs ``runs/b/eval``); round
+    folders as base and trained (:func:`round_groups`)."""
+    rounds = round_groups(runs, mode)
+    if rounds is not None:
+        return rounds
+    if len(runs) < 2:
+        raise UserError("config key 'runs': give at least two runs (rir-finetune compare BASE OTHER ...)")
     parsed: list[tuple[str, list[str], bool]] = []
     for arg in runs:
         name, eq, rest = arg.partition("=")
@@ -120,9 +156,15 @@ def _count_extreme(d: np.ndarray, signs: np.ndarray) -> int:
 
 
 def paired_stats(
-    d: np.ndarray, bootstrap_resamples: int, sign_flips: int, seed: int, confidence: float
+    d: np.ndarray,
+    bootstrap_resamples: int,
+    sign_flips: int,
+    seed: int,
+    confidence: float,
+    seed_spread: float | None = None,
 ) -> dict:
-    """Mean, bootstrap interval, sign-flip p-value and wins / ties / losses of paired differences ``d`` (n,)."""
+    """Mean, bootstrap interval, sign-flip p-value and wins / ties / losses of paired differences ``d`` (n,);
+    ``seed_spread``: the larger sd over seeds of the two groups compared (None: one seed each)."""
     n = len(d)
     rows = max(1, _CHUNK // n)  # resamples per chunk
     rng = np.random.default_rng(seed)
@@ -146,21 +188,27 @@ def paired_stats(
             extreme += _count_extreme(d, signs)
         p = (1 + extreme) / (1 + sign_flips)
     return {"queries": n, "mean_difference": float(d.mean()), "interval": [float(low), float(high)],
-            "p_value": p, "exact_p": exact, "wins": int((d > TOLERANCE).sum()),
+            "p_value": p, "exact_p": exact, "p_floor": None if exact else 1 / (1 + sign_flips), "wins": int((d > TOLERANCE).sum()),
             "ties": int((np.abs(d) <= TOLERANCE).sum()), "losses": int((d < -TOLERANCE).sum()),
-            "verdict": verdict(float(low), float(high))}  # fmt: skip
+            "seed_spread": seed_spread,
+            "verdict": verdict(float(d.mean()), float(low), float(high), p, confidence, seed_spread)}  # fmt: skip
 
 
-def verdict(low: float, high: float) -> str:
-    """Only an interval that excludes 0 makes a difference a gain (or a loss)."""
-    if low > 0:
-        return "significant gain"
-    return "significant loss" if high < 0 else "no significant difference"
+def verdict(
+    mean: float, low: float, high: float, p: float, confidence: float = 0.95, seed_spread: float | None = None
+) -> str:
+    """A gain (or loss) only when the interval excludes 0, p < 1 - confidence and the difference exceeds the seed
+    spread (when there is one); see the module's docstring."""
+    if not (low > 0 or high < 0) or p >= 1 - confidence:
+        return "no significant difference"
+    if seed_spread is not None and abs(mean) <= seed_spread:
+        return "within seed spread"
+    return "significant gain" if low > 0 else "significant loss"
 
 
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Every number of the comparison (what compare.json holds)."""
-    groups = parse_groups(cfg.runs)
+    groups = parse_groups(cfg.runs, cfg.mode)
     loaded = [[read_per_query(f, cfg.metrics) for f in folders] for _, folders in groups]
     common = set.intersection(*(set(run) for runs in loaded for run in runs))
     if not common:
@@ -181,10 +229,12 @@ def compare(cfg: CompareConfig) -> dict[str, Any]:
                       for f, run, v in zip(folders, runs, per_seed.tolist(), strict=True)],
         })  # fmt: skip
     reference = arrays[0].mean(axis=0)  # (n, metrics)
-    for (name, _), arr in zip(groups[1:], arrays[1:], strict=True):
+    for (name, _), arr, group in zip(groups[1:], arrays[1:], result["groups"][1:], strict=True):
         for j, metric in enumerate(cfg.metrics):
             d = arr.mean(axis=0)[:, j] - reference[:, j]  # (n,)
-            stats = paired_stats(d, cfg.bootstrap_resamples, cfg.sign_flips, cfg.seed, cfg.confidence)
+            sds = [g["sd"][metric] for g in (result["groups"][0], group) if g["sd"][metric] is not None]
+            stats = paired_stats(d, cfg.bootstrap_resamples, cfg.sign_flips, cfg.seed, cfg.confidence,
+                                 seed_spread=max(sds) if sds else None)  # fmt: skip
             stats.update(group=name, metric=metric, differences=dict(zip(qids, d.tolist(), strict=True)))
             result["comparisons"].append(stats)
     return result
@@ -194,6 +244,8 @@ def fmt_diff(stats: dict[str, Any]) -> tuple[str, str, str]:
     """``(mean difference, [low, high], p)`` as text."""
     (lo, hi), p = stats["interval"], stats["p_value"]
     ptext = f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
+    if stats.get("p_floor") is not None and p <= stats["p_floor"]:  # no sampled sign vector was as extreme
+        ptext = f"<= {ptext}"
     return f"{stats['mean_difference']:+.4f}", f"[{lo:+.4f}, {hi:+.4f}]", ptext
 
 
@@ -223,7 +275,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", f"Bootstrap interval: percentile method, {result['bootstrap_resamples']} resamples of the queries; "
               f"p: two-sided paired sign-flip test ({result['sign_flips']} resamples, or every sign vector when "
               f"fewer); seed {result['seed']}. Means are over the paired queries; a group's per-query value is the mean "
-              "over its seeds; +- is the standard deviation over seeds."]  # fmt: skip
+              "over its seeds; +- is the standard deviation over seeds. p = (1 + extreme) / (1 + resamples) when "
+              "sampled, so it is never below 1 / (1 + resamples). A gain needs the interval to exclude 0, p < "
+              f"{1 - result['confidence']:.2g} and, with several seeds, a difference larger than the seed sd "
+              "(\"within seed spread\" otherwise)."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -254,7 +309,7 @@ def run_compare(config_file: str | None, tokens: list[str] | dict[str, Any]) -> 
     cfg = load_config(CompareConfig, config_file, tokens)
     out = None
     if cfg.output_dir:
-        reads = [f for _, folders in parse_groups(cfg.runs) for f in folders]
+        reads = [f for _, folders in parse_groups(cfg.runs, cfg.mode) for f in folders]
         out = files.check_output_dir(cfg.output_dir, key="output_dir", reads=reads, may_hold_inputs=True)
         for name in ("compare.md", "compare.json", "compare.png"):
             files.check_output_file(out / name, key="output_dir", reads=reads)

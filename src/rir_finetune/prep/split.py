@@ -6,13 +6,17 @@ Writes ``OUT/train.jsonl`` (the records not held out, in their order), ``OUT/dev
 their answers when they have them: ``eval --answers``) and ``OUT/dev_beir/`` (``queries.jsonl``, ``qrels/dev.tsv`` from
 each record's ``pos_ids``, and ``corpus.jsonl`` linked to the corpus), so that a choice made on held-out queries
 (the fused weight alpha) is never made on the test split it is reported on. Which records are held out depends only
-on the seed and the records, so a rerun holds out the same ones.
+on the seed and each record's own key (its ``qid``; without one, its query and positives' ids), never on its position:
+the ``dev_queries`` records whose keys hash lowest. A rerun holds out the same ones, and so does a later round whose
+records were rewritten around them (a corpus-only round regenerates its pseudo queries each round; a positional
+choice would then hold out queries whose passages the previous round trained on).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -57,7 +61,8 @@ def split(cfg: SplitConfig) -> dict[str, int]:
         )
     corpus = _corpus_file(cfg.corpus)
     out = files.check_output_dir(cfg.out_dir, key="out_dir", reads=[cfg.input, cfg.corpus])
-    held = set(random.Random(f"{cfg.seed}-dev").sample(range(len(records)), cfg.dev_queries))
+    ranked = sorted(range(len(records)), key=lambda i: (held_out_rank(records[i][1], cfg.seed), i))
+    held = set(ranked[: cfg.dev_queries])
     train = [r for i, (_, r) in enumerate(records) if i not in held]
     dev = [{**r, "qid": _qid(r, i)} for i, (_, r) in enumerate(records) if i in held]
     files.write_jsonl(out / "train.jsonl", train)
@@ -77,6 +82,19 @@ def split(cfg: SplitConfig) -> dict[str, int]:
                           f"{len(train)} to train on -> {out / 'train.jsonl'}",
                           f"dev BEIR folder: {beir} (split {DEV_SPLIT!r})"])  # fmt: skip
     return counts
+
+
+def record_key(record: Record) -> str:
+    """A record's identity that survives reordering and rewriting around it: its qid, else query + positives' ids."""
+    key = record.get("qid")
+    if key is None:
+        return json.dumps([record.get("query"), record.get("pos_ids")], ensure_ascii=False)
+    return str(key)
+
+
+def held_out_rank(record: Record, seed: int) -> str:
+    """The order in which records are held out: a seeded hash of the record's stable key."""
+    return hashlib.sha256(f"{seed}-dev-{record_key(record)}".encode()).hexdigest()
 
 
 def _qid(record: Record, index: int) -> str:

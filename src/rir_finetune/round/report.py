@@ -50,8 +50,9 @@ def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
         lines.append(f"- fused_dev: the fused weight alpha chosen on the dev queries held out from training ({chosen}),"
                      " scored here; the fused_<alpha> rows are the sweep on this split, for the plot only")  # fmt: skip
     elif any("/fused_" in k for k in summary):
+        why = "dev_queries 0" if not cfg.dev_queries else "the dev stage did not run"
         lines.append(
-            "- no dev split (dev_queries 0): the fused_<alpha> rows are a sweep on this split, not a result"
+            f"- no dev split ({why}): the fused_<alpha> rows are a sweep on this split, not a result"
         )
     for model, (label, value) in _best(summary).items():
         lines.append(f"- best mode of the {model} model: {label} (nDCG@10 {value:.4f})")
@@ -70,8 +71,9 @@ def _eval_lines(cfg: RoundConfig, ev: Stage | None) -> list[str]:
 
 
 def paired_comparisons(folder: Path, summary: dict[str, dict[str, float]]) -> dict[tuple[str, str], dict]:
-    """Trained vs base, query by query (``rir-finetune compare`` with its defaults), in query mode and in the
-    trained model's best other mode: ``{(mode, metric): stats}``; modes without per_query.json are left out."""
+    """Trained vs base, query by query (``rir-finetune compare`` with its defaults), in query mode and in fused_dev
+    (alpha chosen on the dev queries), else answer mode: ``{(mode, metric): stats}``; modes without per_query.json
+    are left out."""
     others = [
         k.split("/", 1)[1] for k in summary if k.startswith("trained/") and _is_result(k.split("/", 1)[1])
     ]
@@ -99,7 +101,7 @@ def _paired_lines(folder: Path, summary: dict[str, dict[str, float]], paired: di
     cmd = f"`rir-finetune compare base={folder}/base/{modes[0]} trained={folder}/trained/{modes[0]}`"
     level = next(iter(paired.values()))["interval_level"]
     lines = [f"Trained vs base, paired over the {next(iter(paired.values()))['queries']} queries ({cmd} "
-             "reproduces a row; a difference whose interval contains 0 is no significant difference):", "",
+             "reproduces a row; a gain needs an interval that excludes 0 and p < 0.05, else no significant difference):", "",
              f"| mode | metric | base | trained | difference | {level} interval | p | wins / ties / losses | verdict |",
              "|---|---|---:|---:|---:|---|---:|---|---|"]  # fmt: skip
     for (mode, metric), c in paired.items():

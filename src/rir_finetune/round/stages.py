@@ -205,10 +205,14 @@ def _reward(r: Round, sec: dict[str, Any], f: Path) -> Stage:
         settings["retriever"] = str(trained.folder / "model")
         depends.append(trained.key)
     limit, source = r.cfg.max_reward_queries, r.origin[1]
-    settings.update(input=str(f / "records.jsonl") if limit else str(source), output=str(f / "pairs.jsonl"))
+    dev = r.get("dev")  # the generator learns from training queries only: the dev ones choose alpha, unseen
+    extra = {"source": str(source), "limit": limit} if limit or dev else {}
+    if dev is not None:
+        extra["train_records"] = str(dev.outputs[0])
+        depends.append(dev.key)
+    settings.update(input=str(f / "records.jsonl") if extra else str(source), output=str(f / "pairs.jsonl"))
     settings.setdefault("samples_output", str(f / "samples.jsonl"))
-    return r.make("reward", f, [f / "pairs.jsonl"], settings, depends, externals,
-                  extra={"source": str(source), "limit": limit} if limit else {}, note=r.note)  # fmt: skip
+    return r.make("reward", f, [f / "pairs.jsonl"], settings, depends, externals, extra=extra, note=r.note)
 
 
 def _train_generator(r: Round, sec: dict[str, Any], f: Path) -> Stage:
@@ -278,9 +282,19 @@ def run_test_answers(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
 
 
 def run_reward(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
-    limit = stage.extra.get("limit")
-    if limit:
-        limit_lines(Path(stage.extra["source"]), Path(stage.settings["input"]), lambda i, _: i < limit)
+    """The records to sample for: the dev stage's training records only (none it held out), the first ``limit``."""
+    from rir_finetune.prep.split import record_key
+
+    if stage.extra:
+        limit, kept = stage.extra.get("limit"), None
+        if stage.extra.get("train_records"):
+            kept = {record_key(rec) for _, rec in iter_jsonl(stage.extra["train_records"])}
+        selected = [
+            rec for _, rec in iter_jsonl(stage.extra["source"]) if kept is None or record_key(rec) in kept
+        ]
+        selected = selected[:limit] if limit else selected
+        atomic_write(Path(stage.settings["input"]),
+                     lambda out: out.writelines(json.dumps(rec, ensure_ascii=False) + "\n" for rec in selected))  # fmt: skip
     return run_command("reward", path)
 
 
