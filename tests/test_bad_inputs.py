@@ -26,6 +26,7 @@ CASES = [
     ("missing pos", [_line(pos=None)], [], "t.jsonl:7: 'pos' must be a non-empty list of strings"),
     ("empty pos", [_line(pos=[])], [], "t.jsonl:7: 'pos' must be a non-empty list"),
     ("pos wrong type", [_line(pos="text")], [], "t.jsonl:7: 'pos' must be a non-empty list"),
+    ("empty passage in pos", [_line(pos=["p", " "])], [], "t.jsonl:7: 'pos' holds an empty passage"),
     ("neg wrong type", [_line(neg=[1, 2])], [], "t.jsonl:7: 'neg' must be a list of strings"),
     ("answer wrong type", [_line(answer=5)], [], "t.jsonl:7: 'answer' must be a string"),
     ("prompt wrong type", [_line(prompt=["x"])], [], "t.jsonl:7: 'prompt' must be a string"),

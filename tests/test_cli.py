@@ -42,6 +42,15 @@ def test_bad_config_one_line_exit_2(tmp_path, capsys, tiny_bert_dir, yaml_text, 
     assert not out.exists()
 
 
+def test_two_config_files_are_refused_not_one_ignored(tmp_path, capsys):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for f in (a, b):
+        f.write_text(f"output_dir: {tmp_path / 'out'}\n")
+    code, err = _run_cli(["eval", "-c", str(a), "--config", str(b)], capsys)
+    assert code == 2 and err == f"error: command line: --config given 2 times ({a}, {b}); give one\n"
+    assert not (tmp_path / "out").exists()
+
+
 def test_broken_jsonl_line_7_named(tmp_path, capsys, tiny_bert_dir):
     lines = make_records(6) + ['{"query": "q", "pos": ["p"'] + make_records(2)
     data = write_jsonl(tmp_path / "t.jsonl", lines)

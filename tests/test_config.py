@@ -83,6 +83,12 @@ def test_unset_instruction_is_none_not_the_text_none(tmp_path):
         (["--temperature", "0"], "config key 'temperature': must be greater than 0"),
         (["--answer_temperature", "-1"], "config key 'answer_temperature': must be greater than 0"),
         (["--sentence_pooling_method", "max"], "config key 'sentence_pooling_method'"),
+        # a value lost (`--output_dir $EMPTY`): a text key never becomes the text "true"
+        (
+            ["--model_name_or_path", "--fp16", "false"],
+            "config key 'model_name_or_path': expected text, got true",
+        ),
+        (["--modle_name_or_path", "x"], "did you mean 'model_name_or_path'?"),
     ],
 )
 def test_bad_keys_and_values_name_the_key(tmp_path, tokens, message):

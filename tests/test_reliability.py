@@ -670,6 +670,19 @@ def test_resume_with_other_settings_is_refused(tiny_bert_dir, records, tmp_path,
     assert (out / "checkpoint-2" / "trainer_state.json").is_file()
 
 
+def test_resuming_a_finished_run_is_refused_and_leaves_it_as_it_was(tiny_bert_dir, records, tmp_path, capsys):
+    """The same command again with resume auto (a script that always passes it): no step is left, so the Trainer
+    would only run one step past the end at learning rate 0 and rewrite the folder; refused, every byte kept."""
+    out = tmp_path / "run"
+    common = train_args(tiny_bert_dir, records, out, "--save_strategy", "steps", "--save_steps", "1")
+    main(common)
+    step = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())["global_step"]
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = refused([*common, "--resume_from_checkpoint", "auto"], capsys)
+    assert f"is at step {step}, and this run ends at step {step}: nothing left to train" in line
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.parametrize(
     "text, expected",
     [

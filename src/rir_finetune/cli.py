@@ -42,14 +42,18 @@ def _register(cmd: Command) -> None:
 
     def command(
         ctx: typer.Context,
-        config: str = typer.Option(
+        config: list[str] = typer.Option(
             None, "--config", "-c", help="YAML or JSON config file; --key value overrides it."
         ),
     ) -> None:
         if _HELP & set(ctx.args):
             print(cmd.help_text())
             return
-        cmd.run(config, ctx.args)
+        if config and len(config) > 1:  # the last would win silently, the others ignored
+            raise UserError(
+                f"command line: --config given {len(config)} times ({', '.join(config)}); give one"
+            )
+        cmd.run(config[0] if config else None, ctx.args)
 
     command.__doc__ = cmd.summary
     target.command(name=name, context_settings=_EXTRA, help=f"{cmd.summary} (--help: every key)")(command)

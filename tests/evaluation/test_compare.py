@@ -222,6 +222,23 @@ def _error(capsys, *args: str) -> str:
     return err[0]
 
 
+def test_runs_on_other_data_or_splits_are_not_paired(eval_runs, tmp_path, capsys):
+    """Query ids of another dataset or split overlap by chance (numeric ids): eval_config.json tells them apart."""
+    import shutil
+
+    a, b = eval_runs
+    other = tmp_path / "other_split"
+    shutil.copytree(b, other)
+    record = read(other / "eval_config.json")
+    record["arguments"]["split"] = "train"
+    (other / "eval_config.json").write_text(json.dumps(record))
+    err = _error(capsys, str(a), str(other))
+    assert f"{other} was evaluated on beir split 'train' (12 documents), {a} on beir split 'test'" in err
+    stringly = write_run(tmp_path / "stringly", {"q1": 0.5})
+    (Path(stringly) / "per_query.json").write_text(json.dumps({"q1": {"ndcg@10": "0.5", "recall@100": 1.0}}))
+    assert "query 'q1' has a value that is not a number" in _error(capsys, f"x={stringly}", f"y={stringly}")
+
+
 def test_one_line_errors(tmp_path, capsys):
     ok = write_run(tmp_path / "ok", {"q1": 0.5})
     missing = str(tmp_path / "nope")

@@ -97,3 +97,13 @@ def test_trl_examples_in_the_format_the_model_saw():
 )
 def test_cpu_bf16_detection(caps, native):
     assert cpu_has_bf16(caps) is native
+
+
+def test_an_answer_weight_of_zero_is_refused_before_any_sampling():
+    """e_aug without the answer scores every sample alike: no pair could be kept, after the LLM ran for nothing."""
+    from rir_finetune.config import load_config
+    from rir_finetune.errors import UserError
+    from rir_finetune.generator.reward import RewardConfig
+
+    with pytest.raises(UserError, match="config key 'answer_weight': must be greater than 0, got 0"):
+        load_config(RewardConfig, None, ["--answer_weight", "0", "--query_weight", "0"])

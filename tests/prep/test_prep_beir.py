@@ -81,6 +81,25 @@ def test_from_beir_min_relevance_and_split(tiny_beir, tmp_path):
     run_from_beir(None, ["--data_dir", str(tiny_beir), "--split", "test", "--out", str(out)])
     assert [r["pos_ids"] for r in read_out(out)] == [["d4"]]
 
+    # no query with a positive at this grade: refused naming the qrels, and the file written before is kept
+    with pytest.raises(
+        UserError, match=r"qrels/test.tsv: no query of split 'test' has a document of relevance >= 2"
+    ):
+        run_from_beir(None, [str(tiny_beir), "--split", "test", "--out", str(out), "--min_relevance", "2"])
+    assert [r["pos_ids"] for r in read_out(out)] == [["d4"]]
+
+
+def test_a_split_without_a_relevant_document_is_refused_by_every_reader(tiny_beir, tmp_path):
+    """All grades 0: eval would report every metric 0 and from-beir write nothing; both refuse, naming the file."""
+    from rir_finetune.retrieval.data import load_beir
+
+    (tiny_beir / "qrels" / "zero.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t0\nq2\td2\t0\n")
+    with pytest.raises(UserError, match=r"qrels/zero.tsv: no judgement with relevance >= 1"):
+        load_beir(tiny_beir, "zero")
+    with pytest.raises(UserError, match=r"qrels/zero.tsv: no judgement with relevance >= 1"):
+        run_from_beir(None, [str(tiny_beir), "--split", "zero", "--out", str(tmp_path / "o.jsonl")])
+    assert not (tmp_path / "o.jsonl").exists()
+
 
 @pytest.mark.parametrize(
     ("tokens", "message"),

@@ -92,3 +92,25 @@ def test_scifact_test_split_counts():
     ds = load_beir(data_dir("scifact"), "test")
     assert len(ds.corpus) == 5183 and len(ds.queries) == 300  # shared/data/README.md
     assert sum(len(d) for d in ds.qrels.values()) == 339
+
+
+def test_texts_that_are_not_strings_and_empty_judged_queries_are_refused(beir_dir):
+    """A list as a text would be encoded as its Python repr; an empty judged query as the special tokens alone."""
+    corpus = beir_dir / "corpus.jsonl"
+    lines = corpus.read_text().splitlines()
+    corpus.write_text(
+        "\n".join([*lines[:1], json.dumps({"_id": "dx", "title": "", "text": ["a", "b"]}), *lines[1:]]) + "\n"
+    )
+    assert _error(beir_dir) == f"{corpus}:2: field 'text' must be a string, got list"
+    corpus.write_text(
+        "\n".join([*lines[:1], json.dumps({"_id": "dx", "title": 5, "text": "a"}), *lines[1:]]) + "\n"
+    )
+    assert _error(beir_dir) == f"{corpus}:2: field 'title' must be a string, got int"
+    corpus.write_text("\n".join(lines) + "\n")
+    queries = beir_dir / "queries.jsonl"
+    queries.write_text(
+        queries.read_text().replace('"q_unjudged", "text": "apple"', '"q_unjudged", "text": ""')
+    )
+    assert load_beir(beir_dir, "test").queries == KEYWORD_QUERIES  # an unjudged empty query is never encoded
+    queries.write_text(queries.read_text().replace('"q1", "text": "', '"q1", "text": " ", "was": "'))
+    assert _error(beir_dir) == f"{queries}: judged query 'q1' has an empty text"

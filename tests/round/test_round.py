@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,6 +37,15 @@ def test_shipped_round_configs_dry_run():
     assert (
         r.returncode == 2 and "round_upstream.yaml:8: config key 'data': data/scifact not found" in r.stderr
     )
+    # its train section asks for DeepSpeed ZeRO-1: on a machine without the package the plan refuses at that line
+    r = run_cli(["--config", str(REPO / "configs" / "round_upstream.yaml"), "--dry-run", *stand_ins])
+    if importlib.util.find_spec("deepspeed") is None:
+        assert (
+            r.returncode == 2
+            and "reinforced_ir_round1.yaml:21: a configured feature needs a package" in r.stderr
+        )
+        assert "deepspeed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        stand_ins += ["--train.deepspeed", "null"]
     for name in names:
         path = REPO / "configs" / name
         r = run_cli(
@@ -171,6 +181,26 @@ def test_round_config_errors_name_the_file_line_or_flag(tmp_path, tiny_bert_dir,
         UserError, match=r"command line \(--llm.max_new_tokens\): config key 'max_new_tokens': must be"
     ):
         plan(load_round_config(str(path), ["--llm.max_new_tokens", "0"]))
+    # what a command's dataclass refuses when built (a choice, a package, a model folder): before any stage runs
+    lines = text.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.strip().startswith("training_type:"))
+    lines[at] = "  training_type: retrieval_answers"
+    choice = tmp_path / "choice.yaml"
+    choice.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=rf"choice.yaml:{at + 1}: config key 'training_type': "
+                       "'retrieval_answers' is not one of .*did you mean 'retrieval_answer'"):  # fmt: skip
+        plan(load_round_config(str(choice), []))
+    with pytest.raises(
+        UserError, match=r"command line \(--mine.search_backend\): config key 'search_backend'"
+    ):
+        plan(load_round_config(str(path), ["--mine.search_backend", "fiass"]))
+    tokenizer_only = tmp_path / "tokenizer_only"
+    tokenizer_only.mkdir()
+    (tokenizer_only / "tokenizer.json").write_text("{}")
+    with pytest.raises(UserError, match=r"command line \(--retriever\): config key 'retriever': .* is not a model "
+                       r"folder \(no config.json\)"):  # fmt: skip
+        plan(load_round_config(str(path), ["--retriever", str(tokenizer_only)]))
+    assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match=r"round.yaml:\d+: unknown round key 'seeed'; did you mean 'seed'"):
         path.write_text(text + "seeed: 3\n")
         load_round_config(str(path), [])

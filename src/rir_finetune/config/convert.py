@@ -123,8 +123,12 @@ def convert_value(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config key {key!r}: expected a string, got {value!r}")
-        if isinstance(value, bool):
-            return str(value).lower()
+        if isinstance(
+            value, bool
+        ):  # a bare `--out` (its value lost, e.g. an empty shell variable) or YAML's true
+            raise UserError(
+                f"config key {key!r}: expected text, got {str(value).lower()} (on the command line: --{key} VALUE)"
+            )
         return str(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         try:

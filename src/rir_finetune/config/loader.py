@@ -157,6 +157,7 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             values.append(tokens[i])
             i += 1
         key = key.replace("-", "_")
+        # a key given again wins (README): scripts pass their defaults, then the user's "$@"
         out[key] = True if not values else values[0] if len(values) == 1 else values
     return out
 
@@ -170,7 +171,10 @@ def _is_number(s: str) -> bool:
 
 
 def suggest(key: str, valid: list[str]) -> str:
-    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    """The closest valid key; two swapped letters first (difflib ranks ``modle`` nearer ``mode`` than ``model``)."""
+    match = [v for v in valid if len(v) == len(key) and sorted(v) == sorted(key)
+             and sum(a != b for a, b in zip(v, key, strict=True)) == 2]  # fmt: skip
+    match = match or difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
@@ -231,10 +235,11 @@ def build_configs(
     cli_values = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides or []))
     file_parts = check_values(classes, file_values, file_where)
     cli_parts = check_values(classes, cli_values, COMMAND_LINE)
-    return [_build(cls, {**fp, **cp}) for cls, fp, cp in zip(classes, file_parts, cli_parts, strict=True)]
+    return [build_one(cls, {**fp, **cp}) for cls, fp, cp in zip(classes, file_parts, cli_parts, strict=True)]
 
 
-def _build(cls: type, values: dict[str, Any]) -> Any:
+def build_one(cls: type, values: dict[str, Any]) -> Any:
+    """``cls(**values)``: a refusal of its ``__post_init__``, a bad value or a missing package as one UserError."""
     try:
         return cls(**values)
     except UserError:

@@ -99,6 +99,8 @@ def read_per_query(folder: str | Path, metrics: tuple[str, ...] | list[str]) -> 
         missing = [m for m in metrics if m not in values]
         if missing:
             raise UserError(f"config key 'metrics': {path}: no {missing[0]!r} (it has {', '.join(values)})")
+        if not all(isinstance(values[m], (int, float)) and not isinstance(values[m], bool) for m in metrics):
+            raise UserError(f"{path}: query {qid!r} has a value that is not a number")
         out[qid] = {m: float(values[m]) for m in metrics}
         if not all(math.isfinite(v) for v in out[qid].values()):
             raise UserError(f"{path}: query {qid!r} has a value that is not a finite number")
@@ -122,6 +124,37 @@ def round_groups(runs: list[str], mode: str) -> list[tuple[str, list[str]]] | No
         raise UserError(f"config key 'runs': {other!r} is not a round folder like {rounds[0]}: compare round folders "
                         "with each other, or name eval folders (ROUND/eval/trained/query)")  # fmt: skip
     return [(model, [str(round_eval(r) / model / mode) for r in rounds]) for model in ("base", "trained")]
+
+
+def evaluated_on(folder: str | Path) -> tuple[str, str, int] | None:
+    """(data folder's name, split, documents) from an eval folder's eval_config.json; None without one."""
+    path = Path(folder) / "eval_config.json"
+    if not path.is_file():  # written by hand, or by the ablation's table from kept per-query values
+        return None
+    try:
+        record = json.loads(files.read_text(path))
+        return (
+            Path(record["arguments"]["data"]).name,
+            str(record["arguments"]["split"]),
+            int(record["documents"]),
+        )
+    except (UserError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_same_data(groups: list[tuple[str, list[str]]]) -> None:
+    """Paired query ids mean the same queries only on the same data: runs on other data or splits are refused
+    (numeric ids overlap between datasets)."""
+    seen: tuple[str, tuple[str, str, int]] | None = None
+    for folder in (f for _, folders in groups for f in folders):
+        data = evaluated_on(folder)
+        if data is None:
+            continue
+        if seen is not None and data != seen[1]:
+            (a, b) = (seen[1], data)
+            raise UserError(f"config key 'runs': {folder} was evaluated on {b[0]} split {b[1]!r} ({b[2]} documents), "
+                            f"{seen[0]} on {a[0]} split {a[1]!r} ({a[2]} documents): compare runs on the same data")  # fmt: skip
+        seen = seen or (folder, data)
 
 
 def parse_groups(runs: list[str], mode: str = "query") -> list[tuple[str, list[str]]]:
@@ -209,6 +242,7 @@ def verdict(
 def compare(cfg: CompareConfig) -> dict[str, Any]:
     """Every number of the comparison (what compare.json holds)."""
     groups = parse_groups(cfg.runs, cfg.mode)
+    check_same_data(groups)
     loaded = [[read_per_query(f, cfg.metrics) for f in folders] for _, folders in groups]
     common = set.intersection(*(set(run) for runs in loaded for run in runs))
     if not common:

@@ -149,7 +149,9 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
     query_weight: float = option(
         0.8, "e_aug = query_weight e(query) + answer_weight e(prefix + answer)", range=">=0"
     )
-    answer_weight: float = option(0.2, "the answer's share of e_aug (see query_weight)", range=">=0")
+    answer_weight: float = option(
+        0.2, "the answer's share of e_aug (see query_weight); 0 would score every answer alike", range=">0"
+    )
     answer_prefix: str = option(ANSWER_PREFIX, "put before every answer when it is encoded")
     threshold: float = option(
         0.95, "margin rule: (best - w_q raw) * threshold >= (worst - w_q raw)", range="[0, 1]"

@@ -112,6 +112,9 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
             f.write(files.json_line(record, str(out)))
             counts["records"] += 1
             counts["positives"] += len(pos_ids)
+        if not counts["records"]:  # raised inside the block: `out` is left as it was
+            raise located(dataset.qrels_file, None, f"no query of split {cfg.split!r} has a document of relevance "
+                          f">= {cfg.min_relevance} (min_relevance): no record to write")  # fmt: skip
     report(
         "data from-beir",
         [

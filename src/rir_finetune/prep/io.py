@@ -27,6 +27,8 @@ def check_training_record(record: Record, need_pos: bool = True) -> str | None:
         pos = record.get("pos")
         if not _is_str_list(pos) or not pos:
             return "field 'pos' must be a non-empty list of strings"
+        if not all(p.strip() for p in pos):
+            return "field 'pos' holds an empty passage"
     if "neg" in record and record["neg"] is not None and not _is_str_list(record["neg"]):
         return "field 'neg' must be a list of strings"
     if "pos_ids" in record:

@@ -38,6 +38,18 @@ def field_of(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: in
     raise located(path, lineno, f"missing field {' or '.join(repr(n) for n in names)}")
 
 
+def text_field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> str:
+    """:func:`field_of` as text: an id may be a number, a text must be a string (a list would become its Python
+    repr and be encoded as such)."""
+    value = field_of(obj, names, path, lineno)
+    is_id = names[0] in ("_id", "id")
+    if isinstance(value, str) or (is_id and isinstance(value, int) and not isinstance(value, bool)):
+        return str(value)
+    kind = "a string or an integer" if is_id else "a string"
+    name = next(n for n in names if obj.get(n) is not None)
+    raise located(path, lineno, f"field {name!r} must be {kind}, got {type(value).__name__}")
+
+
 def corpus_file_of(path: str | Path) -> Path:
     """A corpus file: ``path`` itself, or ``corpus.jsonl`` (else ``corpus.jsonl.gz``) inside a folder."""
     path = Path(path)
@@ -111,9 +123,10 @@ class CorpusFile:
             raise located(self.path, line_no, f"invalid JSON: {e.msg} (column {e.colno})") from None
         if not isinstance(obj, dict):
             raise located(self.path, line_no, f"expected a JSON object, got {type(obj).__name__}")
-        doc_id = str(field_of(obj, ("_id", "id"), self.path, line_no))
-        text = str(field_of(obj, ("text",), self.path, line_no))
-        return doc_id, str(obj.get("title") or ""), text
+        doc_id = text_field(obj, ("_id", "id"), self.path, line_no)
+        text = text_field(obj, ("text",), self.path, line_no)
+        title = text_field(obj, ("title",), self.path, line_no) if obj.get("title") is not None else ""
+        return doc_id, title, text
 
     def documents(self) -> Iterator[tuple[int, str, str, str]]:
         """``(line number, id, title, text)`` of every row, in file order."""

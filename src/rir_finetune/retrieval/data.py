@@ -23,7 +23,13 @@ from typing import Any
 
 from rir_finetune.errors import UserError, located
 from rir_finetune.files import iter_jsonl, iter_lines
-from rir_finetune.retrieval.corpus import CORPUS_NAMES, DEFAULT_CORPUS_TEXT_FORMAT, CorpusFile, field_of
+from rir_finetune.retrieval.corpus import (
+    CORPUS_NAMES,
+    DEFAULT_CORPUS_TEXT_FORMAT,
+    CorpusFile,
+    field_of,
+    text_field,
+)
 
 # upstream Reinforced-IR encodes an answer as a passage after this prefix (its 'new_query'), in training, evaluation
 # and the generator's reward alike
@@ -89,10 +95,10 @@ _field = field_of
 def _read_id_texts(path: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     for lineno, obj in iter_jsonl(path):
-        key = str(_field(obj, ("_id", "id"), path, lineno))
+        key = text_field(obj, ("_id", "id"), path, lineno)
         if key in out:
             raise located(path, lineno, f"duplicate id {key!r}")
-        out[key] = str(_field(obj, ("text",), path, lineno))
+        out[key] = text_field(obj, ("text",), path, lineno)
     return out
 
 
@@ -207,7 +213,12 @@ def load_beir(data_dir: str | Path, split: str = "test", read_corpus: bool = Tru
         )
     if not qrels:
         raise located(qrels_path, None, "no relevance judgements")
+    if not any(rel > 0 for judged in qrels.values() for rel in judged.values()):  # every metric would be 0
+        raise located(qrels_path, None, "no judgement with relevance >= 1: no query has a relevant document")
     queries = {qid: all_queries[qid] for qid in qrels}
+    empty = next((qid for qid, text in queries.items() if not text.strip()), None)
+    if empty is not None:  # it would be encoded as the special tokens alone and scored as a query
+        raise located(queries_path, None, f"judged query {empty!r} has an empty text")
     return RetrievalDataset(
         corpus,
         queries,

@@ -17,6 +17,9 @@ the trained retriever in every evaluated mode, round by round, with the generato
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import re
 import shutil
@@ -30,9 +33,10 @@ import yaml
 
 from rir_finetune import files, lifecycle
 from rir_finetune.commands import COMMANDS
-from rir_finetune.config import check_values
+from rir_finetune.config import build_one, check_values
 from rir_finetune.errors import UserError
 from rir_finetune.files import atomic_write
+from rir_finetune.retrieval.model_folder import check_model_folder
 from rir_finetune.round.config import RoundConfig, load_round_config
 from rir_finetune.round.plan import Stage, build_stages, round_note
 from rir_finetune.round.stages import KINDS
@@ -92,6 +96,7 @@ def _position(stages: list[Stage], key: str, value: str) -> int:
 # a stage's keys that name something outside the round; False: a hub id (org/name) is allowed too
 _INPUT_KEYS = {"corpus": False, "data_dir": False, "data": False, "examples": False, "model": True,
                "model_name_or_path": True, "retriever": True, "consistency_model": True}  # fmt: skip
+_MODEL_KEYS = ("model", "model_name_or_path", "retriever", "consistency_model")
 _TOP_KEY = {"corpus": "data", "data_dir": "data", "data": "data", "model": "retriever",
             "model_name_or_path": "retriever", "retriever": "retriever"}  # fmt: skip
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -100,17 +105,28 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 def _where(cfg: RoundConfig, stage: Stage, key: str) -> str:
     """Where the user set a stage's key: the round file's line, a ``--section.key`` flag, a top-level key it came
     from, or the section's own config file."""
-    sections = (stage.name, *(("augment", "llm") if KINDS[stage.name].llm else ()))
-    found = next((w for sec in sections if (w := cfg.locate(sec, key))), None)
+    found = next((w for sec in _sections(stage) if (w := cfg.locate(sec, key))), None)
     if found is None and key in _TOP_KEY:
         found = cfg.locate(_TOP_KEY[key])
     return found or stage.base_where.get(key) or f"stage {stage.label!r} (key {key!r}, set by the round)"
 
 
+def _sections(stage: Stage) -> tuple[str, ...]:
+    """The round file's sections a stage's keys can come from."""
+    return (stage.name, *(("augment", "llm") if KINDS[stage.name].llm else ()))
+
+
+def _shown(cfg: RoundConfig, stage: Stage, key: str) -> str:
+    """The key as the user wrote it: the stage's own, or the top-level key it came from (mine's model: retriever)."""
+    return key if any(cfg.locate(sec, key) for sec in _sections(stage)) else _TOP_KEY.get(key, key)
+
+
 def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
     """Everything a run could fail on, before any stage runs or any folder is cleared (``--dry-run`` too):
 
-    - every stage's keys against its command's config classes (unknown keys, types, ranges);
+    - every stage's keys against its command's config classes (unknown keys, types, ranges), and the classes built
+      from them, so the checks of their ``__post_init__`` (a choice, keys that go together, a package a key needs)
+      refuse here what the stage's command would refuse after the stages before it ran;
     - every outside input a stage reads exists (data, models, LLM files; a hub id is let through);
     - the round's folder is none of them, holds none of them, and is the round's own (or new).
 
@@ -119,9 +135,12 @@ def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
     root = Path(cfg.output_dir)
     for stage in stages:
         kind = KINDS[stage.name]
-        check_values(
-            COMMANDS[kind.command].config_classes(), stage.settings, lambda k, st=stage: _where(cfg, st, k)
-        )
+        classes = COMMANDS[kind.command].config_classes()
+        parts = check_values(classes, stage.settings, lambda k, st=stage: _where(cfg, st, k))
+        filled = _RUN_TIME_KEYS.get(stage.name, lambda _: {})(stage)
+        for cls, part in zip(classes, parts, strict=True):
+            names = {f.name for f in dataclasses.fields(cls)}
+            _check_builds(cfg, stage, cls, {**part, **{k: v for k, v in filled.items() if k in names}})
         remote = stage.settings.get("backend") == "openai" or bool(stage.settings.get("api_base"))
         for key, hub_ok in _INPUT_KEYS.items():
             value = stage.settings.get(key)
@@ -132,10 +151,16 @@ def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
                 continue
             if path.exists():
                 inputs.append(path)
+                if (
+                    path.is_dir() and key in _MODEL_KEYS
+                ):  # a folder that cannot load fails here, not stages later
+                    try:
+                        check_model_folder(path, key=_shown(cfg, stage, key))
+                    except UserError as e:
+                        raise UserError(f"{_where(cfg, stage, key)}: {e}") from None
             elif not (hub_ok and _HUB_ID.fullmatch(value)):
-                shown = key if any(cfg.locate(sec, key) for sec in (stage.name, "augment", "llm")) else None
                 raise UserError(
-                    f"{_where(cfg, stage, key)}: config key {shown or _TOP_KEY.get(key, key)!r}: {value} not found "
+                    f"{_where(cfg, stage, key)}: config key {_shown(cfg, stage, key)!r}: {value} not found "
                     f"(stage {stage.label!r} reads it)"
                 )
     files.check_output_dir(root, key="output_dir", reads=inputs)
@@ -145,6 +170,31 @@ def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
             "output_dir or empty it"
         )
     return inputs
+
+
+# keys a stage's runner sets when it runs (eval: once per model and mode), given here for the check only
+_RUN_TIME_KEYS = {
+    "eval": lambda st: {
+        "model": next(iter(st.extra["models"].values())),
+        "output_dir": str(st.folder / "base"),
+    },
+}
+_NAMED_KEY = re.compile(r"config keys? '([A-Za-z0-9_.]+)'")
+
+
+def _check_builds(cfg: RoundConfig, stage: Stage, cls: type, values: dict[str, Any]) -> None:
+    """The stage's command would build ``cls`` from ``values``: its refusal, located where the user set the key."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            build_one(cls, values)
+    except UserError as e:
+        msg = str(e)
+        named = _NAMED_KEY.search(msg)
+        key = named.group(1) if named else None
+        if key is None:  # a missing package: the key that asks for it (deepspeed) when the message names it
+            key = next((k for k in values if values[k] and re.search(rf"\b{re.escape(k)}\b", msg)), None)
+        where = _where(cfg, stage, key) if key else f"stage {stage.label!r}"
+        raise UserError(f"{where}: {msg}" if not msg.startswith(where) else msg) from None
 
 
 def _round_made(root: Path) -> bool:

@@ -91,6 +91,8 @@ def validate_record(
     pos = obj.get("pos")
     if not _is_str_list(pos) or not pos:
         raise located(path, line, "'pos' must be a non-empty list of strings")
+    if not all(p.strip() for p in pos):  # an empty positive teaches the model nothing but the special tokens
+        raise located(path, line, "'pos' holds an empty passage")
     neg = obj.get("neg") if obj.get("neg") is not None else []
     if not _is_str_list(neg):
         raise located(path, line, "'neg' must be a list of strings")

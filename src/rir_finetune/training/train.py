@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import yaml
@@ -244,6 +245,27 @@ def cosine_model_unnormalised_warning(model: str, normalize: bool) -> str | None
     )
 
 
+def planned_steps(batches_per_epoch: int, train_args) -> int:
+    """The optimisation steps the Trainer will run to (its own rule: max_steps, else epochs x updates per epoch)."""
+    if train_args.max_steps > 0:
+        return train_args.max_steps
+    per_epoch = max(math.ceil(batches_per_epoch / train_args.gradient_accumulation_steps), 1)
+    return math.ceil(train_args.num_train_epochs * per_epoch)
+
+
+def check_steps_left(checkpoint: str, planned: int, out: Path) -> None:
+    """A finished run (its model card, written last, is there) resumed must have steps left: at its end the Trainer
+    would run one more step and rewrite the folder for nothing. A run killed between its last checkpoint and the
+    final save goes on: that step at learning rate 0 changes no weight, and the final model gets saved."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    done = int(state.get("global_step", 0))
+    if done >= planned and (out / "README.md").is_file():
+        raise UserError(
+            f"config key 'resume_from_checkpoint': {checkpoint} is at step {done}, and this run ends at step "
+            f"{planned}: nothing left to train (raise max_steps or num_train_epochs to train on)"
+        )
+
+
 def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cls, evaluator) -> Path:
     from transformers import set_seed
 
@@ -256,6 +278,16 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
     keep_freed_memory()  # CPU steps reuse their freed activation memory (cpu_memory.py)
     set_seed(train_args.seed)
     out = Path(train_args.output_dir)
+    sampler = GroupedBatchSampler(
+        data.batch_groups,
+        per_device_batch_size=train_args.per_device_train_batch_size,
+        seed=train_args.seed,
+        world_size=train_args.world_size,
+        rank=train_args.process_index,
+        drop_last=train_args.dataloader_drop_last,
+    )
+    if resume is not None:
+        check_steps_left(resume, planned_steps(len(sampler), train_args), out)
     if train_args.process_index == 0:
         resolved = {
             k: v for part in (model_args, data_args, obj_args, train_args) for k, v in to_dict(part).items()
@@ -286,14 +318,6 @@ def _train(model_args, data_args, obj_args, train_args, data, resume, dataset_cl
 
     dataset = dataset_cls(data, data_args, seed=train_args.seed, uses_answers=obj_args.uses_answers)
     dataset.pos_score_shrink = obj_args.pos_score_shrink
-    sampler = GroupedBatchSampler(
-        data.batch_groups,
-        per_device_batch_size=train_args.per_device_train_batch_size,
-        seed=train_args.seed,
-        world_size=train_args.world_size,
-        rank=train_args.process_index,
-        drop_last=train_args.dataloader_drop_last,
-    )
     collator = RIRCollator(
         tokenizer,
         query_max_len=data_args.query_max_len,
