@@ -86,7 +86,7 @@ def test_unset_instruction_is_none_not_the_text_none(tmp_path):
         # a value lost (`--output_dir $EMPTY`): a text key never becomes the text "true"
         (
             ["--model_name_or_path", "--fp16", "false"],
-            "config key 'model_name_or_path': expected text, got true",
+            "config key 'model_name_or_path': expected text, got true (a YAML",
         ),
         (["--modle_name_or_path", "x"], "did you mean 'model_name_or_path'?"),
     ],
@@ -96,6 +96,17 @@ def test_bad_keys_and_values_name_the_key(tmp_path, tokens, message):
         _build(["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", *tokens])
     assert message in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_resume_from_checkpoint_true_stays_the_text_true(tmp_path):
+    """resume_from_checkpoint is text, yet `true` (YAML's, or a bare flag) is one of its values: auto."""
+    from rir_finetune import lifecycle
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"output_dir: {tmp_path / 'o'}\nresume_from_checkpoint: true\n")
+    assert lifecycle.is_auto(_build(["--use_cpu", "true"], cfg)[3].resume_from_checkpoint)
+    bare = _build(["--output_dir", str(tmp_path / "o"), "--use_cpu", "true", "--resume_from_checkpoint"])
+    assert bare[3].resume_from_checkpoint == "true"
 
 
 def test_unknown_key_in_file_names_the_file_and_line(tmp_path):

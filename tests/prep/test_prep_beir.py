@@ -69,9 +69,16 @@ def test_from_beir_records_hold_judged_positives(tiny_beir, tmp_path, capsys):
         {"query": "what barks", "pos": ["Dogs bark."], "qid": "q2", "pos_ids": ["d2"]},
         {"query": "what purrs", "pos": ["Cats Cats purr.", "Fish"], "qid": "q1", "pos_ids": ["d1", "d3"]},
     ]
-    assert counts == {"records": 2, "positives": 3, "no_positive": 1}
+    assert counts == {"records": 2, "positives": 3, "no_positive": 1, "empty_positives": 0}
     assert "2 records (3 positives)" in capsys.readouterr().out
     assert not partial_path(out).exists()
+    # a relevant document with neither title nor text is no positive (train and the dev split refuse empty ones)
+    with (tiny_beir / "corpus.jsonl").open("a") as f:
+        f.write('{"_id": "d5", "title": "", "text": " "}\n')
+    with (tiny_beir / "qrels" / "train.tsv").open("a") as f:
+        f.write("q2\td5\t1\n")
+    counts = run_from_beir(None, [str(tiny_beir), "--split", "train", "--out", str(out)])
+    assert read_out(out)[0]["pos_ids"] == ["d2"] and counts["empty_positives"] == 1
 
 
 def test_from_beir_min_relevance_and_split(tiny_beir, tmp_path):
@@ -311,3 +318,24 @@ def test_data_split_holds_out_seeded_records_and_writes_a_dev_beir_folder(tmp_pa
         for name in ("bare", "bare_reversed")
     ]
     assert len(held_queries[0]) == 3 and held_queries[0] == held_queries[1]
+
+    # a query with one record per positive is one query: all its records held out, one dev query judged on both
+    doubled = [r for r in records for _ in (0, 1)]
+    doubled = [
+        {**r, "pos": [f"{r['pos'][0]}{k % 2}"], "pos_ids": [f"{r['pos_ids'][0]}{k % 2}"]}
+        for k, r in enumerate(doubled)
+    ]
+    write_jsonl(tmp_path / "doubled.jsonl", doubled)
+    (corpus / "corpus.jsonl").write_text(
+        "".join(f'{{"_id": "d{i}{k}", "text": "p"}}\n' for i in range(10) for k in (0, 1))
+    )
+    main(["data", "split", str(tmp_path / "doubled.jsonl"), "--dev_queries", "3", "--seed", "7", "--corpus",
+          str(corpus), "--out_dir", str(tmp_path / "out3")])  # fmt: skip
+    dev3 = [json.loads(x) for x in (tmp_path / "out3" / "dev.jsonl").read_text().splitlines()]
+    train3 = [json.loads(x)["qid"] for x in (tmp_path / "out3" / "train.jsonl").read_text().splitlines()]
+    assert [d["qid"] for d in dev3] == [f"Q{i}" for i in held] and len(train3) == 14
+    assert not {d["qid"] for d in dev3} & set(train3) and dev3[0]["pos_ids"] == [
+        f"d{held[0]}0",
+        f"d{held[0]}1",
+    ]
+    assert sorted(load_beir(tmp_path / "out3" / "dev_beir", "dev").queries) == sorted(f"Q{i}" for i in held)

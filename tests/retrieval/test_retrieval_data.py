@@ -103,9 +103,13 @@ def test_texts_that_are_not_strings_and_empty_judged_queries_are_refused(beir_di
     )
     assert _error(beir_dir) == f"{corpus}:2: field 'text' must be a string, got list"
     corpus.write_text(
-        "\n".join([*lines[:1], json.dumps({"_id": "dx", "title": 5, "text": "a"}), *lines[1:]]) + "\n"
+        "\n".join([*lines[:1], json.dumps({"_id": "dx", "title": {"a": 1}, "text": "a"}), *lines[1:]]) + "\n"
     )
-    assert _error(beir_dir) == f"{corpus}:2: field 'title' must be a string, got int"
+    assert _error(beir_dir) == f"{corpus}:2: field 'title' must be a string, got dict"
+    corpus.write_text(
+        "\n".join([*lines[:1], json.dumps({"_id": 7, "title": 1999, "text": 2.5}), *lines[1:]]) + "\n"
+    )
+    assert load_beir(beir_dir, "test").corpus["7"] == {"title": "1999", "text": "2.5"}  # numbers are text
     corpus.write_text("\n".join(lines) + "\n")
     queries = beir_dir / "queries.jsonl"
     queries.write_text(

@@ -42,7 +42,8 @@ def test_shipped_round_configs_dry_run():
     if importlib.util.find_spec("deepspeed") is None:
         assert (
             r.returncode == 2
-            and "reinforced_ir_round1.yaml:21: a configured feature needs a package" in r.stderr
+            and "reinforced_ir_round1.yaml:21: config key 'deepspeed': the deepspeed package is not"
+            in r.stderr
         )
         assert "deepspeed" in r.stderr and len(r.stderr.strip().splitlines()) == 1
         stand_ins += ["--train.deepspeed", "null"]
@@ -200,6 +201,12 @@ def test_round_config_errors_name_the_file_line_or_flag(tmp_path, tiny_bert_dir,
     with pytest.raises(UserError, match=r"command line \(--retriever\): config key 'retriever': .* is not a model "
                        r"folder \(no config.json\)"):  # fmt: skip
         plan(load_round_config(str(path), ["--retriever", str(tokenizer_only)]))
+    gguf_folder = (
+        tmp_path / "gguf_folder"
+    )  # an LLM given as a folder + gguf_file: the backends read it, no config
+    gguf_folder.mkdir()
+    (gguf_folder / "m.gguf").write_bytes(b"GGUF")
+    plan(load_round_config(str(path), ["--llm.model", str(gguf_folder), "--llm.gguf_file", "m.gguf"]))
     assert not (tmp_path / "out").exists()
     with pytest.raises(UserError, match=r"round.yaml:\d+: unknown round key 'seeed'; did you mean 'seed'"):
         path.write_text(text + "seeed: 3\n")

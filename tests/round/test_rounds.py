@@ -329,6 +329,32 @@ def test_shipped_two_round_config_keys_fit_their_commands(tmp_path):
     (augment,) = build_configs([AugmentConfig], None, by["2.augment"].settings)
     assert (augment.backend, augment.model) == ("transformers", str(tmp_path / "train_generator" / "model"))
 
+    # llama.cpp's re-quantisation is a key of the GGUF backend: round 2's DPO generator (transformers) drops it
+    cfg = load_round_config(str(REPO / "configs" / "round_scifact_2rounds.yaml"),
+                            ["--output_dir", str(tmp_path), "--llm.gguf_requantize", "q8_0"])  # fmt: skip
+    by = {s.label: s for s in build_stages(cfg)}
+    assert by["1.augment"].settings["gguf_requantize"] == "q8_0"
+    assert (
+        "gguf_requantize" not in by["2.augment"].settings
+        and "gguf_requantize" not in by["2.test_answers"].settings
+    )
+    assert [s.stage.label for s in plan(cfg)][-1] == "2.eval"  # every stage that will run builds its config
+
+
+def test_a_finished_train_is_not_trained_again_when_the_round_resumes(tmp_path):
+    """Killed (or the launcher exited non-zero) after train wrote its model card: the stage is done; resuming it
+    would be refused (no step left)."""
+    from rir_finetune.round.stages import run_train
+
+    model = tmp_path / "train" / "model"
+    model.mkdir(parents=True)
+    for name in ("README.md", "rir_config.yaml"):
+        (model / name).write_text("x")
+    stage = Stage("train", "rir-finetune train", tmp_path / "train", [model], {"output_dir": str(model)}, [])
+    assert run_train(stage, tmp_path / "missing_config.yaml", resume=True) == {}  # the config is never read
+    with pytest.raises(UserError):  # not resuming: it runs (and here its config does not exist)
+        run_train(stage, tmp_path / "missing_config.yaml", resume=False)
+
 
 def test_remine_rounds_need_no_llm_and_mine_with_the_last_retriever(
     tmp_path, tiny_bert_dir, tiny_causal_lm_dir

@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from rir_finetune.errors import UserError
 
+# text keys whose values include "true" (resume_from_checkpoint: true is "auto", as upstream's launches write it)
+_BOOL_AS_TEXT = frozenset({"resume_from_checkpoint"})
 _NONE_IS_A_VALUE = {"report_to"}  # keys where the text "none" is a real value, not null
 _TRUE = {"true", "1", "yes", "y", "on"}
 _FALSE = {"false", "0", "no", "n", "off", "none", ""}
@@ -123,11 +125,13 @@ def convert_value(key: str, value: Any, tp: Any) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise UserError(f"config key {key!r}: expected a string, got {value!r}")
-        if isinstance(
-            value, bool
-        ):  # a bare `--out` (its value lost, e.g. an empty shell variable) or YAML's true
+        # a bare `--out` (its value lost, e.g. an empty shell variable) or YAML's true
+        if isinstance(value, bool):
+            if key in _BOOL_AS_TEXT:
+                return str(value).lower()
             raise UserError(
-                f"config key {key!r}: expected text, got {str(value).lower()} (on the command line: --{key} VALUE)"
+                f"config key {key!r}: expected text, got {str(value).lower()} (a YAML true/false, or --{key} given "
+                "without its value)"
             )
         return str(value)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):

@@ -64,7 +64,9 @@ class CompareConfig:
     sign_flips: int = option(
         10_000, "sign vectors of the randomization test (all when 2^n is fewer)", range=">=1"
     )
-    confidence: float = option(0.95, "level of the bootstrap interval", range="(0, 1)")
+    confidence: float = option(
+        0.95, "level of the bootstrap interval; a gain also needs p < 1 - confidence", range="(0, 1)"
+    )
     seed: int = option(0, "seed of the bootstrap and of the sign flips", range=">=0")
     output_dir: str | None = option(None, "write compare.md, .json and .png here; None: print only")
 
@@ -133,11 +135,9 @@ def evaluated_on(folder: str | Path) -> tuple[str, str, int] | None:
         return None
     try:
         record = json.loads(files.read_text(path))
-        return (
-            Path(record["arguments"]["data"]).name,
-            str(record["arguments"]["split"]),
-            int(record["documents"]),
-        )
+        data = Path(record["arguments"]["data"])
+        name = data.name or data.resolve().name  # `--data .` names no folder
+        return name, str(record["arguments"]["split"]), int(record["documents"])
     except (UserError, ValueError, KeyError, TypeError):
         return None
 
@@ -232,7 +232,7 @@ def verdict(
 ) -> str:
     """A gain (or loss) only when the interval excludes 0, p < 1 - confidence and the difference exceeds the seed
     spread (when there is one); see the module's docstring."""
-    if not (low > 0 or high < 0) or p >= 1 - confidence:
+    if not (low > 0 or high < 0) or p >= round(1 - confidence, 12):  # 1 - 0.95 is 0.050000000000000044
         return "no significant difference"
     if seed_spread is not None and abs(mean) <= seed_spread:
         return "within seed spread"

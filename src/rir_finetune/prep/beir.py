@@ -96,10 +96,14 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
     dataset = load_beir(data_dir, cfg.split)  # checks that every judged query and document exists
     doc_ids, doc_texts = dataset.corpus_texts(DEFAULT_CORPUS_TEXT_FORMAT)
     text_of = dict(zip(doc_ids, doc_texts, strict=True))
-    counts = {"records": 0, "positives": 0, "no_positive": 0}
+    counts = {"records": 0, "positives": 0, "no_positive": 0, "empty_positives": 0}
     with files.atomic_jsonl(out) as f:
         for qid in tqdm(dataset.queries, desc="from-beir", unit="query"):
             pos_ids = [d for d, rel in dataset.qrels[qid].items() if rel >= cfg.min_relevance]
+            empty = [d for d in pos_ids if not text_of[d].strip()]  # no title, no text: nothing to train on
+            if empty:
+                counts["empty_positives"] += len(empty)
+                pos_ids = [d for d in pos_ids if d not in empty]
             if not pos_ids:
                 counts["no_positive"] += 1
                 continue
@@ -120,6 +124,7 @@ def from_beir(cfg: FromBeirConfig) -> dict[str, int]:
         [
             f"{counts['records']} records ({counts['positives']} positives) from {data_dir} split {cfg.split!r}",
             f"{counts['no_positive']} judged queries without a document of relevance >= {cfg.min_relevance} skipped",
+            f"{counts['empty_positives']} relevant documents without title or text left out",
             f"wrote {out}",
         ],
     )

@@ -35,7 +35,7 @@ class SplitConfig:
     POSITIONAL: ClassVar[tuple[str, ...]] = ("input",)  # `data split RECORDS`
 
     input: str | None = option(None, "training records (JSONL with query, pos, pos_ids; the first argument)")
-    dev_queries: int = option(100, "records held out as dev queries", range=">=1")
+    dev_queries: int = option(100, "queries held out as dev queries (all records of each)", range=">=1")
     seed: int = option(42, "which records are held out", range=">=0")
     corpus: str | None = option(
         None, "BEIR folder (or corpus.jsonl) the pos_ids point into; the dev folder links its corpus"
@@ -54,17 +54,31 @@ def split(cfg: SplitConfig) -> dict[str, int]:
         if problem:
             raise located(cfg.input, line_no, problem)
         records.append((line_no, record))
-    if len(records) <= cfg.dev_queries:
+    keys = [record_key(r) for _, r in records]
+    distinct = list(dict.fromkeys(keys))  # a query with several records (one per positive) is one query
+    if len(distinct) <= cfg.dev_queries:
         raise UserError(
-            f"config key 'dev_queries': {cfg.dev_queries} would leave none of the {len(records)} records of "
+            f"config key 'dev_queries': {cfg.dev_queries} would leave none of the {len(distinct)} queries of "
             f"{cfg.input} to train on"
         )
     corpus = _corpus_file(cfg.corpus)
     out = files.check_output_dir(cfg.out_dir, key="out_dir", reads=[cfg.input, cfg.corpus])
-    ranked = sorted(range(len(records)), key=lambda i: (held_out_rank(records[i][1], cfg.seed), i))
-    held = set(ranked[: cfg.dev_queries])
-    train = [r for i, (_, r) in enumerate(records) if i not in held]
-    dev = [{**r, "qid": _qid(r, i)} for i, (_, r) in enumerate(records) if i in held]
+    held = set(sorted(distinct, key=lambda k: held_out_rank(k, cfg.seed))[: cfg.dev_queries])
+    train = [r for k, (_, r) in zip(keys, records, strict=True) if k not in held]
+    merged: dict[
+        str, Record
+    ] = {}  # every record of a held-out query: one dev query judged on all its positives
+    for i, (k, (_, r)) in enumerate(zip(keys, records, strict=True)):
+        if k not in held:
+            continue
+        if k not in merged:
+            merged[k] = {**r, "qid": _qid(r, i), "pos": list(r["pos"]), "pos_ids": list(r["pos_ids"])}
+            continue
+        for text, doc in zip(r["pos"], r["pos_ids"], strict=True):
+            if doc not in merged[k]["pos_ids"]:
+                merged[k]["pos"].append(text)
+                merged[k]["pos_ids"].append(doc)
+    dev = list(merged.values())
     files.write_jsonl(out / "train.jsonl", train)
     files.write_jsonl(out / "dev.jsonl", dev)
     beir = out / "dev_beir"
@@ -78,7 +92,8 @@ def split(cfg: SplitConfig) -> dict[str, int]:
         link.unlink(missing_ok=True)
         os.symlink(corpus.resolve(), link)
     counts = {"records": len(records), "train": len(train), "dev": len(dev)}
-    report("data split", [f"{len(dev)} of {len(records)} records held out (seed {cfg.seed}) -> {out / 'dev.jsonl'}",
+    report("data split", [f"{len(dev)} of {len(distinct)} queries held out ({len(records) - len(train)} of "
+                          f"{len(records)} records; seed {cfg.seed}) -> {out / 'dev.jsonl'}",
                           f"{len(train)} to train on -> {out / 'train.jsonl'}",
                           f"dev BEIR folder: {beir} (split {DEV_SPLIT!r})"])  # fmt: skip
     return counts
@@ -92,9 +107,9 @@ def record_key(record: Record) -> str:
     return str(key)
 
 
-def held_out_rank(record: Record, seed: int) -> str:
-    """The order in which records are held out: a seeded hash of the record's stable key."""
-    return hashlib.sha256(f"{seed}-dev-{record_key(record)}".encode()).hexdigest()
+def held_out_rank(key: str, seed: int) -> str:
+    """The order in which queries are held out: a seeded hash of a record's stable key (:func:`record_key`)."""
+    return hashlib.sha256(f"{seed}-dev-{key}".encode()).hexdigest()
 
 
 def _qid(record: Record, index: int) -> str:

@@ -39,15 +39,13 @@ def field_of(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: in
 
 
 def text_field(obj: dict[str, Any], names: tuple[str, ...], path: Path, lineno: int) -> str:
-    """:func:`field_of` as text: an id may be a number, a text must be a string (a list would become its Python
-    repr and be encoded as such)."""
+    """:func:`field_of` as text: a string or a number (an id, a year as a title); a list, a mapping or a boolean is
+    refused (its Python repr would be encoded as the text)."""
     value = field_of(obj, names, path, lineno)
-    is_id = names[0] in ("_id", "id")
-    if isinstance(value, str) or (is_id and isinstance(value, int) and not isinstance(value, bool)):
+    if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return str(value)
-    kind = "a string or an integer" if is_id else "a string"
     name = next(n for n in names if obj.get(n) is not None)
-    raise located(path, lineno, f"field {name!r} must be {kind}, got {type(value).__name__}")
+    raise located(path, lineno, f"field {name!r} must be a string, got {type(value).__name__}")
 
 
 def corpus_file_of(path: str | Path) -> Path:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import io
 import json
 import re
@@ -124,9 +125,7 @@ def _shown(cfg: RoundConfig, stage: Stage, key: str) -> str:
 def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
     """Everything a run could fail on, before any stage runs or any folder is cleared (``--dry-run`` too):
 
-    - every stage's keys against its command's config classes (unknown keys, types, ranges), and the classes built
-      from them, so the checks of their ``__post_init__`` (a choice, keys that go together, a package a key needs)
-      refuse here what the stage's command would refuse after the stages before it ran;
+    - every stage's keys against its command's config classes (unknown keys, types, ranges);
     - every outside input a stage reads exists (data, models, LLM files; a hub id is let through);
     - the round's folder is none of them, holds none of them, and is the round's own (or new).
 
@@ -135,12 +134,9 @@ def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
     root = Path(cfg.output_dir)
     for stage in stages:
         kind = KINDS[stage.name]
-        classes = COMMANDS[kind.command].config_classes()
-        parts = check_values(classes, stage.settings, lambda k, st=stage: _where(cfg, st, k))
-        filled = _RUN_TIME_KEYS.get(stage.name, lambda _: {})(stage)
-        for cls, part in zip(classes, parts, strict=True):
-            names = {f.name for f in dataclasses.fields(cls)}
-            _check_builds(cfg, stage, cls, {**part, **{k: v for k, v in filled.items() if k in names}})
+        check_values(
+            COMMANDS[kind.command].config_classes(), stage.settings, lambda k, st=stage: _where(cfg, st, k)
+        )
         remote = stage.settings.get("backend") == "openai" or bool(stage.settings.get("api_base"))
         for key, hub_ok in _INPUT_KEYS.items():
             value = stage.settings.get(key)
@@ -151,9 +147,9 @@ def validate(cfg: RoundConfig, stages: list[Stage]) -> list[Path]:
                 continue
             if path.exists():
                 inputs.append(path)
-                if (
-                    path.is_dir() and key in _MODEL_KEYS
-                ):  # a folder that cannot load fails here, not stages later
+                # a folder that cannot load fails here, not stages later (a GGUF folder is the LLM backends' to read)
+                gguf = key == "model" and (stage.settings.get("gguf_file") or any(path.glob("*.gguf")))
+                if path.is_dir() and key in _MODEL_KEYS and not gguf:
                     try:
                         check_model_folder(path, key=_shown(cfg, stage, key))
                     except UserError as e:
@@ -180,6 +176,25 @@ _RUN_TIME_KEYS = {
     },
 }
 _NAMED_KEY = re.compile(r"config keys? '([A-Za-z0-9_.]+)'")
+
+
+def check_builds(cfg: RoundConfig, stage: Stage) -> None:
+    """The config classes of a stage that will run, built as its command builds them, so the checks of their
+    ``__post_init__`` (a choice, keys that go together) refuse here what the command would refuse only after the
+    stages before it ran. transformers' TrainingArguments is not built: building it picks the device (a CUDA
+    context, accelerate's process state, TF32) in the round's own process; the package its ``deepspeed`` key needs
+    is checked instead."""
+    classes = COMMANDS[KINDS[stage.name].command].config_classes()
+    parts = check_values(classes, stage.settings, lambda k: _where(cfg, stage, k))
+    filled = _RUN_TIME_KEYS.get(stage.name, lambda _: {})(stage)
+    for cls, part in zip(classes, parts, strict=True):
+        if any(base.__name__ == "TrainingArguments" for base in cls.__mro__):
+            if part.get("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+                raise UserError(f"{_where(cfg, stage, 'deepspeed')}: config key 'deepspeed': the deepspeed package "
+                                "is not installed here (pip install deepspeed)")  # fmt: skip
+            continue
+        names = {f.name for f in dataclasses.fields(cls)}
+        _check_builds(cfg, stage, cls, {**part, **{k: v for k, v in filled.items() if k in names}})
 
 
 def _check_builds(cfg: RoundConfig, stage: Stage, cls: type, values: dict[str, Any]) -> None:
@@ -251,6 +266,9 @@ def plan(cfg: RoundConfig, start: str | None = None, until: str | None = None) -
         elif i > hi:
             action, reason = "after-until", f"after --until {until}"
         steps.append(Step(stage, fp, action, reason, inputs))
+    for step in steps:  # what will run: nothing has run or been cleared yet
+        if step.action in ("run", "resume", "rerun"):
+            check_builds(cfg, step.stage)
     return steps
 
 

@@ -49,7 +49,7 @@ REWARD_LLM_KEYS = (
 # llm keys that train_generator takes (the model it trains, and how prompts were shown to it)
 GENERATOR_LLM_KEYS = ("model", "gguf_file", "use_chat_template", "system_prompt")
 # keys that name the round-1 generator's location or service; a later round's generator is a local folder
-_REMOTE_KEYS = ("gguf_file", "api_base", "api_key_env", "api_timeout", "api_max_retries", "api_concurrency",
+_REMOTE_KEYS = ("gguf_file", "gguf_requantize", "api_base", "api_key_env", "api_timeout", "api_max_retries", "api_concurrency",
                 "api_extra_body")  # fmt: skip
 
 
@@ -300,7 +300,15 @@ def run_reward(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
 
 def run_train(stage: Any, path: Path, resume: bool) -> dict[str, Any]:
     """``train`` in this process, or through the round's launcher (``torchrun --nproc_per_node 8``)."""
-    overrides = {"resume_from_checkpoint": "auto"} if resume and (stage.folder / "model").exists() else {}
+    model = stage.folder / "model"
+    if resume and (model / "README.md").is_file() and (model / "rir_config.yaml").is_file():
+        # killed (or the launcher failed) after train wrote its model card, the last thing it writes: done
+        print(
+            f"round: train: {model} is a finished run (model card written); not trained again",
+            file=sys.stderr,
+        )
+        return {}
+    overrides = {"resume_from_checkpoint": "auto"} if resume and model.exists() else {}
     launcher = stage.extra.get("launcher")
     if not launcher:
         COMMANDS["train"].run(str(path), overrides)
