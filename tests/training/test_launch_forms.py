@@ -173,7 +173,8 @@ def test_nccl_on_a_cpu_only_machine_is_refused_before_the_first_step(setup):
     line = (
         "error: config key 'ddp_backend': nccl needs GPUs and this machine has no GPU; use --ddp_backend gloo"
     )
-    assert sum(x.startswith(line) for x in r.stderr.splitlines()) == 2  # one line per rank
+    # one line per rank that got there: torchrun stops the other rank once one failed (on a busy machine, first)
+    assert 1 <= sum(x.startswith(line) for x in r.stderr.splitlines()) <= 2
     assert "rir_finetune/" not in r.stderr  # no traceback through our code (torchrun prints its own)
     assert not (out / "modules.json").exists()
 
