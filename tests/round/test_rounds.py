@@ -304,7 +304,7 @@ def test_no_pairs_stops_with_one_line(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "tg").exists()
 
 
-def test_shipped_two_round_config_keys_fit_their_commands(tmp_path):
+def test_shipped_two_round_config_keys_fit_their_commands(tmp_path, scifact_dir):
     """configs/round_scifact_2rounds.yaml: the generator stages' resolved keys load in their own commands."""
     from conftest import REPO
     from rir_finetune.config import build_configs
