@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU check in one run of under 8 minutes on a lent GPU; results in $OUT (default work/gpu), at most 7 files:
-# summary.txt, step.json, encode.json, generate.json, round.json, round_report.md (and ddp.json with 2+ GPUs).
+# summary.txt, step.json, encode.json, generate.json, round.json, round_report.md, compile.jsonl (and ddp.json with
+# 2+ GPUs).
 #
 #   bash ../shared/gpu/prepare.sh                        # here, once: the .gpu/ payload (wheels, MiniLM, SmolLM2 shape)
 #   source .gpu/env.sh && bash benchmarks/gpu.sh         # on the GPU machine (device tool: carry [".gpu"])
 #   SMOKE=1 bash benchmarks/gpu.sh                       # toy sizes on any machine (a CPU too): that every part runs
-#   BUDGET=420 PEAK_TFLOPS=989 bash benchmarks/gpu.sh    # seconds for the four parts (default 450); bf16 dense peak
+#   BUDGET=420 PEAK_TFLOPS=989 bash benchmarks/gpu.sh    # seconds for parts 1-5 (default 450); bf16 dense peak
 #
 # 1. step: all-MiniLM-L6-v2 and a BERT-base-shaped random model, 16 / 64 / 256 queries x 4 passages (query 64 /
 #    passage 256 tokens, bf16): bare transformers vs ours plain (packed on CUDA) vs ours plain padded vs ours with the
@@ -16,7 +17,9 @@
 #    the transformers backend sizes from free memory; tokens/s.
 # 4. the main job's round (configs/round_scifact.yaml with that generator, sampling at temperature 1: greedy random
 #    weights write empty answers) end to end: wall per stage, the report.
-# 5. with 2+ GPUs: NCCL equality, one SGD step of 2 processes x 8 queries against 1 x 16 (weights to 1e-5).
+# 5. torch.compile of the encoder (MiniLM, SciFact passages, as encoding ships: bf16, packed): eager vs compiled,
+#    first pass (compile included) and steady state; not counted as a failure of the check.
+# 6. with 2+ GPUs: NCCL equality, one SGD step of 2 processes x 8 queries against 1 x 16 (weights to 1e-5).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi; fi
@@ -44,17 +47,17 @@ PEAK=()
 [ -n "${PEAK_TFLOPS:-}" ] && PEAK=(--peak_tflops "$PEAK_TFLOPS")
 ok=1
 
-log "1/4 training step (bare / ours plain / ours padded / ours gradient cache)"
+log "1/5 training step (bare / ours plain / ours padded / ours gradient cache)"
 timeout "$(left 170)" "$PY" benchmarks/gpu_check.py step --out "$OUT/step.json" "${S[@]}" "${PEAK[@]}" \
   | tee -a "$OUT/summary.txt" || { log "step: failed or timed out"; ok=0; }
 
-log "2/4 encoding SciFact's corpus (packed vs padded)"
+log "2/5 encoding SciFact's corpus (packed vs padded)"
 timeout "$(left 60)" "$PY" benchmarks/gpu_check.py encode --out "$OUT/encode.json" "${S[@]}" \
   | tee -a "$OUT/summary.txt" || { log "encode: failed or timed out"; ok=0; }
 
 LM=/tmp/smol_random
 if [ "$SMOKE" = 1 ]; then LM=/tmp/rir_tiny_lm; [ -f "$LM/config.json" ] || "$PY" benchmarks/gpu_check.py tiny-lm "$LM"; fi
-log "3/4 generation at the auto batch ($LM)"
+log "3/5 generation at the auto batch ($LM)"
 timeout "$(left 90)" "$PY" benchmarks/gpu_check.py generate --model "$LM" --out "$OUT/generate.json" "${S[@]}" \
   2> >(grep -E "batches of up to" | tee -a "$OUT/summary.txt" >&2) | tee -a "$OUT/summary.txt" \
   || { log "generate: failed or timed out"; ok=0; }
@@ -69,7 +72,7 @@ if [ "$SMOKE" = 1 ]; then
   EXTRA+=(--llm.max_new_tokens 8 --train.max_steps 2 --dev_queries 8)
 fi
 rm -rf "$ROUND"
-log "4/4 the main job's round (configs/round_scifact.yaml, generator $LM)"
+log "4/5 the main job's round (configs/round_scifact.yaml, generator $LM)"
 if timeout "$(left 400)" "$PY" -m rir_finetune round --config configs/round_scifact.yaml --output_dir "$ROUND" \
     --data "$DATA" --llm.model "$LM" "${EXTRA[@]}" > "$ROUND.log" 2>&1; then
   log "round: done"
@@ -81,8 +84,14 @@ grep -E "^round: |gradient_cache|batches of up to|pack_sequences" "$ROUND.log" |
 tee -a "$OUT/summary.txt" < "$OUT/round.json"
 [ -f "$ROUND/report.md" ] && cp "$ROUND/report.md" "$OUT/round_report.md"
 
+log "5/5 torch.compile of the encoder: eager vs compiled, SciFact passages (benchmarks/compile_encode.py)"
+N=5183
+[ "$SMOKE" = 1 ] && N=32
+timeout "$(left 60)" "$PY" benchmarks/compile_encode.py --passages "$N" --out "$OUT/compile.jsonl" 2>/dev/null \
+  | tee -a "$OUT/summary.txt" || log "compile: failed or timed out (what it measured is in compile.jsonl)"
+
 if [ "$NGPU" -ge 2 ] && [ "$SMOKE" != 1 ]; then
-  log "5: two processes vs one over NCCL (one SGD step, global batch 16)"
+  log "6: two processes vs one over NCCL (one SGD step, global batch 16)"
   DDP=/tmp/rir_gpu_ddp
   rm -rf "$DDP" && mkdir -p "$DDP"
   "$PY" benchmarks/gpu_check.py tiny-model "$DDP/model"
@@ -103,7 +112,7 @@ write_records(Path('$DDP/train.jsonl'), scifact_hn_records()[:64])"
     && "$PY" benchmarks/gpu_check.py compare "$DDP/one" "$DDP/two" "$DDP/model" --out "$OUT/ddp.json" \
       | tee -a "$OUT/summary.txt" || { log "NCCL equality: failed"; tail -5 "$DDP"/*.log; ok=0; }
 else
-  log "5: NCCL equality skipped ($NGPU GPU(s); NCCL needs one per process; gloo on the CPU: benchmarks/README.md)"
+  log "6: NCCL equality skipped ($NGPU GPU(s); NCCL needs one per process; gloo on the CPU: benchmarks/README.md)"
 fi
 log "done in ${SECONDS} s: $OUT"
 [ "$ok" = 1 ]

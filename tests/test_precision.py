@@ -86,3 +86,65 @@ def test_device_cuda_without_a_gpu_is_one_line_exit_2(tmp_path, capsys):
         and err.strip()
         == "error: config key 'device': 'cuda' is not available (this machine has no CUDA GPU)"
     )
+
+
+# The encoders' keys: dtype auto (bf16 on CUDA, fp32 on a CPU) and pack_sequences auto, in every command that encodes
+ENCODING_KEYS = {
+    "eval": ("device", "dtype", "pack_sequences"),
+    "mine": ("device", "dtype", "pack_sequences"),
+    "score": ("device", "dtype", "pack_sequences"),
+    "reward": ("retriever_device", "retriever_dtype", "retriever_pack_sequences"),
+    "generate": ("consistency_device", "consistency_dtype", "consistency_pack_sequences"),
+}
+
+
+@pytest.mark.parametrize("command", sorted(ENCODING_KEYS))
+def test_every_encoding_command_lists_its_encoder_keys_defaulting_to_auto(command, capsys):
+    from rir_finetune.cli import main
+
+    main([command, "--help"])
+    out = capsys.readouterr().out
+    device, dtype, pack = ENCODING_KEYS[command]
+    assert f"{device} str (default 'auto')" in out and f"{dtype} str (default 'auto')" in out, out
+    assert f"{pack} bool | str (default 'auto')" in out, out
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cuda_bf16", "cpu_bf16", "device", "expected"),
+    [
+        (False, False, True, None, "float32"),  # a CPU with native bf16: encoding stays fp32 unless asked
+        (False, False, False, "cpu", "float32"),
+        (True, True, True, None, "bfloat16"),  # auto device = the GPU
+        (True, True, True, "cpu", "float32"),  # a GPU machine encoding on its CPU
+        (True, False, True, "cuda:0", "float32"),  # a GPU without bf16 (V100, T4)
+    ],
+)
+def test_encode_dtype_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_on_a_cpu(
+    monkeypatch, cuda, cuda_bf16, cpu_bf16, device, expected
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": cpu_bf16})
+    assert precision.resolve_encode_dtype("auto", device) == expected
+    assert precision.resolve_encode_dtype("bf16", device) == "bfloat16"
+    assert precision.resolve_encode_dtype("fp32", device) == "float32"
+
+
+@pytest.mark.parametrize(
+    ("command", "key"),
+    [("eval", "pack_sequences"), ("mine", "pack_sequences"), ("score", "pack_sequences"),
+     ("reward", "retriever_pack_sequences"), ("generate", "consistency_pack_sequences"),
+     ("mine", "dtype"), ("reward", "retriever_dtype"), ("generate", "consistency_dtype")],
+)  # fmt: skip
+def test_a_bad_encoder_key_is_one_line_naming_it(command, key, tmp_path, capsys):
+    from rir_finetune.cli import main
+
+    required = {
+        "eval": ["--model", str(tmp_path), "--data", str(tmp_path), "--output_dir", str(tmp_path / "o")]
+    }
+    with pytest.raises(SystemExit) as e:
+        main([command, *required.get(command, []), f"--{key}", "sometimes"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and f"config key '{key}'" in err and "sometimes" in err, err

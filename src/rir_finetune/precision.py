@@ -56,6 +56,40 @@ def resolve_dtype(value: str, device: str | None = None) -> str:
     return "bfloat16" if bf16_native(device) else "float32"
 
 
+# Encoding (eval, mine, score's teachers, reward's and generate's retrievers) resolves ``auto`` by its own rule, as
+# FlagEmbedding's use_fp16 does: half precision on a GPU, where fp32 matmuls waste most of the chip, and fp32 on a
+# CPU even with native bf16, where bf16 is faster but moves embeddings in the third decimal and swaps near-tied
+# documents: the numbers a CPU user compares across runs stay fp32 unless they ask (benchmarks/README.md).
+ENCODE_DTYPE_HELP = (
+    "the encoder's float type: auto (bf16 on a CUDA device that has it, fp32 on a CPU: set bfloat16 there to "
+    "take its speed, embeddings move in the third decimal) | float32 | bfloat16 | float16"
+)
+PACK_HELP = (
+    "each batch as one packed row of its real tokens (no FLOPs on padding, the same embeddings): true | false | "
+    "auto (packed on CUDA, padded on a CPU, whose padded path is tuned)"
+)
+
+
+def resolve_encode_dtype(value: str, device: str | None = None) -> str:
+    """An encoder's ``dtype``: ``auto`` -> ``bfloat16`` on a CUDA device with native bf16, else ``float32``."""
+    name = check_dtype(value)
+    if name != "auto":
+        return name
+    import torch
+
+    on_cuda = str(device).startswith("cuda") if device and device != "auto" else torch.cuda.is_available()
+    return "bfloat16" if on_cuda and bf16_native(device) else "float32"
+
+
+def true_false_or_auto(value: Any, key: str) -> bool | str:
+    """A true / false / auto key (None is auto), or a UserError naming it."""
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return "auto"
+    if isinstance(value, bool):
+        return value
+    raise UserError(f"config key {key!r}: true, false or auto, got {value!r}")
+
+
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|npu|hpu|meta)(:(\d+))?")
 
 

@@ -264,3 +264,24 @@ def test_one_line_errors(tmp_path, capsys):
     other = write_run(tmp_path / "other", {"q9": 0.5})
     assert "no query is judged in every run" in _error(capsys, ok, other)
     assert "two runs are named 'x'" in _error(capsys, f"x={ok}", f"x={other}")
+
+
+def test_runs_encoded_in_other_float_types_are_compared_with_a_warning(eval_runs, tmp_path, capsys):
+    """bf16 alone moves metrics in the third decimal: eval records what auto became, compare says when they differ."""
+    a, _ = eval_runs
+    data = read(a / "eval_config.json")["arguments"]["data"]
+    assert read(a / "eval_config.json")["computed"] == {"device": "cpu", "dtype": "float32", "packed": False}
+    main(["eval", "--model", read(a / "eval_config.json")["arguments"]["model"], "--data", data, "--output_dir",
+          str(tmp_path / "bf16"), "--use_cache", "false", "--show_progress", "false", "--dtype", "bf16",
+          "--pack_sequences", "true"])  # fmt: skip
+    assert read(tmp_path / "bf16" / "eval_config.json")["computed"] == {
+        "device": "cpu",
+        "dtype": "bfloat16",
+        "packed": True,
+    }
+    capsys.readouterr()
+    main(["compare", str(a), str(tmp_path / "bf16")])
+    err = capsys.readouterr().err
+    assert f"different float types ({a} float32, {tmp_path / 'bf16'} bfloat16)" in err
+    main(["compare", f"x={a}", f"y={a}"])
+    assert "float types" not in capsys.readouterr().err

@@ -158,3 +158,16 @@ def test_identical_ids_warning_and_switch(capsys, model_dir, tmp_path):
     run_cli(*common, "--output_dir", tmp_path / "keep", "--ignore_identical_ids", "false")
     assert "warning" not in capsys.readouterr().err
     assert "q1 Q0 q1 " in (tmp_path / "keep" / "run.trec").read_text()
+
+
+def test_packed_sequences_on_a_cpu_give_the_padded_runs_metrics(model_dir, data, tmp_path):
+    """--pack_sequences true (auto packs on CUDA only) reaches the encoder: the packed forward, the same metrics."""
+    common = ("--model", model_dir, "--data", data, "--use_cache", "false", "--k_values", "1", "3")
+    run_cli(*common, "--output_dir", tmp_path / "padded")
+    run_cli(*common, "--output_dir", tmp_path / "packed", "--pack_sequences", "true")
+    computed = [
+        json.loads((tmp_path / d / "eval_config.json").read_text())["computed"] for d in ("padded", "packed")
+    ]
+    assert [c["packed"] for c in computed] == [False, True]
+    padded, packed = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("padded", "packed"))
+    assert packed == pytest.approx(padded, abs=1e-9)

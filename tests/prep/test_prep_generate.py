@@ -303,6 +303,30 @@ def test_consistency_filter_ranks_the_source_passage(tiny_bert_dir, tmp_path):
     # a query equal to a passage has cosine 1 with it: rank 1 for its own row, outside the top 1 for another
     (rank_own, score_own), (rank_other, _) = check([texts[2], texts[2]], [2, 4])
     assert rank_own == 1 and score_own == pytest.approx(1.0, abs=1e-5) and rank_other is None
+    assert (check.encoder.dtype, check.encoder.packing) == ("float32", None)  # auto on a CPU: fp32, padded
+
+
+def test_the_round_trip_retriever_takes_its_dtype_and_packing(tiny_bert_dir, tmp_path):
+    """consistency_dtype / consistency_pack_sequences reach the retriever; bf16 ranks may differ, so a bf16 judge is
+    in the resume fingerprint (fp32, a CPU's auto, leaves earlier runs' fingerprints as they were)."""
+    corpus = write_corpus(tmp_path / "corpus")
+    ids, texts, _ = read_corpus(corpus)
+    base = [
+        "--corpus",
+        str(corpus),
+        "--consistency_model",
+        str(tiny_bert_dir),
+        "--cache_dir",
+        str(tmp_path / "c"),
+    ]
+    fp32 = load_config(GenerateConfig, None, base)
+    bf16 = load_config(GenerateConfig, None, [*base, "--consistency_dtype", "bf16", "--consistency_pack_sequences",
+                                              "true"])  # fmt: skip
+    check = ConsistencyFilter(bf16, ids, texts)
+    assert check.encoder.dtype == "bfloat16" and check.encoder.packing.ok
+    assert "consistency_dtype" not in fp32.fingerprint()
+    assert bf16.fingerprint()["consistency_dtype"] == "bfloat16"
+    assert ConsistencyFilter(fp32, ids, texts).encoder.dtype == "float32"  # its own cache entry, not bf16's
 
 
 def test_generate_drops_pairs_that_fail_the_round_trip(tmp_path, capsys):

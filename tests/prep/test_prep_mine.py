@@ -189,6 +189,15 @@ def test_dense_mining_on_a_scifact_slice(minilm_dir, scifact_slice, tmp_path, ca
     run_mine(None, [*args, "--output", str(tmp_path / "b.jsonl")])
     assert "corpus embeddings: cache hit (160 passages)" in capsys.readouterr().err
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    # packed rows (auto packs on CUDA only) encode the same embeddings: the same negatives
+    run_mine(
+        None,
+        [*args, "--output", str(tmp_path / "c.jsonl"), "--use_cache", "false", "--pack_sequences", "true"],
+    )
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "c.jsonl").read_text()
+    # bf16 embeddings are not fp32's: never a hit on the fp32 entry
+    run_mine(None, [*args, "--output", str(tmp_path / "d.jsonl"), "--dtype", "bf16"])
+    assert "corpus embeddings: encoded (160 passages)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

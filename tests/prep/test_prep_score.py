@@ -104,6 +104,31 @@ def test_bi_encoder_scores_are_embedding_dot_products(tiny_bert_dir, records_fil
     assert r["teacher"] == f"{tiny_bert_dir.parent.name}/{tiny_bert_dir.name}"
 
 
+def test_teachers_take_the_dtype_and_pack_sequences_keys(
+    tiny_cross_encoder, tiny_bert_dir, records_file, tmp_path
+):
+    """A cross-encoder under bf16 autocast scores close to fp32 but not bit for bit (it did compute in bf16); a packed
+    bi-encoder scores as the padded one."""
+    base = ["--input", str(records_file)]
+    scores = {}
+    for name, extra in (("fp32", []), ("bf16", ["--dtype", "bf16"])):
+        run_score(
+            None,
+            [*base, "--model", str(tiny_cross_encoder), "--output", str(tmp_path / f"{name}.jsonl"), *extra],
+        )
+        scores[name] = np.array(
+            [s for r in read_out(tmp_path / f"{name}.jsonl") for s in r["pos_scores"] + r["neg_scores"]]
+        )
+    assert 0 < np.abs(scores["fp32"] - scores["bf16"]).max() < 0.05
+    for name, extra in (("padded", []), ("packed", ["--pack_sequences", "true"])):
+        run_score(None, [*base, "--model", str(tiny_bert_dir), "--model_type", "bi_encoder", "--output",
+                         str(tmp_path / f"{name}.jsonl"), *extra])  # fmt: skip
+        scores[name] = np.array(
+            [s for r in read_out(tmp_path / f"{name}.jsonl") for s in r["pos_scores"] + r["neg_scores"]]
+        )
+    np.testing.assert_allclose(scores["packed"], scores["padded"], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

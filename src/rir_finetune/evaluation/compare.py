@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -155,6 +156,19 @@ def check_same_data(groups: list[tuple[str, list[str]]]) -> None:
             raise UserError(f"config key 'runs': {folder} was evaluated on {b[0]} split {b[1]!r} ({b[2]} documents), "
                             f"{seen[0]} on {a[0]} split {a[1]!r} ({a[2]} documents): compare runs on the same data")  # fmt: skip
         seen = seen or (folder, data)
+    dtypes = {f: computed_dtype(f) for _, folders in groups for f in folders}
+    if len(set(dtypes.values()) - {None}) > 1:
+        listed = ", ".join(f"{f} {d}" for f, d in dtypes.items() if d)
+        print(f"warning: the runs were encoded in different float types ({listed}); bf16 alone moves nDCG in "
+              "the third decimal: evaluate them with the same --dtype", file=sys.stderr)  # fmt: skip
+
+
+def computed_dtype(folder: str | Path) -> str | None:
+    """The float type an eval folder's encoder computed in (eval_config.json's ``computed``), or None."""
+    try:
+        return str(json.loads(files.read_text(Path(folder) / "eval_config.json"))["computed"]["dtype"])
+    except (UserError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def parse_groups(runs: list[str], mode: str = "query") -> list[tuple[str, list[str]]]:

@@ -31,7 +31,7 @@ from rir_finetune.evaluation.outputs import (
     write_trec_run,
 )
 from rir_finetune.evaluation.retrieval import run_retrieval
-from rir_finetune.precision import DEVICE_HELP
+from rir_finetune.precision import DEVICE_HELP, ENCODE_DTYPE_HELP, PACK_HELP
 from rir_finetune.retrieval.corpus import CorpusFile
 from rir_finetune.retrieval.data import DEFAULT_CORPUS_TEXT_FORMAT, load_beir
 from rir_finetune.retrieval.index import CorpusIndexKeys
@@ -96,9 +96,8 @@ class EvalArguments(CorpusIndexKeys):
     )
     use_cache: bool = option(True, "false: always encode the corpus, store nothing")
     device: str = option("auto", f"the encoder's device ({DEVICE_HELP})")
-    dtype: str = option(
-        "float32", "float32 | bfloat16 (autocast) | auto: bf16 where the device has it natively"
-    )
+    dtype: str = option("auto", ENCODE_DTYPE_HELP)
+    pack_sequences: bool | str = option("auto", PACK_HELP)
     trust_remote_code: bool = option(False, "allow custom modelling code from the model folder")
     show_progress: bool = option(True, "tqdm progress bars on stderr")
 
@@ -121,9 +120,8 @@ class EvalArguments(CorpusIndexKeys):
         for key, ok, msg in checks:
             if not ok:
                 raise UserError(f"config key {key!r}: {msg}, got {getattr(self, key)!r}")
-        from rir_finetune.precision import check_dtype
-
-        self.dtype = check_dtype(self.dtype)
+        self.dtype = precision.check_dtype(self.dtype)
+        self.pack_sequences = precision.true_false_or_auto(self.pack_sequences, "pack_sequences")
         self.top_k = max(self.k_values) if self.top_k is None else self.top_k
         if self.top_k < max(self.k_values):
             raise UserError(
@@ -186,6 +184,7 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
             show_progress=args.show_progress,
             trust_remote_code=args.trust_remote_code,
             dtype=args.dtype,
+            pack_sequences=args.pack_sequences,
         )
 
     encoded = encode_corpus(
@@ -236,6 +235,12 @@ def evaluate_folder(args: EvalArguments) -> dict[str, float]:
     record = {
         "arguments": to_dict(args),
         "encoder": asdict(settings),
+        # what "auto" became on this machine: bf16 on a GPU moves metrics in the third decimal
+        "computed": {
+            "device": str(encoder.device),
+            "dtype": encoder.dtype,
+            "packed": bool(encoder.packing is not None and encoder.packing.ok),
+        },
         "queries": len(dataset.queries),
         "documents": encoded.scan.count,
         "cache": {

@@ -40,7 +40,7 @@ from rir_finetune.lifecycle import ResumableJsonl, settings_fingerprint
 from rir_finetune.llm.causal_lm import check_causal_lm, model_location
 from rir_finetune.llm.common import BackendSettings
 from rir_finetune.llm.prompts import AnswerPromptKeys, build_prompt, resolve_template
-from rir_finetune.precision import DEVICE_HELP
+from rir_finetune.precision import DEVICE_HELP, ENCODE_DTYPE_HELP, PACK_HELP
 from rir_finetune.retrieval import model_folder
 from rir_finetune.retrieval.data import ANSWER_PREFIX
 
@@ -126,6 +126,8 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
         64, "texts per forward pass of the retriever on a CPU; on CUDA as many as fit", range=">=1"
     )
     retriever_device: str = option("auto", f"the judge's device ({DEVICE_HELP})")
+    retriever_dtype: str = option("auto", ENCODE_DTYPE_HELP.replace("the encoder's", "the judge's"))
+    retriever_pack_sequences: bool | str = option("auto", f"the judge: {PACK_HELP}")
     retriever_max_length: int | None = option(
         None, "tokens per text; None: the folder's own limit", range=">=1"
     )
@@ -162,6 +164,10 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
     def __post_init__(self):
         AnswerPromptKeys.__post_init__(self)
         BackendSettings.__post_init__(self)
+        self.retriever_dtype = precision.check_dtype(self.retriever_dtype, "retriever_dtype")
+        self.retriever_pack_sequences = precision.true_false_or_auto(
+            self.retriever_pack_sequences, "retriever_pack_sequences"
+        )
 
     @property
     def rule(self) -> RewardRule:
@@ -170,11 +176,18 @@ class RewardConfig(BackendSettings, AnswerPromptKeys):
     def fingerprint(self) -> str:
         """What the samples and scores of a partial file depend on; a resumed run must agree on all of it."""
         skip = {"output", "samples_output", "records_per_chunk", "retriever_batch_size", "retriever_device",
-                "device", "batch_size", "api_base", "n_ctx", "n_threads", "api_key_env", "api_timeout",
+                "retriever_dtype", "retriever_pack_sequences", "device", "batch_size", "api_base", "n_ctx",
+                "n_threads", "api_key_env", "api_timeout",
                 "api_max_retries", "api_concurrency", "progress"}  # fmt: skip
         keep = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         keep["retriever"] = str(Path(self.retriever or "").resolve())
         keep["dtype"] = self.backend_settings().resolved_dtype()  # "auto" as resolved on this machine
+        judge = precision.resolve_encode_dtype(
+            self.retriever_dtype, precision.resolve_device(self.retriever_device, "retriever_device")
+        )
+        # bf16 scores differ; fp32 (a CPU's auto) is left out, so earlier runs' fingerprints still match
+        if judge != "float32":
+            keep["retriever_dtype"] = judge
         return settings_fingerprint(keep, length=16)
 
 
@@ -222,8 +235,9 @@ class _Judge:
         )
         device = precision.resolve_device(cfg.retriever_device, "retriever_device")
         self.encoder = Encoder(
-            settings, batch_size=cfg.retriever_batch_size, device=device, show_progress=False
-        )
+            settings, batch_size=cfg.retriever_batch_size, device=device, show_progress=False,
+            dtype=cfg.retriever_dtype, pack_sequences=cfg.retriever_pack_sequences,
+        )  # fmt: skip
         self.cfg = cfg
 
     def score(self, queries: list[str], passages: list[str], answers: list[list[str]]) -> list[tuple]:

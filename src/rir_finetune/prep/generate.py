@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 
 from tqdm import tqdm
 
-from rir_finetune import files, lifecycle
+from rir_finetune import files, lifecycle, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError, located
 from rir_finetune.lifecycle import ResumableJsonl
@@ -45,7 +45,7 @@ from rir_finetune.llm.query_prompts import (
     query_generation_prompt,
     resolve_task,
 )
-from rir_finetune.precision import DEVICE_HELP
+from rir_finetune.precision import DEVICE_HELP, ENCODE_DTYPE_HELP, PACK_HELP
 from rir_finetune.prep.beir import read_corpus, sample_passages
 from rir_finetune.prep.common import report
 from rir_finetune.prep.io import Record
@@ -118,6 +118,8 @@ class GenerateConfig(BackendSettings):
         64, "retriever: texts per forward pass on a CPU; on CUDA as many as fit", range=">=1"
     )
     consistency_device: str = option("auto", f"retriever: its device ({DEVICE_HELP})")
+    consistency_dtype: str = option("auto", f"retriever: {ENCODE_DTYPE_HELP}")
+    consistency_pack_sequences: bool | str = option("auto", f"retriever: {PACK_HELP}")
     cache_dir: str | None = option(None, "corpus-embedding cache; None: the evaluation default")
     use_cache: bool = option(True, "false: encode the corpus every time, store nothing")
     search_backend: str = option("auto", "auto (faiss when importable) | faiss | torch")
@@ -125,6 +127,10 @@ class GenerateConfig(BackendSettings):
     def __post_init__(self):
         if self.max_query_words and self.min_query_words > self.max_query_words:
             raise UserError("config keys 'min_query_words' > 'max_query_words': no query could pass")
+        self.consistency_dtype = precision.check_dtype(self.consistency_dtype, "consistency_dtype")
+        self.consistency_pack_sequences = precision.true_false_or_auto(
+            self.consistency_pack_sequences, "consistency_pack_sequences"
+        )
         super().__post_init__()
         self.query_task: QueryTask = resolve_task(
             self.task, self.task_description, self.query_type, self.passage_type, self.mission
@@ -138,8 +144,8 @@ class GenerateConfig(BackendSettings):
         """Settings that decide which candidates are written; a resumed run must have the same."""
         llm = ("backend", "model", "gguf_file", "use_chat_template", "system_prompt")
         skip = {f.name for f in fields(BackendSettings)} - set(llm)
-        skip |= {"output", "progress", "consistency_batch_size", "consistency_device", "cache_dir", "use_cache",
-                 "search_backend"}  # fmt: skip
+        skip |= {"output", "progress", "consistency_batch_size", "consistency_device", "consistency_dtype",
+                 "consistency_pack_sequences", "cache_dir", "use_cache", "search_backend"}  # fmt: skip
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         for key in (
             "corpus",
@@ -151,6 +157,14 @@ class GenerateConfig(BackendSettings):
                 out[key] = str(Path(out[key]).resolve()) if Path(out[key]).exists() else out[key]
         if self.resolved_dtype():  # bf16 and fp32 write different queries; "auto" is resolved on this machine
             out["dtype"] = self.resolved_dtype()
+        # bf16 ranks may differ; fp32 (a CPU's auto) is left out, so earlier runs' fingerprints still match
+        if self.consistency_model:
+            judge = precision.resolve_encode_dtype(
+                self.consistency_dtype,
+                precision.resolve_device(self.consistency_device, "consistency_device"),
+            )
+            if judge != "float32":
+                out["consistency_dtype"] = judge
         return out
 
 

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
-from rir_finetune.precision import DEVICE_HELP
+from rir_finetune.precision import DEVICE_HELP, ENCODE_DTYPE_HELP, PACK_HELP
 from rir_finetune.prep.common import min_mean_max, report
 from rir_finetune.prep.io import Record, read_records
 from rir_finetune.retrieval import model_folder
@@ -84,6 +84,8 @@ class MineConfig(CorpusIndexKeys):
     use_cache: bool = option(True, "dense: false encodes the corpus every time and stores nothing")
     search_backend: str = option("auto", "dense: auto (faiss when importable) | faiss | torch")
     device: str = option("auto", f"dense: the encoder's device ({DEVICE_HELP})")
+    dtype: str = option("auto", f"dense: {ENCODE_DTYPE_HELP}")
+    pack_sequences: bool | str = option("auto", f"dense: {PACK_HELP}")
     sample_range: tuple[int, int] = option(help="parsed range_for_sampling", init=False, repr=False)
 
     def __post_init__(self):
@@ -94,6 +96,8 @@ class MineConfig(CorpusIndexKeys):
                 "(0-based ranks, e.g. 10-210)"
             )
         self.sample_range = (int(m.group(1)), int(m.group(2)))
+        self.dtype = precision.check_dtype(self.dtype)
+        self.pack_sequences = precision.true_false_or_auto(self.pack_sequences, "pack_sequences")
         if self.search_backend not in ("auto", "faiss", "torch"):
             raise UserError(
                 f"config key 'search_backend': {self.search_backend!r} is not one of 'auto', 'faiss', 'torch'"
@@ -208,7 +212,8 @@ class DenseRanker:
             [str(i) for i in range(len(memory.texts))], memory.texts, memory.source
         )  # fmt: skip
         self.encoded = encode_corpus(
-            corpus, lambda: Encoder(settings, batch_size=cfg.batch_size, device=cfg.device),
+            corpus, lambda: Encoder(settings, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+                                     pack_sequences=cfg.pack_sequences),
             model_dir=cfg.model, settings=settings, store_dtype=cfg.store_dtype, shard_size=cfg.shard_size,
             cache_dir=cfg.cache_dir, use_cache=cfg.use_cache,
             watch_ids={str(d) for r in records for d in r.get("pos_ids") or []},

@@ -44,9 +44,14 @@ class ConsistencyFilter:
             batch_size=cfg.consistency_batch_size,
             device=cfg.consistency_device,
             show_progress=False,
+            dtype=cfg.consistency_dtype,
+            pack_sequences=cfg.consistency_pack_sequences,
         )
         key, described = cache_key(
-            model_fingerprint(cfg.consistency_model), settings, corpus_hash(doc_ids, texts)
+            model_fingerprint(cfg.consistency_model),
+            settings,
+            corpus_hash(doc_ids, texts),
+            self.encoder.dtype,
         )
         cache_dir = (Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()) if cfg.use_cache else None
         self.corpus_reps, hit = cached_corpus_encode(

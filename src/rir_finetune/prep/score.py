@@ -22,7 +22,7 @@ from tqdm import tqdm
 from rir_finetune import files, precision
 from rir_finetune.config import load_config, option
 from rir_finetune.errors import UserError
-from rir_finetune.precision import DEVICE_HELP
+from rir_finetune.precision import DEVICE_HELP, PACK_HELP
 from rir_finetune.prep.common import min_mean_max, report
 from rir_finetune.prep.io import Record, read_records
 from rir_finetune.prep.llm_teacher import LLMTeacher, LLMTeacherKeys
@@ -64,12 +64,19 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
     )
     records_per_chunk: int = option(256, "records scored (and written) together", range=">=1")
     device: str = option("auto", f"the teacher's device ({DEVICE_HELP})")
+    dtype: str = option(
+        "auto",
+        "the teacher's float type: float32 | bfloat16 | float16 | auto (cross- and bi-encoders: bf16 on a CUDA "
+        "device that has it, fp32 on a CPU; an LLM through transformers: bf16 wherever the device has it natively)",
+    )
+    pack_sequences: bool | str = option("auto", f"bi-encoder: {PACK_HELP}")
 
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise UserError(
                 f"config key 'model_type': {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
             )
+        self.pack_sequences = precision.true_false_or_auto(self.pack_sequences, "pack_sequences")
 
 
 def _device(cfg: ScoreConfig) -> str:
@@ -125,11 +132,18 @@ class CrossEncoderTeacher:
         self.activation = torch.nn.Sigmoid() if cfg.apply_sigmoid else torch.nn.Identity()
         self.name = str(model)
         self.batch_size = cfg.batch_size
+        # as the bi-encoder computes: weights in fp32, matmuls under autocast (the logits come out in fp32)
+        self.dtype = precision.resolve_encode_dtype(cfg.dtype, _device(cfg))
+        self.device_type = torch.device(_device(cfg)).type
 
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        scores = self.model.predict(
-            pairs, batch_size=self.batch_size, show_progress_bar=False, activation_fn=self.activation
-        )
+        import torch
+
+        low = self.dtype != "float32"
+        with torch.autocast(self.device_type, dtype=getattr(torch, self.dtype), enabled=low):
+            scores = self.model.predict(
+                pairs, batch_size=self.batch_size, show_progress_bar=False, activation_fn=self.activation
+            )
         scores = np.asarray(scores, dtype=np.float64).reshape(len(pairs))  # (pairs,)
         model_folder.check_finite_array(scores, f"{self.name}: teacher scores")
         return scores
@@ -148,7 +162,10 @@ class BiEncoderTeacher:
             query_instruction=cfg.query_instruction,
             passage_instruction=cfg.passage_instruction,
         )
-        self.encoder = Encoder(settings, batch_size=cfg.batch_size, device=_device(cfg), show_progress=False)
+        self.encoder = Encoder(
+            settings, batch_size=cfg.batch_size, device=_device(cfg), show_progress=False, dtype=cfg.dtype,
+            pack_sequences=cfg.pack_sequences,
+        )  # fmt: skip
 
     def score(self, pairs: list[tuple[str, str]]) -> np.ndarray:
         queries = list(dict.fromkeys(q for q, _ in pairs))

@@ -1,8 +1,8 @@
 """Texts -> embeddings with a transformers model: pooling, normalisation, length-sorted batches, fp32 output.
 
-The model computes in ``dtype``: ``float32`` (default), or ``bfloat16`` under ``torch.autocast`` (weights stay fp32;
-matmuls in bf16, LayerNorm, softmax, pooling and normalisation in fp32), ``auto`` = bf16 where the device has it
-natively (:mod:`rir_finetune.precision`). bf16 changes embeddings in the third decimal and may swap near-tied
+The model computes in ``dtype``: ``float32``, or ``bfloat16`` under ``torch.autocast`` (weights stay fp32;
+matmuls in bf16, LayerNorm, softmax, pooling and normalisation in fp32); ``auto`` (the default) = bf16 on a CUDA
+device that has it, fp32 on a CPU (:func:`rir_finetune.precision.resolve_encode_dtype`). bf16 changes embeddings in the third decimal and may swap near-tied
 documents; the embedding cache keys it separately.
 
 Texts are tokenized once (truncated to ``max_length``), sorted by token count, longest first, and cut into batches
@@ -98,14 +98,12 @@ class Encoder:
         device: str = "auto",
         show_progress: bool = True,
         trust_remote_code: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         pack_sequences: bool | str = "auto",
     ):
-        from rir_finetune.precision import resolve_dtype
-
         self.settings = settings
         device = precision.resolve_device(device)
-        self.dtype = resolve_dtype(dtype, device)  # float32 | bfloat16 | float16
+        self.dtype = precision.resolve_encode_dtype(dtype, device)  # float32 | bfloat16 | float16
         self.batch_size = batch_size
         self.device = torch.device(device)
         self.show_progress = show_progress

@@ -272,11 +272,9 @@ class RIRTrainingArguments(TrainingArguments):
 
 
 def _true_false_or_auto(args, key: str) -> None:
-    value = getattr(args, key)
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        setattr(args, key, "auto")
-    elif not isinstance(value, bool):
-        raise UserError(f"config key {key!r}: true, false or auto, got {value!r}")
+    from rir_finetune.precision import true_false_or_auto
+
+    setattr(args, key, true_false_or_auto(getattr(args, key), key))
 
 
 def launched_world_size() -> int:
