@@ -136,7 +136,8 @@ def test_encode_dtype_auto_is_bf16_on_a_gpu_that_has_it_and_fp32_on_a_cpu(
     ("command", "key"),
     [("eval", "pack_sequences"), ("mine", "pack_sequences"), ("score", "pack_sequences"),
      ("reward", "retriever_pack_sequences"), ("generate", "consistency_pack_sequences"),
-     ("mine", "dtype"), ("reward", "retriever_dtype"), ("generate", "consistency_dtype")],
+     ("mine", "dtype"), ("reward", "retriever_dtype"), ("generate", "consistency_dtype"), ("score", "dtype"),
+     ("eval", "dtype")],
 )  # fmt: skip
 def test_a_bad_encoder_key_is_one_line_naming_it(command, key, tmp_path, capsys):
     from rir_finetune.cli import main

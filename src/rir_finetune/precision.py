@@ -1,6 +1,7 @@
 """Devices and float types: ``device: auto`` (every command's default) is the local rank's CUDA device when one is
 visible, else the CPU; :func:`check_device` refuses a device this machine does not have; ``dtype: auto`` computes
-in bf16 where the hardware does bf16 arithmetic natively and in fp32 elsewhere.
+in bf16 where the hardware does bf16 arithmetic natively and in fp32 elsewhere, except for an encoder
+(:func:`resolve_encode_dtype`: bf16 on a GPU, fp32 on a CPU).
 
 bf16 matmuls are the largest speed lever on hardware that has them (benchmarks/README.md has the measured ratio). On
 a CPU without native bf16 (AVX2 only) torch emulates it and bf16 is slower than fp32, so ``auto`` means bf16 only

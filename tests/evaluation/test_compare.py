@@ -267,21 +267,36 @@ def test_one_line_errors(tmp_path, capsys):
 
 
 def test_runs_encoded_in_other_float_types_are_compared_with_a_warning(eval_runs, tmp_path, capsys):
-    """bf16 alone moves metrics in the third decimal: eval records what auto became, compare says when they differ."""
+    """bf16 alone moves metrics in the third decimal: eval records what it computed in, compare says when paired runs
+    differ (for folders written before eval recorded it: their dtype argument, unless auto)."""
+    import shutil
+
     a, _ = eval_runs
-    data = read(a / "eval_config.json")["arguments"]["data"]
-    assert read(a / "eval_config.json")["computed"] == {"device": "cpu", "dtype": "float32", "packed": False}
-    main(["eval", "--model", read(a / "eval_config.json")["arguments"]["model"], "--data", data, "--output_dir",
-          str(tmp_path / "bf16"), "--use_cache", "false", "--show_progress", "false", "--dtype", "bf16",
-          "--pack_sequences", "true"])  # fmt: skip
-    assert read(tmp_path / "bf16" / "eval_config.json")["computed"] == {
+    args = read(a / "eval_config.json")["arguments"]
+    common = ["eval", "--model", args["model"], "--data", args["data"], "--use_cache", "false", "--show_progress",
+              "false", "--device", "cpu"]  # fmt: skip
+    main([*common, "--output_dir", str(tmp_path / "fp32"), "--dtype", "float32", "--pack_sequences", "false"])
+    main([*common, "--output_dir", str(tmp_path / "bf16"), "--dtype", "bf16", "--pack_sequences", "true"])
+    fp32, bf16 = tmp_path / "fp32", tmp_path / "bf16"
+    assert read(fp32 / "eval_config.json")["computed"] == {
+        "device": "cpu",
+        "dtype": "float32",
+        "packed": False,
+    }
+    assert read(bf16 / "eval_config.json")["computed"] == {
         "device": "cpu",
         "dtype": "bfloat16",
         "packed": True,
     }
     capsys.readouterr()
-    main(["compare", str(a), str(tmp_path / "bf16")])
-    err = capsys.readouterr().err
-    assert f"different float types ({a} float32, {tmp_path / 'bf16'} bfloat16)" in err
-    main(["compare", f"x={a}", f"y={a}"])
+    main(["compare", str(fp32), str(bf16)])
+    assert f"different float types ({fp32} float32, {bf16} bfloat16)" in capsys.readouterr().err
+    main(["compare", f"x={fp32}", f"y={fp32}"])
     assert "float types" not in capsys.readouterr().err
+    old = tmp_path / "old"  # an eval folder from before 'computed': its dtype argument says it
+    shutil.copytree(bf16, old)
+    record = read(old / "eval_config.json")
+    del record["computed"]
+    (old / "eval_config.json").write_text(json.dumps(record))
+    main(["compare", str(fp32), str(old)])
+    assert f"different float types ({fp32} float32, {old} bfloat16)" in capsys.readouterr().err

@@ -97,17 +97,21 @@ def test_scores_are_upstreams_formula_with_the_folder_prompts(tiny_llm, tiny_ber
     np.testing.assert_allclose(scores, (0.8 * q + 0.2 * a) @ p, rtol=1e-5, atol=1e-6)
     assert raw == pytest.approx(float(q @ p), abs=1e-6)
     # the judge's own dtype and packing keys: packed fp32 scores as padded; a bf16 judge is a new fingerprint
-    packed = load_config(RewardConfig, None, [*_args("in", "out", tiny_bert_dir, tiny_llm),
-                                              "--retriever_pack_sequences", "true"])  # fmt: skip
+    on_cpu = [
+        *_args("in", "out", tiny_bert_dir, tiny_llm),
+        "--retriever_device",
+        "cpu",
+    ]  # auto there: fp32, padded
+    plain = load_config(RewardConfig, None, on_cpu)
+    (scores_plain, _), = _Judge(plain).score(["gene w1 ?"], ["gene w1 the study"], answers)  # fmt: skip
+    packed = load_config(RewardConfig, None, [*on_cpu, "--retriever_pack_sequences", "true"])
     judge = _Judge(packed)
-    assert judge.encoder.packing.ok
+    assert judge.encoder.packing.ok and _Judge(plain).encoder.packing is None
     (scores_packed, _), = judge.score(["gene w1 ?"], ["gene w1 the study"], answers)  # fmt: skip
-    np.testing.assert_allclose(scores_packed, scores, atol=1e-5)
-    assert packed.fingerprint() == cfg.fingerprint()
-    bf16 = load_config(
-        RewardConfig, None, [*_args("in", "out", tiny_bert_dir, tiny_llm), "--retriever_dtype", "bf16"]
-    )
-    assert _Judge(bf16).encoder.dtype == "bfloat16" and bf16.fingerprint() != cfg.fingerprint()
+    np.testing.assert_allclose(scores_packed, scores_plain, atol=1e-5)
+    assert packed.fingerprint() == plain.fingerprint()
+    bf16 = load_config(RewardConfig, None, [*on_cpu, "--retriever_dtype", "bf16"])
+    assert _Judge(bf16).encoder.dtype == "bfloat16" and bf16.fingerprint() != plain.fingerprint()
 
 
 def test_every_pair_kept_when_the_rules_are_off(tiny_llm, tiny_bert_dir, tmp_path, capsys):

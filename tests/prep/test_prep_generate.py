@@ -298,7 +298,8 @@ def test_consistency_filter_ranks_the_source_passage(tiny_bert_dir, tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     ids, texts, _ = read_corpus(corpus)
     cfg = load_config(GenerateConfig, None, ["--corpus", str(corpus), "--consistency_model", str(tiny_bert_dir),
-                                             "--consistency_top_k", "1", "--use_cache", "false"])  # fmt: skip
+                                             "--consistency_top_k", "1", "--use_cache", "false",
+                                             "--consistency_device", "cpu"])  # fmt: skip
     check = ConsistencyFilter(cfg, ids, texts)
     # a query equal to a passage has cosine 1 with it: rank 1 for its own row, outside the top 1 for another
     (rank_own, score_own), (rank_other, _) = check([texts[2], texts[2]], [2, 4])
@@ -318,6 +319,8 @@ def test_the_round_trip_retriever_takes_its_dtype_and_packing(tiny_bert_dir, tmp
         str(tiny_bert_dir),
         "--cache_dir",
         str(tmp_path / "c"),
+        "--consistency_device",
+        "cpu",  # auto there: fp32, padded
     ]
     fp32 = load_config(GenerateConfig, None, base)
     bf16 = load_config(GenerateConfig, None, [*base, "--consistency_dtype", "bf16", "--consistency_pack_sequences",

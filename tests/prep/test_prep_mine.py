@@ -178,7 +178,8 @@ def test_mine_malformed_input_names_the_line(tmp_path):
 def test_dense_mining_on_a_scifact_slice(minilm_dir, scifact_slice, tmp_path, capsys):
     args = ["--input", str(scifact_slice / "train.jsonl"), "--model", str(minilm_dir),
             "--corpus", str(scifact_slice), "--negatives", "15", "--range_for_sampling", "10-100",
-            "--max_length", "64", "--cache_dir", str(tmp_path / "cache")]  # fmt: skip
+            "--max_length", "64", "--cache_dir", str(tmp_path / "cache"),
+            "--device", "cpu"]  # fmt: skip  # auto there: fp32, padded
     counts = run_mine(None, [*args, "--output", str(tmp_path / "a.jsonl")])
     assert "corpus embeddings: encoded (160 passages)" in capsys.readouterr().err
     records = read_out(tmp_path / "a.jsonl")

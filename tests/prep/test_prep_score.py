@@ -109,7 +109,7 @@ def test_teachers_take_the_dtype_and_pack_sequences_keys(
 ):
     """A cross-encoder under bf16 autocast scores close to fp32 but not bit for bit (it did compute in bf16); a packed
     bi-encoder scores as the padded one."""
-    base = ["--input", str(records_file)]
+    base = ["--input", str(records_file), "--device", "cpu"]  # auto there: fp32, padded
     scores = {}
     for name, extra in (("fp32", []), ("bf16", ["--dtype", "bf16"])):
         run_score(

@@ -93,3 +93,22 @@ def test_eval_under_two_processes_reaches_every_rank(tmp_path, tiny_bert_dir):
     state = json.loads((tmp_path / "o" / "checkpoint-3" / "trainer_state.json").read_text())
     assert len([e for e in state["log_history"] if "eval_tiny_ndcg@10" in e]) == 3
     assert state["best_model_checkpoint"]
+
+
+def test_training_eval_encodes_in_evals_float_type(tiny_bert_dir):
+    """encode_texts takes eval's dtype rule: auto is fp32 on a CPU (bit for bit), bf16 autocast when asked (close,
+    not equal: it did compute in bf16), so logged metrics are what `eval` reports on the same device."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from rir_finetune.training.model import BiEncoder
+    from rir_finetune.training.train_eval import encode_texts
+
+    model = BiEncoder(AutoModel.from_pretrained(tiny_bert_dir), pooling="mean").eval()
+    tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    texts = [r["pos"][0] for r in make_records(6)]
+    cpu = torch.device("cpu")
+    fp32, auto, bf16 = (encode_texts(model, tok, texts, 24, 4, cpu, d) for d in ("float32", "auto", "bf16"))
+    assert np.array_equal(fp32, auto) and bf16.dtype == np.float32
+    assert 0 < np.abs(fp32 - bf16).max() < 0.05

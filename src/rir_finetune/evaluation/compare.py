@@ -164,11 +164,22 @@ def check_same_data(groups: list[tuple[str, list[str]]]) -> None:
 
 
 def computed_dtype(folder: str | Path) -> str | None:
-    """The float type an eval folder's encoder computed in (eval_config.json's ``computed``), or None."""
+    """The float type an eval folder's encoder computed in: eval_config.json's ``computed``, or for a folder written
+    before eval recorded it, its ``dtype`` argument unless that was ``auto`` (the default then was float32); None
+    when unknown."""
     try:
-        return str(json.loads(files.read_text(Path(folder) / "eval_config.json"))["computed"]["dtype"])
-    except (UserError, OSError, ValueError, KeyError, TypeError):
+        record = json.loads(files.read_text(Path(folder) / "eval_config.json"))
+    except (UserError, OSError, ValueError):
         return None
+    if not isinstance(record, dict):
+        return None
+    computed, arguments = record.get("computed"), record.get("arguments")
+    if isinstance(computed, dict) and computed.get("dtype"):
+        return str(computed["dtype"])
+    if isinstance(arguments, dict):
+        given = arguments.get("dtype", "float32")
+        return None if given == "auto" else str(given)
+    return None
 
 
 def parse_groups(runs: list[str], mode: str = "query") -> list[tuple[str, list[str]]]:

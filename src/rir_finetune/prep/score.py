@@ -76,6 +76,7 @@ class ScoreConfig(LLMTeacherKeys):  # + the LLM teacher's keys: llm_teacher, lab
             raise UserError(
                 f"config key 'model_type': {self.model_type!r} is not one of {', '.join(MODEL_TYPES)}"
             )
+        self.dtype = precision.check_dtype(self.dtype)
         self.pack_sequences = precision.true_false_or_auto(self.pack_sequences, "pack_sequences")
 
 

@@ -25,16 +25,23 @@ def encode_texts(
     max_length: int,
     batch_size: int = 64,
     device: torch.device | None = None,
+    dtype: str = "auto",
 ) -> np.ndarray:
-    """(n, D) float32 embeddings in input order; texts batched by length so padding stays short."""
+    """(n, D) float32 embeddings in input order; texts batched by length so padding stays short. ``dtype`` as the
+    ``eval`` command's (``auto``: bf16 autocast on a GPU that has it, fp32 on a CPU), so the metrics logged during
+    training, and ``metric_for_best_model``, are the ones ``eval`` reports for the saved model."""
+    from rir_finetune.precision import resolve_encode_dtype
+
     device = device or next(model.parameters()).device
+    dtype = resolve_encode_dtype(dtype, str(device))
     order = np.argsort([-len(t) for t in texts], kind="stable")
     out = np.zeros((len(texts), model.backbone.config.hidden_size), dtype=np.float32)
     for start in range(0, len(texts), batch_size):
         idx = order[start : start + batch_size]
         feats = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")  # fmt: skip
-        reps = model.encode({k: v.to(device) for k, v in feats.items()})
+        with torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32"):
+            reps = model.encode({k: v.to(device) for k, v in feats.items()})
         out[idx] = reps.float().cpu().numpy()
     return out
 
